@@ -1,0 +1,347 @@
+"""Typed, validated configs built from a params YAML plus overrides; used by every notebook.
+
+A params file is a whole-pipeline recipe: common keys, then one section per stage
+(`distill`, `sft`, `rubric_rl`, `rc_rl`, `eval`). `load_config(path, overrides)` returns a
+`Config`; unknown keys and values of the wrong type are rejected with the file, the dotted key
+and what is allowed. Overrides are dotted keys (`{"sft.lr": 1e-5}` or `--set sft.lr=1e-5`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or override is wrong; the message names the file, key and fix."""
+
+
+# ---------------------------------------------------------------- building blocks
+@dataclass
+class Endpoint:
+    """How to reach one model: in-process transformers/vLLM or an OpenAI-compatible server."""
+    model: str = "smollm2-135m"  # model reference: embedded name, folder, hub id, or served model name
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"  # where generation runs
+    base_url: Optional[str] = None  # OpenAI-compatible base URL (…/v1); or use base_url_env
+    base_url_env: Optional[str] = None  # environment variable holding the base URL
+    api_key_env: Optional[str] = None  # environment variable holding the API key (never the key)
+    api: Literal["chat", "responses"] = "chat"  # chat completions, or the Responses API (gpt-oss effort)
+    reasoning_effort: Optional[str] = None  # low|medium|high for reasoning models that accept it
+    max_concurrency: int = 8  # requests in flight (openai backend)
+    timeout_s: float = 600.0  # per request
+    max_retries: int = 5  # on timeouts, 429 and 5xx, exponential back-off with jitter
+    batch_size: int = 8  # prompts per forward batch (transformers backend)
+    device: str = "auto"  # cuda|mps|cpu|auto
+    dtype: str = "auto"  # bfloat16|float16|float32|auto
+    static_cache: bool = False  # transformers on GPU: compiled static KV cache (much faster decode)
+    vllm: dict = field(default_factory=dict)  # extra vllm.LLM(...) kwargs, e.g. gpu_memory_utilization
+    extra_body: dict = field(default_factory=dict)  # extra JSON for the server (e.g. chat_template_kwargs)
+    price_in_per_mtok: float = 0.0  # USD per million input tokens (cost accounting)
+    price_out_per_mtok: float = 0.0  # USD per million output tokens
+
+
+@dataclass
+class Sampling:
+    """Sampling parameters for one generation role."""
+    temperature: float = 1.0  # 0.0 means greedy
+    top_p: float = 1.0  # nucleus sampling
+    max_new_tokens: int = 256  # generation budget
+    n: int = 1  # samples per prompt
+
+
+@dataclass
+class Judge:
+    """The LLM judge: which model, prompt and mode, and what an invalid grade means."""
+    endpoint: Endpoint = field(default_factory=Endpoint)  # the judge model
+    prompt: Literal["rubric", "proofbench", "answer"] = "rubric"  # grading template
+    mode: Literal["text", "score_prob"] = "text"  # parse a score tag, or expected score from logprobs
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, max_new_tokens=1024))
+    samples: int = 1  # grades per proof, combined below
+    combine: Literal["mean", "median"] = "mean"  # how several grades of one proof are combined
+    invalid: Literal["drop", "zero", "retry"] = "drop"  # what a consumer does with an invalid grade
+    retries_on_invalid: int = 1  # extra judge calls when invalid == "retry"
+    cache: bool = True  # cache grades on disk by hash of (judge settings, filled prompt)
+
+
+@dataclass
+class ProblemSource:
+    """Where problems come from: the shipped set, a local file, or a hub dataset."""
+    path: str = "shipped"  # "shipped", a .jsonl/.csv/.parquet file, or hub:org/name
+    split: Optional[str] = None  # shipped/own split column: train | eval | None for all
+    hub_split: str = "train"  # split of a hub dataset
+    hub_config: Optional[str] = None  # config name of a hub dataset
+    columns: dict = field(default_factory=dict)  # our field -> the file's column
+    limit: Optional[int] = None  # keep the first N problems (smoke runs)
+
+
+@dataclass
+class Lora:
+    """LoRA adapter settings (peft)."""
+    enabled: bool = False  # train an adapter instead of all weights
+    r: int = 16  # rank
+    alpha: int = 32  # scaling
+    dropout: float = 0.05  # adapter dropout
+    target_modules: Any = "all-linear"  # which modules get adapters
+    merge: bool = True  # merge the adapter into the weights when saving for the next stage
+
+
+@dataclass
+class Launch:
+    """How training runs: in the notebook's kernel, or `accelerate launch` in a subprocess."""
+    num_processes: int = 1  # >1 launches accelerate with that many processes
+    accelerate_config: Optional[str] = None  # path of an accelerate config (DeepSpeed/FSDP)
+    extra_args: list = field(default_factory=list)  # more `accelerate launch` flags (multi-node)
+
+
+# ---------------------------------------------------------------- stages
+@dataclass
+class DistillConfig:
+    """Stage 1: teacher proofs -> graded, filtered SFT data."""
+    problems: ProblemSource = field(default_factory=lambda: ProblemSource(split="train"))
+    teacher: Endpoint = field(default_factory=Endpoint)  # the teacher model
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, max_new_tokens=512, n=2))
+    thinking: bool = True  # ask for / parse <think> reasoning
+    system_prompt: Optional[str] = None  # teacher system prompt; None sends the bare problem
+    judge: Judge = field(default_factory=Judge)
+    min_grade: float = 0.0  # keep samples graded at least this (0-7)
+    per_problem: Literal["best", "all"] = "best"  # one best sample per problem, or all passing
+    drop_truncated: bool = True  # drop samples whose generation hit the token budget
+    max_sft_tokens: Optional[int] = None  # drop samples longer than this (SFT max length)
+    decontaminate: list = field(default_factory=list)  # benchmark files/names to decontaminate against
+    ngram: int = 8  # n-gram size for decontamination
+    overlap_threshold: float = 0.5  # fraction of problem n-grams found in a benchmark -> removed
+    screen: bool = False  # screen problems with the screening prompt first
+    write_rubrics: bool = False  # write rubrics for problems with a reference solution but no rubric
+
+
+@dataclass
+class SFTConfig:
+    """Stage 2: supervised fine-tuning on the distilled proofs."""
+    model: str = "base"  # "base" (the run's base model) or a model reference
+    dataset: str = "distill"  # "distill" (this run's stage 1) or hub:HuggingFaceH4/... / a path
+    dataset_config: Optional[str] = None  # hub dataset config
+    one_per_problem: bool = True  # keep one sample per unique problem (the paper's best setting)
+    eval_fraction: float = 0.1  # held-out fraction for eval loss
+    max_length: int = 1024  # tokens per example
+    overlong: Literal["drop", "truncate"] = "drop"  # what to do with longer examples (counted)
+    packing: bool = False  # pack examples into max_length rows (padding-free when supported)
+    padding_free: bool = False  # flatten batches without padding (flash-attention style)
+    lora: Lora = field(default_factory=Lora)
+    lr: float = 3.0e-5  # peak learning rate (paper: 3e-5)
+    lr_scheduler: str = "cosine"  # workbook default, not from the paper
+    warmup_ratio: float = 0.03  # workbook default, not from the paper
+    weight_decay: float = 0.0  # workbook default, not from the paper
+    epochs: float = 1.0  # passes over the data (max_steps wins when > 0)
+    max_steps: int = -1  # stop after this many optimizer steps
+    batch_size: int = 4  # per device
+    grad_accum: int = 1  # gradient accumulation steps
+    max_grad_norm: float = 1.0  # workbook default, not from the paper
+    gradient_checkpointing: bool = False  # trade compute for memory
+    save_steps: int = 50  # checkpoint every N steps
+    resume: bool = False  # continue from the last checkpoint in the stage folder
+    logging_steps: int = 1  # log every N steps
+    report_to: list = field(default_factory=list)  # trackio | tensorboard | wandb
+    launch: Launch = field(default_factory=Launch)
+    sample_problems: int = 4  # held-out problems shown before/after
+    sample_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=128))
+
+
+@dataclass
+class RLConfig:
+    """GRPO settings shared by the two RL stages (rubric rewards and reasoning cache)."""
+    model: str = "previous"  # "previous" (the last trained checkpoint of the run) or a reference
+    problems: ProblemSource = field(default_factory=lambda: ProblemSource(split="train"))
+    min_reward_mean: Optional[float] = None  # drop hopeless problems (needs a reward_mean column)
+    max_reward_mean: Optional[float] = None  # drop too-easy problems (paper: 0.7)
+    reward: Literal["judge", "format", "answer"] = "judge"  # judge score/7, or verifiable rewards
+    judge: Judge = field(default_factory=Judge)
+    num_generations: int = 4  # rollouts per problem (group size; paper 16)
+    prompts_per_step: int = 2  # problems per optimizer step (paper 64)
+    max_steps: int = 4  # optimizer steps (paper 150)
+    temperature: float = 0.8  # rollout temperature
+    top_p: float = 1.0  # rollout nucleus sampling
+    max_completion_length: int = 128  # new tokens per rollout (paper 49,152)
+    lr: float = 1.0e-6  # constant AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    max_grad_norm: float = 0.3  # gradient clipping
+    loss_type: str = "dr_grpo"  # TRL loss: dr_grpo = token sum / constant, closest to the paper
+    scale_rewards: Literal["none", "group", "batch"] = "none"  # paper: no std normalisation
+    epsilon: float = 4.0  # PPO clip (paper: very loose, 4)
+    epsilon_high: Optional[float] = None  # asymmetric upper clip (DAPO)
+    beta: float = 0.0  # KL coefficient (paper: no KL)
+    entropy_coef: float = 1.0e-4  # entropy bonus (paper: 1e-4)
+    mask_truncated_completions: bool = False  # DAPO-style: no loss on truncated rollouts
+    overlong_penalty: Optional[int] = None  # soft penalty over the last N tokens of the budget
+    use_vllm: bool = False  # vLLM generation on GPU
+    vllm_mode: Literal["colocate", "server"] = "colocate"  # vLLM in-process or `trl vllm-serve`
+    lora: Lora = field(default_factory=Lora)
+    save_steps: int = 50  # checkpoint every N steps
+    resume: bool = False  # continue from the last checkpoint
+    logging_steps: int = 1
+    report_to: list = field(default_factory=list)
+    launch: Launch = field(default_factory=Launch)
+
+
+@dataclass
+class RCSettings:
+    """The reasoning cache: bounded reasoning turns joined by summaries."""
+    turns: int = 3  # reasoning turns (paper 3)
+    reasoning_budget: int = 128  # new tokens per reasoning turn (paper 49,152)
+    summary: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.8, max_new_tokens=64))
+    summariser: str = "policy"  # "policy" (test time) or "frozen" (training, a separate model)
+    summariser_endpoint: Endpoint = field(default_factory=Endpoint)  # the frozen summariser
+    accumulate: bool = False  # append summaries instead of replacing (paper: replace)
+
+
+@dataclass
+class RCRLConfig(RLConfig):
+    """Stage 4: GRPO on reasoning-cache states."""
+    rc: RCSettings = field(default_factory=RCSettings)
+    states_per_trajectory: int = 2  # cache states sampled per trajectory (paper 2 of 4)
+
+
+@dataclass
+class EvalConfig:
+    """Stage 5: evaluation of the run's checkpoints on benchmarks, with scaffolds."""
+    checkpoints: list = field(default_factory=lambda: ["base", "sft", "rubric_rl", "rc_rl"])
+    benchmarks: list = field(default_factory=lambda: ["shipped"])  # shipped | imo-proofbench | imo-answerbench | a path
+    benchmark_limit: Optional[int] = None  # first N problems per benchmark
+    samples: int = 1  # runs per problem (paper 3)
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.8, max_new_tokens=256))
+    scaffolds: list = field(default_factory=lambda: ["single", "rc"])  # single | rc | self_check | rsa | dsm
+    rc: RCSettings = field(default_factory=RCSettings)
+    judge: Judge = field(default_factory=Judge)
+    success_threshold: int = 6  # pass@k counts score >= this as a success
+    pass_k: list = field(default_factory=lambda: [1])
+    bootstrap: int = 1000  # bootstrap resamples for 95% intervals
+    endpoint: Optional[Endpoint] = None  # evaluate a served model instead of checkpoints
+
+
+@dataclass
+class Config:
+    """A whole-pipeline recipe."""
+    run_name: str = "default"  # outputs/<run_name>
+    seed: int = 0  # global seed
+    base_model: str = "smollm2-135m"  # the student before any training
+    device: str = "auto"  # device for in-process models
+    generation: Endpoint = field(default_factory=Endpoint)  # how the policy generates (backend, batch)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rubric_rl: RLConfig = field(default_factory=RLConfig)
+    rc_rl: RCRLConfig = field(default_factory=RCRLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading and validation
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (list, dict, str, bool):
+        return isinstance(value, tp)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _dataclass_of(tp: Any):
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for a in typing.get_args(tp):
+        if dataclasses.is_dataclass(a):
+            return a
+    return None
+
+
+def build(cls, data: dict, where: str, key: str = ""):
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {key or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        dotted = f"{key}.{k}" if key else k
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {dotted!r}{hint} (allowed here: {', '.join(names)})")
+        tp = hints[k]
+        sub = _dataclass_of(tp)
+        if sub is not None and isinstance(v, dict):
+            kwargs[k] = build(sub, v, where, dotted)
+        elif not _type_ok(v, tp):
+            raise ConfigError(f"{where}: {dotted} = {v!r} is not valid: expected {_describe(tp)}")
+        else:
+            kwargs[k] = float(v) if tp is float else v
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse `key.sub=value` (value as YAML: 1e-5, true, [a, b], null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set sft.lr=1.0e-5")
+    k, v = text.split("=", 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load a params YAML, apply dotted overrides, validate, and return the Config."""
+    tree: dict = {}
+    where = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"params file {p} does not exist (see params/ for the shipped recipes)")
+        where = str(p)
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    for k, v in (overrides or {}).items():
+        _set_dotted(tree, k, v)
+        where = where if not overrides else f"{where} (+ overrides)"
+    return build(Config, tree, where)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the record of what ran)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))

@@ -1,0 +1,351 @@
+"""One text-generation interface, three backends: in-process transformers, OpenAI-compatible HTTP, vLLM.
+
+Used by every stage (teacher, policy rollouts, judge, summariser, evaluation). `make_generator`
+turns a `config.Endpoint` into a generator whose `generate(prompts, sampling)` takes chat
+messages and returns `n` `Completion`s per prompt, with the thinking split, token counts,
+finish reason and cost. vLLM is imported only when that backend is used (it has no CPU wheel).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass
+class Completion:
+    """One generated answer."""
+    text: str  # the raw generated text (for thinking prompts, what follows the opening <think>)
+    reasoning: str = ""  # the thinking part
+    final: str = ""  # the text after the last </think> ("" when thinking never closed)
+    think_closed: bool = True  # False: thinking never closed, so there is no final answer
+    finish_reason: str = "stop"  # stop | length | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0  # USD, from the endpoint's price table
+    error: Optional[str] = None  # set when the call failed after retries
+    token_ids: list = field(default_factory=list)  # completion token ids (in-process backends)
+
+
+def split_thinking(text: str, thinking: bool, reasoning_field: str | None = None) -> tuple[str, str, bool]:
+    """Split a generation into (reasoning, final, closed).
+
+    With `thinking`, the prompt already opened `<think>` (or the server returned the reasoning in a
+    separate field): the final answer is what follows the LAST `</think>`, and no `</think>` means
+    no final answer. Without it, any think block is removed and the rest is the answer.
+    """
+    if reasoning_field:  # the server split it for us (vLLM/SGLang reasoning parsers, hosted APIs)
+        return reasoning_field.strip(), text.replace(THINK_CLOSE, "").strip(), True
+    if THINK_CLOSE in text:
+        head, _, final = text.rpartition(THINK_CLOSE)
+        return head.replace(THINK_OPEN, "", 1).strip(), final.strip(), True
+    if thinking or text.lstrip().startswith(THINK_OPEN):
+        return text.replace(THINK_OPEN, "", 1).strip(), "", False
+    return "", text.strip(), True
+
+
+def render_prompt(tokenizer, messages: list[dict], thinking: bool) -> str:
+    """Chat-template the messages for generation; with `thinking`, make the prompt open `<think>`."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if thinking and not text.rstrip().endswith(THINK_OPEN):
+        text += THINK_OPEN + "\n"
+    return text
+
+
+def cost_of(endpoint, prompt_tokens: int, completion_tokens: int) -> float:
+    """USD cost of one call under the endpoint's price table."""
+    return (prompt_tokens * endpoint.price_in_per_mtok + completion_tokens * endpoint.price_out_per_mtok) / 1e6
+
+
+# ---------------------------------------------------------------- transformers
+class TransformersGenerator:
+    """Batched in-process generation with left padding; stops at EOS."""
+
+    def __init__(self, endpoint, model=None, tokenizer=None):
+        from .models import load_model
+        self.endpoint = endpoint
+        if model is None:
+            tokenizer, model = load_model(endpoint.model, endpoint.device, endpoint.dtype)
+        self.tokenizer, self.model = tokenizer, model
+        self.tokenizer.padding_side = "left"
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def generate(self, prompts: list[list[dict]], sampling, thinking: bool = False) -> list[list[Completion]]:
+        """n completions for each chat prompt."""
+        texts = [render_prompt(self.tokenizer, m, thinking) for m in prompts]
+        return self.generate_text(texts, sampling, thinking)
+
+    def generate_text(self, texts: list[str], sampling, thinking: bool = False) -> list[list[Completion]]:
+        """n completions for each already-templated prompt string."""
+        import torch
+        flat = [t for t in texts for _ in range(sampling.n)]
+        out: list[Completion] = []
+        bs = max(1, self.endpoint.batch_size)
+        # Sort by length so each batch pads little; restore order after.
+        order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+        results: dict[int, Completion] = {}
+        eos = self._eos_ids()
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            enc = self.tokenizer([flat[i] for i in idx], return_tensors="pt", padding=True,
+                                 add_special_tokens=False).to(self.device)
+            kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                          eos_token_id=eos)
+            if sampling.temperature > 0:
+                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if self.endpoint.static_cache:
+                kwargs["cache_implementation"] = "static"
+            with torch.inference_mode():
+                gen = self.model.generate(**enc, **kwargs)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            for row, i in enumerate(idx):
+                ids = new[row].tolist()
+                n_new, stopped = len(ids), False
+                for j, t in enumerate(ids):
+                    if t in eos:
+                        n_new, stopped = j, True
+                        break
+                ids = ids[:n_new]
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                reasoning, final, closed = split_thinking(text, thinking)
+                p_tok = int(enc["attention_mask"][row].sum())
+                results[i] = Completion(text, reasoning, final, closed, "stop" if stopped else "length",
+                                        p_tok, n_new, cost_of(self.endpoint, p_tok, n_new), token_ids=ids)
+        out = [results[i] for i in range(len(flat))]
+        return [out[k * sampling.n:(k + 1) * sampling.n] for k in range(len(texts))]
+
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        for cand in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(cand, int):
+                ids.add(cand)
+            elif isinstance(cand, (list, tuple)):
+                ids.update(cand)
+        return sorted(ids)
+
+    def next_token_probs(self, texts: list[str], candidates: list[str]) -> list[dict]:
+        """Probability of each single-token candidate as the next token after each prompt text.
+
+        Returns, per prompt, {"probs": {candidate: p renormalised over candidates}, "mass": total
+        raw probability on the candidates}.
+        """
+        import torch
+        cand_ids = []
+        for c in candidates:
+            ids = self.tokenizer.encode(c, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"candidate {c!r} is not a single token for this tokenizer ({ids})")
+            cand_ids.append(ids[0])
+        res = []
+        bs = max(1, self.endpoint.batch_size)
+        for start in range(0, len(texts), bs):
+            enc = self.tokenizer(texts[start:start + bs], return_tensors="pt", padding=True,
+                                 add_special_tokens=False).to(self.device)
+            with torch.inference_mode():
+                logits = self.model(**enc).logits[:, -1, :].float()
+            probs = torch.softmax(logits, dim=-1)[:, cand_ids]
+            for row in probs:
+                mass = float(row.sum())
+                res.append({"probs": {c: float(p) / mass for c, p in zip(candidates, row)}, "mass": mass})
+        return res
+
+
+# ---------------------------------------------------------------- OpenAI-compatible HTTP
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class EndpointError(RuntimeError):
+    """A request failed for good (non-retryable status, or retries exhausted)."""
+
+
+def _env(name: str | None, what: str) -> str | None:
+    if name is None:
+        return None
+    val = os.environ.get(name)
+    if not val:
+        raise EndpointError(f"{what}: environment variable {name} is not set")
+    return val
+
+
+class OpenAIGenerator:
+    """Async client for any OpenAI-compatible server (vLLM, SGLang, hosted APIs).
+
+    Bounded concurrency, per-call timeout, retries with exponential back-off and jitter on
+    timeouts, connection errors, 429 and 5xx. A call that still fails yields a Completion with
+    `finish_reason="error"` and the reason, never an exception that loses the batch.
+    """
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+        self.base_url = (endpoint.base_url or _env(endpoint.base_url_env, "endpoint base URL") or "").rstrip("/")
+        if not self.base_url:
+            raise EndpointError(f"endpoint {endpoint.model!r}: set base_url or base_url_env")
+        self._api_key = _env(endpoint.api_key_env, "endpoint API key") if endpoint.api_key_env else None
+        self.stats = {"requests": 0, "retries": 0, "errors": 0}
+
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    def _payload(self, messages: list[dict], sampling, extra: dict | None) -> tuple[str, dict]:
+        ep = self.endpoint
+        if ep.api == "responses":
+            body = {"model": ep.model, "input": messages, "max_output_tokens": sampling.max_new_tokens,
+                    "temperature": sampling.temperature, "top_p": sampling.top_p}
+            if ep.reasoning_effort:
+                body["reasoning"] = {"effort": ep.reasoning_effort}
+            return "/responses", {**body, **ep.extra_body, **(extra or {})}
+        body = {"model": ep.model, "messages": messages, "max_tokens": sampling.max_new_tokens,
+                "temperature": sampling.temperature, "top_p": sampling.top_p}
+        if ep.reasoning_effort:
+            body["reasoning_effort"] = ep.reasoning_effort
+        return "/chat/completions", {**body, **ep.extra_body, **(extra or {})}
+
+    def _parse(self, data: dict, thinking: bool) -> Completion:
+        if self.endpoint.api == "responses":
+            text, reasoning = "", ""
+            for item in data.get("output", []):
+                if item.get("type") == "message":
+                    text += "".join(c.get("text", "") for c in item.get("content", []))
+                elif item.get("type") == "reasoning":
+                    parts = item.get("content") or item.get("summary") or []
+                    reasoning += "".join(c.get("text", "") for c in parts)
+            usage = data.get("usage", {})
+            p, c = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+            finish = "length" if data.get("status") == "incomplete" else "stop"
+        else:
+            ch = data["choices"][0]
+            msg = ch.get("message", {})
+            text = msg.get("content") or ""
+            reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
+            usage = data.get("usage") or {}
+            p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+            finish = "length" if ch.get("finish_reason") == "length" else "stop"
+        r, final, closed = split_thinking(text, thinking and not reasoning, reasoning or None)
+        if finish == "length" and thinking and not text.strip():
+            closed = False  # ran out of budget while still reasoning
+        return Completion(text, r, final, closed, finish, p, c, cost_of(self.endpoint, p, c))
+
+    async def _call(self, client, sem, messages, sampling, thinking, extra) -> Completion:
+        path, body = self._payload(messages, sampling, extra)
+        last = "no attempt"
+        async with sem:
+            for attempt in range(self.endpoint.max_retries + 1):
+                self.stats["requests"] += 1
+                try:
+                    r = await client.post(self.base_url + path, json=body, headers=self._headers(),
+                                          timeout=self.endpoint.timeout_s)
+                    if r.status_code == 200:
+                        try:
+                            return self._parse(r.json(), thinking)
+                        except (ValueError, KeyError, IndexError, TypeError) as e:
+                            last = f"unparseable response ({type(e).__name__}: {str(e)[:80]})"
+                    elif r.status_code in RETRY_STATUS:
+                        last = f"HTTP {r.status_code}"
+                    else:
+                        last = f"HTTP {r.status_code}: {r.text[:200]}"
+                        break
+                except Exception as e:  # timeouts, refused connections, dropped sockets
+                    last = f"{type(e).__name__}: {str(e)[:120]}"
+                if attempt < self.endpoint.max_retries:
+                    self.stats["retries"] += 1
+                    await asyncio.sleep(min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
+        self.stats["errors"] += 1
+        return Completion("", finish_reason="error", think_closed=False, error=last)
+
+    async def agenerate(self, prompts: list[list[dict]], sampling, thinking: bool = False,
+                        extra: dict | None = None) -> list[list[Completion]]:
+        """n completions per prompt, all requests concurrently under the concurrency bound."""
+        import httpx
+        sem = asyncio.Semaphore(self.endpoint.max_concurrency)
+        limits = httpx.Limits(max_connections=self.endpoint.max_concurrency)
+        async with httpx.AsyncClient(limits=limits) as client:
+            tasks = [self._call(client, sem, m, sampling, thinking, extra) for m in prompts for _ in range(sampling.n)]
+            flat = await asyncio.gather(*tasks)
+        return [flat[k * sampling.n:(k + 1) * sampling.n] for k in range(len(prompts))]
+
+    def generate(self, prompts: list[list[dict]], sampling, thinking: bool = False,
+                 extra: dict | None = None) -> list[list[Completion]]:
+        """Blocking wrapper of `agenerate` (works inside a running Jupyter event loop too)."""
+        return run_sync(self.agenerate(prompts, sampling, thinking, extra))
+
+
+def run_sync(coro):
+    """Run a coroutine to completion from sync code, also when an event loop is running (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+# ---------------------------------------------------------------- vLLM (GPU only)
+class VLLMGenerator:
+    """In-process vLLM engine; imported lazily because vLLM has no CPU wheel."""
+
+    def __init__(self, endpoint):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError("backend 'vllm' needs vLLM on a GPU machine: install the `gpu` extra "
+                              "(see environment.yml) or use backend 'transformers'") from e
+        from .models import resolve_model
+        self.endpoint = endpoint
+        self.llm = LLM(model=resolve_model(endpoint.model), **endpoint.vllm)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: list[list[dict]], sampling, thinking: bool = False) -> list[list[Completion]]:
+        texts = [render_prompt(self.tokenizer, m, thinking) for m in prompts]
+        return self.generate_text(texts, sampling, thinking)
+
+    def generate_text(self, texts: list[str], sampling, thinking: bool = False) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        sp = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                            max_tokens=sampling.max_new_tokens)
+        outs = self.llm.generate(texts, sp)
+        res = []
+        for o in outs:
+            p = len(o.prompt_token_ids)
+            group = []
+            for c in o.outputs:
+                r, final, closed = split_thinking(c.text, thinking)
+                n = len(c.token_ids)
+                group.append(Completion(c.text, r, final, closed, "length" if c.finish_reason == "length" else "stop",
+                                        p, n, cost_of(self.endpoint, p, n), token_ids=list(c.token_ids)))
+            res.append(group)
+        return res
+
+
+def make_generator(endpoint, model=None, tokenizer=None):
+    """Build the generator an Endpoint asks for (pass model/tokenizer to reuse a loaded model)."""
+    if endpoint.backend == "transformers":
+        return TransformersGenerator(endpoint, model, tokenizer)
+    if endpoint.backend == "openai":
+        return OpenAIGenerator(endpoint)
+    if endpoint.backend == "vllm":
+        return VLLMGenerator(endpoint)
+    raise ValueError(f"unknown backend {endpoint.backend!r}: use transformers, openai or vllm")
+
+
+@dataclass
+class Timer:
+    """Wall-clock timer for metrics (`with Timer() as t: ...; t.seconds`)."""
+    seconds: float = 0.0
+
+    def __enter__(self):
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t

