@@ -1,0 +1,62 @@
+"""Command line: `python -m qedlib {prepare,run,bench}`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qedlib", description="QED Workbook")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("prepare", help="convert the embedded GGUF model and build the tiny test model (once)")
+    r = sub.add_parser("run", help="execute the notebooks with papermill into outputs/<run>/")
+    r.add_argument("params", help="params YAML, e.g. params/cpu.yaml")
+    r.add_argument("--run-name", help="folder name under outputs/ (default: the params' run_name)")
+    r.add_argument("--stages", nargs="+", help="subset of stages, e.g. 02_sft 05_eval or sft eval")
+    r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params key, e.g. --set sft.lr=1.0e-5 (repeatable)")
+    r.add_argument("--outputs", default=None, help="outputs folder (default: ./outputs)")
+    b = sub.add_parser("bench", help="run a benchmark and print its table")
+    b.add_argument("name", help="benchmark name (see --list)", nargs="?")
+    b.add_argument("--list", action="store_true", help="list benchmarks")
+    t = sub.add_parser("train", help="run a training stage in this process (what accelerate launch calls)")
+    t.add_argument("stage", choices=["sft", "rubric_rl", "rc_rl"])
+    t.add_argument("--params", required=True)
+    t.add_argument("--run-dir", required=True)
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+
+    from .config import ConfigError, parse_override
+    try:
+        if args.cmd == "prepare":
+            from .models import build_tiny, prepare_embedded
+            print(f"embedded model: {prepare_embedded()}")
+            print(f"tiny test model: {build_tiny()}")
+        elif args.cmd == "run":
+            from .runner import REPO, run_pipeline
+            overrides = dict(parse_override(s) for s in args.sets)
+            run_dir = run_pipeline(args.params, args.run_name, args.stages, overrides,
+                                   args.outputs or REPO / "outputs")
+            print(f"[qedlib] done: {run_dir}")
+        elif args.cmd == "bench":
+            from .bench import BENCHMARKS, run_benchmark
+            if args.list or not args.name:
+                for k, (_, desc) in BENCHMARKS.items():
+                    print(f"{k:20s} {desc}")
+                return 0
+            run_benchmark(args.name)
+        elif args.cmd == "train":
+            import importlib
+            from .config import load_config
+            overrides = dict(parse_override(s) for s in args.sets)
+            cfg = load_config(args.params, overrides)
+            module = {"sft": "qedlib.sft", "rubric_rl": "qedlib.rubric_rl", "rc_rl": "qedlib.rc_rl"}[args.stage]
+            importlib.import_module(module).train(cfg, args.run_dir)
+    except (ConfigError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Benchmarks: `python -m qedlib bench NAME` prints a markdown table whose last line starts with `headline:`.
+
+Each benchmark lives next to the code it measures and is registered here by "module:function";
+the function prints its own table and returns the headline string.
+"""
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = {
+    "generation": ("qedlib.bench_generation:run", "batched vs one-at-a-time tokens/s, transformers backend"),
+    "judge-concurrency": ("qedlib.grading:bench_judge_concurrency", "64 grades against a 0.5 s-latency server at concurrency 1/4/16"),
+    "sft-packing": ("qedlib.sft:bench_packing", "SFT tokens/s with packing/padding-free vs padded batches"),
+    "rl-learning": ("qedlib.rl:bench_learning", "reward curve of GRPO on a learnable reward (embedded model)"),
+}
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    fmt = lambda v: f"{v:,.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_benchmark(name: str, **kwargs) -> str:
+    """Run one registered benchmark; print its headline last."""
+    if name not in BENCHMARKS:
+        raise SystemExit(f"unknown benchmark {name!r}; available: " +
+                         ", ".join(f"{k} ({v[1]})" for k, v in BENCHMARKS.items()))
+    mod, fn = BENCHMARKS[name][0].split(":")
+    headline = getattr(importlib.import_module(mod), fn)(**kwargs)
+    print(f"headline: {headline}")
+    return headline

@@ -1,0 +1,141 @@
+"""Run the pipeline: execute the numbered notebooks with papermill into outputs/<run>/.
+
+`python -m qedlib run PARAMS [--run-name NAME] [--stages ...] [--set key=value ...]`. Each notebook
+gets three papermill parameters (`params_file`, `run_dir`, `overrides`) and reads the previous
+stage's artifacts from the run folder. `start_stage` is what every notebook's second cell calls.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config, save_config
+from .io import STAGES, read_json, stage_dir, write_json
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+KERNEL = "qed"
+
+# Where each training stage leaves the model the next stage starts from.
+MODEL_DIRS = {"sft": "02_sft/model", "rubric_rl": "03_rubric_rl/model", "rc_rl": "04_reasoning_cache_rl/model"}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_stage(params_file: str, run_dir: str, overrides: dict, stage: str) -> tuple[Config, Path]:
+    """Validate the params, save the resolved config in the stage folder, seed; return (cfg, folder)."""
+    cfg = load_config(params_file, overrides)
+    folder = stage_dir(run_dir, stage)
+    save_config(cfg, folder / "config.yaml")
+    seed_everything(cfg.seed)
+    print(f"[qedlib] stage {stage}: run folder {Path(run_dir).resolve()}  params {params_file}")
+    return cfg, folder
+
+
+def checkpoint(cfg: Config, run_dir: str | Path, ref: str) -> str:
+    """Resolve a model reference that may name a stage of this run.
+
+    "base" -> cfg.base_model; "sft" / "rubric_rl" / "rc_rl" -> that stage's saved model;
+    "previous" -> the latest trained model of the run (rc_rl > rubric_rl > sft > base); anything
+    else is a model reference (embedded name, folder or hub id).
+    """
+    if ref == "base":
+        return cfg.base_model
+    if ref in MODEL_DIRS:
+        path = Path(run_dir) / MODEL_DIRS[ref]
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"checkpoint {ref!r}: {path} has no model; run that stage first "
+                                    f"(python -m qedlib run PARAMS --stages ...)")
+        return str(path)
+    if ref == "previous":
+        for name in ("rc_rl", "rubric_rl", "sft"):
+            path = Path(run_dir) / MODEL_DIRS[name]
+            if (path / "config.json").exists():
+                return str(path)
+        return cfg.base_model
+    return ref
+
+
+def git_commit() -> str:
+    """The repo's current commit (or 'unknown')."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def hardware() -> str:
+    """A one-line description of the machine."""
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
+
+
+def _failed_cell(nb_path: Path) -> str:
+    try:
+        nb = json.loads(nb_path.read_text())
+    except (OSError, ValueError):
+        return "unknown cell"
+    for i, cell in enumerate(nb.get("cells", [])):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                src = "".join(cell.get("source", ""))[:300]
+                return f"cell {i} ({out.get('ename')}: {out.get('evalue', '')[:300]})\n--- cell source ---\n{src}"
+    return "unknown cell"
+
+
+def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str] | None = None,
+                 overrides: dict | None = None, outputs: str | Path = REPO / "outputs") -> Path:
+    """Execute the notebooks in order; return the run folder. Stops at the first failing stage."""
+    import papermill as pm
+    overrides = dict(overrides or {})
+    cfg = load_config(params_file, overrides)  # fail fast on a bad params file
+    run_dir = (Path(outputs) / (run_name or cfg.run_name)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    wanted = _select_stages(stages)
+    timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
+    for stage in wanted:
+        src = NOTEBOOKS / f"{stage}.ipynb"
+        out = stage_dir(run_dir, stage) / f"{stage}.ipynb"
+        print(f"[qedlib] running {stage} -> {out}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            pm.execute_notebook(str(src), str(out), kernel_name=KERNEL, cwd=str(NOTEBOOKS),
+                                parameters={"params_file": str(Path(params_file).resolve()),
+                                            "run_dir": str(run_dir), "overrides": overrides},
+                                progress_bar=False, log_output=False)
+        except pm.PapermillExecutionError as e:
+            raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
+                               f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
+        timings[stage] = round(time.perf_counter() - t0, 1)
+        write_json(run_dir / "timings.json", timings)
+        print(f"[qedlib] {stage} done in {timings[stage]:.0f} s", flush=True)
+    write_json(run_dir / "run.json", {"params_file": str(params_file), "overrides": overrides,
+                                      "commit": git_commit(), "hardware": hardware(), "timings_s": timings})
+    return run_dir
+
+
+def _select_stages(stages: list[str] | None) -> list[str]:
+    if not stages:
+        return list(STAGES)
+    out = []
+    for s in stages:
+        match = [st for st in STAGES if st == s or st.split("_", 1)[1] == s or st.startswith(s)]
+        if len(match) != 1:
+            raise ConfigError(f"--stages {s!r}: expected one of {', '.join(STAGES)} (or their names without the number)")
+        out.append(match[0])
+    return out
