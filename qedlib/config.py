@@ -119,6 +119,8 @@ class DistillConfig:
     overlap_threshold: float = 0.5  # fraction of problem n-grams found in a benchmark -> removed
     screen: bool = False  # screen problems with the screening prompt first
     write_rubrics: bool = False  # write rubrics for problems with a reference solution but no rubric
+    screen_difficulty: list = field(default_factory=lambda: [1, 10])  # keep screened problems rated in [low, high] (1-10)
+    helper: Literal["judge", "teacher"] = "judge"  # which endpoint screens problems and writes rubrics
 
 
 @dataclass
@@ -151,6 +153,12 @@ class SFTConfig:
     launch: Launch = field(default_factory=Launch)
     sample_problems: int = 4  # held-out problems shown before/after
     sample_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=128))
+    dataset_split: str = "train"  # split of a hub dataset (sft.dataset: hub:org/name)
+    weights_dtype: str = "auto"  # trained weights: auto = bfloat16 on GPU, float32 on CPU (bf16 autocast where the CPU has it)
+    qlora: bool = False  # load the base in 4-bit (bitsandbytes, CUDA only) and train the LoRA adapter (needs lora.enabled)
+    eval_steps: Optional[int] = None  # eval loss every N steps (None: every save_steps); final eval always runs
+    save_total_limit: Optional[int] = 2  # keep only the newest N checkpoints (workbook default)
+    chat_template: Optional[str] = None  # Jinja file with {% generation %} markers, for a model whose template qedlib does not know
 
 
 @dataclass
@@ -171,7 +179,7 @@ class RLConfig:
     lr: float = 1.0e-6  # constant AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
     max_grad_norm: float = 0.3  # gradient clipping
-    loss_type: str = "dr_grpo"  # TRL loss: dr_grpo = token sum / constant, closest to the paper
+    loss_type: str = "luspo"  # TRL loss aggregation: luspo = token sum / number of sequences (the paper's)
     scale_rewards: Literal["none", "group", "batch"] = "none"  # paper: no std normalisation
     epsilon: float = 4.0  # PPO clip (paper: very loose, 4)
     epsilon_high: Optional[float] = None  # asymmetric upper clip (DAPO)
@@ -179,6 +187,9 @@ class RLConfig:
     entropy_coef: float = 1.0e-4  # entropy bonus (paper: 1e-4)
     mask_truncated_completions: bool = False  # DAPO-style: no loss on truncated rollouts
     overlong_penalty: Optional[int] = None  # soft penalty over the last N tokens of the budget
+    micro_batch_size: Optional[int] = None  # completions per forward per device (None: whole batch at once)
+    gradient_checkpointing: bool = False  # trade compute for memory
+    shuffle: bool = True  # shuffle problems between epochs
     use_vllm: bool = False  # vLLM generation on GPU
     vllm_mode: Literal["colocate", "server"] = "colocate"  # vLLM in-process or `trl vllm-serve`
     lora: Lora = field(default_factory=Lora)
@@ -205,6 +216,7 @@ class RCRLConfig(RLConfig):
     """Stage 4: GRPO on reasoning-cache states."""
     rc: RCSettings = field(default_factory=RCSettings)
     states_per_trajectory: int = 2  # cache states sampled per trajectory (paper 2 of 4)
+    rollout_batch_size: int = 16  # prompts per generate() call when rolling out on CPU/transformers
 
 
 @dataclass
@@ -222,6 +234,18 @@ class EvalConfig:
     pass_k: list = field(default_factory=lambda: [1])
     bootstrap: int = 1000  # bootstrap resamples for 95% intervals
     endpoint: Optional[Endpoint] = None  # evaluate a served model instead of checkpoints
+    chunk: int = 8  # problems generated + graded per write to results.jsonl (resume granularity)
+    self_check_passes: int = 5  # self_check: accept after this many consecutive passing self-verifications (paper 5)
+    self_check_failures: int = 10  # self_check: give up after this many failed self-verifications (paper 10)
+    self_check_pass_score: int = 6  # self_check: a self-verification scoring at least this (0-7) is a pass
+    rsa_population: int = 8  # rsa: solutions per round (paper 8)
+    rsa_merge: int = 3  # rsa: solutions merged into each new one (paper 3)
+    rsa_rounds: int = 3  # rsa: merge rounds before pairwise selection (paper 3)
+    dsm_proofs: int = 4  # dsm: proofs per pool (paper 4)
+    dsm_verifications: int = 4  # dsm: self-verifications per proof (paper 4)
+    dsm_rounds: int = 2  # dsm: refinement rounds of the best proof (paper 2)
+    max_calls: Optional[int] = None  # scaffold budget: model calls per problem and sample (None: unlimited)
+    max_tokens: Optional[int] = None  # scaffold budget: generated tokens per problem and sample (None: unlimited)
 
 
 @dataclass
@@ -230,6 +254,7 @@ class Config:
     run_name: str = "default"  # outputs/<run_name>
     seed: int = 0  # global seed
     base_model: str = "smollm2-135m"  # the student before any training
+    thinking: bool = True  # the policy reasons in <think>...</think> before its proof
     device: str = "auto"  # device for in-process models
     generation: Endpoint = field(default_factory=Endpoint)  # how the policy generates (backend, batch)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -29,7 +29,7 @@ class Completion:
     completion_tokens: int = 0
     cost: float = 0.0  # USD, from the endpoint's price table
     error: Optional[str] = None  # set when the call failed after retries
-    token_ids: list = field(default_factory=list)  # completion token ids (in-process backends)
+    token_ids: list = field(default_factory=list)  # completion token ids incl. EOS when stopped (in-process)
 
 
 def split_thinking(text: str, thinking: bool, reasoning_field: str | None = None) -> tuple[str, str, bool]:
@@ -98,7 +98,7 @@ class TransformersGenerator:
             enc = self.tokenizer([flat[i] for i in idx], return_tensors="pt", padding=True,
                                  add_special_tokens=False).to(self.device)
             kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                          eos_token_id=eos)
+                          eos_token_id=eos, use_cache=True)
             if sampling.temperature > 0:
                 kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
             else:
@@ -115,8 +115,8 @@ class TransformersGenerator:
                     if t in eos:
                         n_new, stopped = j, True
                         break
-                ids = ids[:n_new]
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                text = self.tokenizer.decode(ids[:n_new], skip_special_tokens=True)
+                ids = ids[:n_new + 1] if stopped else ids  # keep the EOS: training needs it
                 reasoning, final, closed = split_thinking(text, thinking)
                 p_tok = int(enc["attention_mask"][row].sum())
                 results[i] = Completion(text, reasoning, final, closed, "stop" if stopped else "length",

@@ -1,0 +1,616 @@
+"""Stage 1, distillation: teacher proofs -> graded, filtered SFT data (notebooks/01_distill.ipynb).
+
+The steps, each a small function the notebook calls in order:
+
+1. `load_stage_problems` (shipped set, a file, or a hub dataset with a column mapping) and
+   `decontaminate` against the evaluation benchmarks (qedlib.decontam);
+2. optional `screen_problems` (drop incomplete/wrong/computational problems, keep a difficulty
+   band) and `write_rubrics` (for problems with a reference solution but no rubric);
+3. `generate_samples`: n teacher samples per problem, appended to `samples.jsonl` one record at a
+   time as they arrive (a rerun skips finished keys; a kill loses only what was in flight);
+4. `grade_samples`: every sample graded by the judge, appended to `grades.jsonl` likewise;
+5. `select_samples`: the selection rules from params, every sample labelled kept or why not;
+6. `build_dataset`: a `datasets.Dataset` with the FineProofs-SFT columns, saved in the stage
+   folder; `load_fineproofs_sft` maps the public FineProofs-SFT to the same schema.
+
+`run(cfg, run_dir)` does the whole stage (what the notebook does, without the displays).
+
+With `distill.thinking: false` (the CPU default: SmolLM2-135M writes no <think> blocks) the
+teacher's whole answer is the proof and the reasoning is empty; the SFT target is then
+"<think>\\n\\n</think>\\n\\n{proof}", so the student still learns to close its thinking.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import html
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+from .io import JsonlLog, write_json
+
+SFT_COLUMNS = ["problem", "reasoning_content", "proof", "category", "competition", "grade", "source", "messages"]
+FINEPROOFS_SFT = "lm-provers/FineProofs-SFT"
+FINEPROOFS_GRADE = "gemini-3-pro-grade"  # the public set's 0-7 grade column
+SAMPLES_FILE, GRADES_FILE = "samples.jsonl", "grades.jsonl"
+
+
+def sample_key(problem_id: str, index: int) -> str:
+    """The resume key of one teacher sample."""
+    return f"{problem_id}#{index}"
+
+
+# ---------------------------------------------------------------- problems
+def load_stage_problems(dc) -> list:
+    """The problems named by `distill.problems` (shipped, file, or hub with a column mapping)."""
+    from .data import load_source
+    return load_source(dc.problems)
+
+
+def decontaminate(problems: list, dc) -> tuple[list, list[dict], list[str]]:
+    """Drop problems overlapping the benchmarks in `distill.decontaminate`; (kept, removed rows, notes)."""
+    from .decontam import build_index, find_contaminated, load_benchmarks
+    if not dc.decontaminate:
+        return problems, [], ["decontamination off (distill.decontaminate is empty)"]
+    benchmarks, notes = load_benchmarks(dc.decontaminate)
+    if not benchmarks:
+        return problems, [], notes + ["no benchmark available: nothing decontaminated"]
+    index = build_index(benchmarks, dc.ngram)
+    removed = find_contaminated(problems, index, dc.overlap_threshold)
+    gone = {r["id"] for r in removed}
+    sizes = ", ".join(f"{k} ({len(v)})" for k, v in benchmarks.items())
+    notes.append(f"checked {len(problems)} problems against {sizes}: {len(gone)} removed "
+                 f"({dc.ngram}-gram overlap >= {dc.overlap_threshold})")
+    return [p for p in problems if p.id not in gone], removed, notes
+
+
+def helper_generator(dc, teacher=None, judge_generator=None):
+    """The generator that screens problems and writes rubrics (`distill.helper`), reusing loaded models."""
+    from .generation import make_generator
+    endpoint = dc.judge.endpoint if dc.helper == "judge" else dc.teacher
+    for gen in (teacher, judge_generator):
+        if gen is not None and getattr(gen, "endpoint", None) == endpoint:
+            return gen
+    if teacher is not None and _same_model(endpoint, dc.teacher):
+        return make_generator(endpoint, teacher.model, teacher.tokenizer)
+    return make_generator(endpoint)
+
+
+def _same_model(a, b) -> bool:
+    return (a.backend == b.backend == "transformers" and a.model == b.model
+            and a.device == b.device and a.dtype == b.dtype)
+
+
+def _helper_texts(generator, prompts: list[str], sampling) -> list[str]:
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    return [group[0].final or group[0].text for group in generator.generate(messages, dataclasses.replace(sampling, n=1))]
+
+
+def screen_problems(problems: list, dc, generator, stage_folder: str | Path) -> tuple[list, list[dict]]:
+    """Screen problems with the screening prompt; keep sound, proof-style problems in the difficulty band.
+
+    Verdicts are logged to `screening.jsonl` (resumable). Returns (kept problems, one row per problem).
+    """
+    from . import prompts
+    log = JsonlLog(Path(stage_folder) / "screening.jsonl", key="id")
+    todo = [p for p in problems if p.id not in log]
+    texts = _helper_texts(generator, [prompts.fill("screen_problem", problem=p.problem) for p in todo], dc.judge.sampling) if todo else []
+    for p, text in zip(todo, texts):
+        log.append({"id": p.id, **_screening_verdict(text, dc.screen_difficulty), "raw": text})
+    rows = [log.records[p.id] for p in problems]
+    return [p for p, r in zip(problems, rows) if r["keep"]], rows
+
+
+def _screening_verdict(text: str, band: list) -> dict:
+    """Turn a screening answer into keep/why; an unparseable answer drops the problem (with the reason)."""
+    from . import prompts
+    parsed, error = prompts.parse_screening(text)
+    if parsed is None:
+        return {"keep": False, "why": f"unparseable screening answer: {error}", "difficulty": None}
+    flags = [k for k in prompts.SCREEN_FLAGS if parsed[k]]
+    difficulty = parsed["difficulty"]
+    if flags:
+        return {"keep": False, "why": "flagged " + ", ".join(flags), "difficulty": difficulty}
+    if not band[0] <= difficulty <= band[1]:
+        return {"keep": False, "why": f"difficulty {difficulty} outside {list(band)}", "difficulty": difficulty}
+    return {"keep": True, "why": "", "difficulty": difficulty}
+
+
+def write_rubrics(problems: list, dc, generator, stage_folder: str | Path) -> tuple[list, int]:
+    """Write a 0-7 rubric for each problem with a reference solution and no rubric (logged, resumable)."""
+    from . import prompts
+    log = JsonlLog(Path(stage_folder) / "rubrics.jsonl", key="id")
+    need = [p for p in problems if not p.rubric and p.reference_solution]
+    todo = [p for p in need if p.id not in log]
+    texts = _helper_texts(generator, [prompts.fill("write_rubric", problem=p.problem, reference_solution=p.reference_solution)
+                                      for p in todo], dc.judge.sampling) if todo else []
+    for p, text in zip(todo, texts):
+        parsed, error = prompts.parse_rubric(text)
+        # An unusable rubric leaves the problem without one (the judge then grades without); counted.
+        log.append({"id": p.id, "rubric": parsed["text"] if parsed else None, "error": error, "raw": text})
+    need_ids = {p.id for p in need}
+    out = [dataclasses.replace(p, rubric=log.records[p.id]["rubric"]) if p.id in need_ids else p for p in problems]
+    return out, sum(1 for p in need if log.records[p.id]["rubric"])
+
+
+# ---------------------------------------------------------------- teacher generation
+def teacher_messages(problem_text: str, system_prompt: Optional[str]) -> list[dict]:
+    """The teacher's chat: the bare problem as the user message, after an optional system prompt."""
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return msgs + [{"role": "user", "content": problem_text}]
+
+
+def make_teacher(dc, model=None, tokenizer=None):
+    """The teacher generator for `distill.teacher` (pass model/tokenizer to reuse a loaded model)."""
+    from .generation import make_generator
+    return make_generator(dc.teacher, model, tokenizer)
+
+
+def sample_record(problem, index: int, completion, dc) -> dict:
+    """One JSON record for one teacher sample.
+
+    `truncated` is true when the budget ran out (finish_reason "length") or, with thinking on,
+    when the thinking never closed: such a sample has no proof.
+    """
+    no_proof = dc.thinking and not completion.think_closed
+    return {"key": sample_key(problem.id, index), "problem_id": problem.id, "sample_index": index,
+            "teacher": dc.teacher.model, "thinking": dc.thinking, "text": completion.text,
+            "reasoning": completion.reasoning, "proof": "" if no_proof else completion.final,
+            "think_closed": completion.think_closed, "finish_reason": completion.finish_reason,
+            "truncated": completion.finish_reason == "length" or no_proof,
+            "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "cost": completion.cost, "time": round(time.time(), 3)}
+
+
+class _Progress:
+    """tqdm bar with tokens/s and running cost in the postfix."""
+
+    def __init__(self, total: int, desc: str, cost0: float, enabled: bool):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, desc=desc, unit="sample", disable=not enabled or total == 0)
+        self.t0, self.tokens, self.cost = time.perf_counter(), 0, cost0
+
+    def update(self, records: list[dict]) -> None:
+        self.tokens += sum(r.get("completion_tokens", 0) for r in records)
+        self.cost += sum(r.get("cost", 0.0) for r in records)
+        rate = self.tokens / max(1e-9, time.perf_counter() - self.t0)
+        self.bar.set_postfix_str(f"{rate:.0f} tok/s, ${self.cost:.4f}", refresh=False)
+        self.bar.update(len(records))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def generate_samples(problems: list, dc, stage_folder: str | Path, generator=None, progress: bool = True) -> dict:
+    """Generate `distill.sampling.n` teacher samples per problem into `samples.jsonl`, skipping done keys.
+
+    Transformers/vLLM: one `generate` call per batch of `teacher.batch_size` pending prompts, each
+    batch appended as soon as it returns. OpenAI: every request in flight under
+    `teacher.max_concurrency`, each appended when it arrives. Failed requests are not logged (a
+    rerun retries them) and are counted under "errors".
+    """
+    log = JsonlLog(Path(stage_folder) / SAMPLES_FILE, key="key")
+    todo = [(p, i) for p in problems for i in range(dc.sampling.n) if sample_key(p.id, i) not in log]
+    stats = {"skipped": len(problems) * dc.sampling.n - len(todo), "generated": 0, "errors": 0,
+             "first_error": None, "seconds": 0.0}
+    if not todo:
+        return stats
+    generator = generator or make_teacher(dc)
+    bar = _Progress(len(todo), f"teacher {dc.teacher.model}", sum(r.get("cost", 0.0) for r in log.values()), progress)
+    t0 = time.perf_counter()
+    try:
+        if dc.teacher.backend == "openai":
+            from .generation import run_sync
+            run_sync(_generate_openai(todo, dc, generator, log, bar, stats))
+        else:
+            _generate_batches(todo, dc, generator, log, bar, stats)
+    finally:
+        bar.close()
+        stats["seconds"] = round(time.perf_counter() - t0, 2)
+    if stats["errors"]:
+        print(f"[distill] {stats['errors']} teacher requests failed (first: {stats['first_error']}); "
+              "they are not logged, so a rerun retries them")
+    return stats
+
+
+def _keep(problem, index, completion, dc, log, stats) -> Optional[dict]:
+    if completion.finish_reason == "error":
+        stats["errors"] += 1
+        stats["first_error"] = stats["first_error"] or completion.error
+        return None
+    rec = sample_record(problem, index, completion, dc)
+    log.append(rec)
+    stats["generated"] += 1
+    return rec
+
+
+def _generate_batches(todo, dc, generator, log, bar, stats) -> None:
+    one = dataclasses.replace(dc.sampling, n=1)
+    size = max(1, dc.teacher.batch_size)
+    for start in range(0, len(todo), size):
+        batch = todo[start:start + size]
+        groups = generator.generate([teacher_messages(p.problem, dc.system_prompt) for p, _ in batch], one, thinking=dc.thinking)
+        recs = [_keep(p, i, g[0], dc, log, stats) for (p, i), g in zip(batch, groups)]
+        bar.update([r for r in recs if r])
+
+
+async def _generate_openai(todo, dc, generator, log, bar, stats) -> None:
+    one = dataclasses.replace(dc.sampling, n=1)
+    sem = asyncio.Semaphore(max(1, dc.teacher.max_concurrency))
+
+    async def request(problem, index):
+        async with sem:
+            groups = await generator.agenerate([teacher_messages(problem.problem, dc.system_prompt)], one, thinking=dc.thinking)
+        return problem, index, groups[0][0]
+
+    for next_done in asyncio.as_completed([request(p, i) for p, i in todo]):
+        problem, index, completion = await next_done
+        rec = _keep(problem, index, completion, dc, log, stats)
+        bar.update([rec] if rec else [])
+
+
+def read_samples(stage_folder: str | Path, problems: list | None = None, n: int | None = None) -> list[dict]:
+    """Logged teacher samples, optionally only those of these problems and sample indices < n."""
+    recs = JsonlLog(Path(stage_folder) / SAMPLES_FILE, key="key").values()
+    if problems is None:
+        return recs
+    wanted = {p.id for p in problems}
+    return [r for r in recs if r["problem_id"] in wanted and (n is None or r["sample_index"] < n)]
+
+
+# ---------------------------------------------------------------- grading
+def make_grader(dc, stage_folder: str | Path, teacher=None):
+    """The judge for `distill.judge`, reusing the teacher's loaded model when it is the same model."""
+    from .grading import Grader
+    generator = None
+    if teacher is not None and _same_model(dc.judge.endpoint, dc.teacher):
+        from .generation import make_generator
+        generator = make_generator(dc.judge.endpoint, teacher.model, teacher.tokenizer)
+    cache = Path(stage_folder) / "judge_cache" if dc.judge.cache else None
+    return Grader(dc.judge, cache_dir=cache, generator=generator)
+
+
+def completion_of(rec: dict):
+    """Rebuild the generation.Completion of a logged sample (what the grader takes)."""
+    from .generation import Completion
+    return Completion(rec["text"], rec["reasoning"], rec["proof"], rec["think_closed"], rec["finish_reason"],
+                      rec["prompt_tokens"], rec["completion_tokens"], rec["cost"])
+
+
+def grade_samples(problems: list, samples: list[dict], grader, stage_folder: str | Path,
+                  chunk: int | None = None, progress: bool = True) -> dict:
+    """Grade every logged sample not yet graded into `grades.jsonl` (chunk by chunk, resumable)."""
+    from .grading import grade_completions
+    log = JsonlLog(Path(stage_folder) / GRADES_FILE, key="key")
+    by_id = {p.id: p for p in problems}
+    todo = [s for s in samples if s["key"] not in log]
+    stats = {"skipped": len(samples) - len(todo), "graded": 0, "seconds": 0.0}
+    if not todo:
+        return stats
+    ep = grader.judge.endpoint if hasattr(grader, "judge") else None
+    chunk = chunk or (max(1, ep.max_concurrency if ep is not None and ep.backend == "openai" else (ep.batch_size if ep else 8)))
+    bar = _Progress(len(todo), "judge", sum(r.get("cost", 0.0) for r in log.values()), progress)
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            grades = grade_completions(grader, [by_id[s["problem_id"]] for s in part], [completion_of(s) for s in part])
+            recs = [{"key": s["key"], "problem_id": s["problem_id"], "sample_index": s["sample_index"], **g.to_dict()}
+                    for s, g in zip(part, grades)]
+            for r in recs:
+                log.append(r)
+            stats["graded"] += len(recs)
+            bar.update(recs)
+    finally:
+        bar.close()
+        stats["seconds"] = round(time.perf_counter() - t0, 2)
+    return stats
+
+
+def read_grades(stage_folder: str | Path) -> list[dict]:
+    """Logged grades (one per sample key)."""
+    return JsonlLog(Path(stage_folder) / GRADES_FILE, key="key").values()
+
+
+# ---------------------------------------------------------------- selection
+def sft_token_counts(samples: list[dict], problems: list, tokenizer) -> dict[str, int]:
+    """Tokens of each sample's SFT example (chat template of `sft_messages`) under the student's tokenizer."""
+    by_id = {p.id: p for p in problems}
+    out = {}
+    for s in samples:
+        msgs = sft_messages(by_id[s["problem_id"]].problem, s["reasoning"], s["proof"])
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True)
+        out[s["key"]] = len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return out
+
+
+def select_samples(samples: list[dict], grades: list[dict], dc, problems: list,
+                   token_counts: dict[str, int] | None = None) -> list[dict]:
+    """Apply the selection rules; return one row per sample with `status` "kept" or why it was dropped.
+
+    Order: truncated (when `drop_truncated`), invalid grade ("invalid:<reason>"; with
+    `judge.invalid: zero` an invalid grade counts as 0 points instead), longer than
+    `max_sft_tokens` ("too_long"; tokens from `token_counts`, else the teacher's prompt +
+    completion tokens), below `min_grade`, and with `per_problem: best` every sample but the
+    best of its problem ("not_best"; ties go to the lower sample index). Ungraded samples are
+    "ungraded".
+    """
+    by_id = {p.id: p for p in problems}
+    grade_of = {g["key"]: g for g in grades}
+    rows = []
+    for s in sorted(samples, key=lambda r: (r["problem_id"], r["sample_index"])):
+        p = by_id[s["problem_id"]]
+        g = grade_of.get(s["key"])
+        tokens = (token_counts or {}).get(s["key"], s["prompt_tokens"] + s["completion_tokens"])
+        points = None if g is None else (g["points"] if g["valid"] else (0.0 if dc.judge.invalid == "zero" else None))
+        if g is None:
+            status = "ungraded"
+        elif dc.drop_truncated and s["truncated"]:
+            status = "truncated"
+        elif points is None:
+            status = f"invalid:{g.get('reason') or 'unknown'}"
+        elif dc.max_sft_tokens is not None and tokens > dc.max_sft_tokens:
+            status = "too_long"
+        elif points < dc.min_grade:
+            status = "below_min_grade"
+        else:
+            status = "kept"
+        rows.append({"key": s["key"], "problem_id": s["problem_id"], "sample_index": s["sample_index"],
+                     "status": status, "points": points, "valid": None if g is None else g["valid"],
+                     "invalid_reason": None if g is None or g["valid"] else g.get("reason"),
+                     "judge_text": "" if g is None else g.get("judge_text", ""), "truncated": s["truncated"],
+                     "finish_reason": s["finish_reason"], "completion_tokens": s["completion_tokens"],
+                     "sft_tokens": tokens, "cost": s["cost"], "judge_cost": 0.0 if g is None else g.get("cost", 0.0),
+                     "problem": p.problem, "reasoning": s["reasoning"], "proof": s["proof"],
+                     "source": p.source or "unknown", "category": p.category or "",
+                     "competition": str(p.extra.get("competition") or p.source or "")})
+    if dc.per_problem == "best":
+        best: dict[str, dict] = {}
+        for r in rows:
+            if r["status"] == "kept" and (r["problem_id"] not in best or r["points"] > best[r["problem_id"]]["points"]):
+                best[r["problem_id"]] = r
+        for r in rows:
+            if r["status"] == "kept" and best[r["problem_id"]] is not r:
+                r["status"] = "not_best"
+    return rows
+
+
+def funnel(n_loaded: int, removed: dict[str, int], rows: list[dict], n_expected: int) -> list[dict]:
+    """The stage's funnel: problems -> samples -> graded -> kept, with the count dropped at each step and why."""
+    status = Counter(r["status"] for r in rows)
+    out = [{"step": "problems loaded", "count": n_loaded, "dropped": 0, "why": ""}]
+    left = n_loaded
+    for why, k in removed.items():
+        left -= k
+        out.append({"step": f"problems after {why}", "count": left, "dropped": k, "why": why})
+    out.append({"step": "samples generated", "count": len(rows), "dropped": n_expected - len(rows),
+                "why": "missing (failed requests; rerun to retry)" if n_expected > len(rows) else ""})
+    graded = len(rows) - status["ungraded"]
+    out.append({"step": "samples graded", "count": graded, "dropped": status["ungraded"], "why": "ungraded"})
+    left = graded
+    for label in ["truncated", *sorted(k for k in status if k.startswith("invalid:")), "too_long", "below_min_grade", "not_best"]:
+        if status[label]:
+            left -= status[label]
+            out.append({"step": f"after dropping {label}", "count": left, "dropped": status[label], "why": label})
+    out.append({"step": "kept", "count": status["kept"], "dropped": 0, "why": ""})
+    return out
+
+
+# ---------------------------------------------------------------- dataset
+def sft_messages(problem: str, reasoning: str, proof: str) -> list[dict]:
+    """The SFT chat: the bare problem, then "<think>\\n{reasoning}\\n</think>\\n\\n{proof}"."""
+    return [{"role": "user", "content": problem},
+            {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{proof}"}]
+
+
+def sft_features():
+    """The datasets.Features of the SFT schema shared with FineProofs-SFT (grade as float 0-7)."""
+    from datasets import Features, List, Value
+    return Features({"problem": Value("string"), "reasoning_content": Value("string"), "proof": Value("string"),
+                     "category": Value("string"), "competition": Value("string"), "grade": Value("float64"),
+                     "source": Value("string"),
+                     "messages": List({"content": Value("string"), "role": Value("string")})})
+
+
+def build_dataset(rows: list[dict]):
+    """A datasets.Dataset with the FineProofs-SFT columns from the kept selection rows."""
+    from datasets import Dataset
+    kept = [r for r in rows if r["status"] == "kept"]
+    data = {c: [] for c in SFT_COLUMNS}
+    for r in kept:
+        data["problem"].append(r["problem"])
+        data["reasoning_content"].append(r["reasoning"])
+        data["proof"].append(r["proof"])
+        data["category"].append(r["category"])
+        data["competition"].append(r["competition"])
+        data["grade"].append(float(r["points"]))
+        data["source"].append(r["source"])
+        data["messages"].append(sft_messages(r["problem"], r["reasoning"], r["proof"]))
+    return Dataset.from_dict(data, features=sft_features())
+
+
+def save_dataset(ds, stage_folder: str | Path) -> Path:
+    """Save the dataset at <stage>/dataset atomically (a half-written folder never looks ready)."""
+    import shutil
+    out = Path(stage_folder) / "dataset"
+    tmp = out.with_name("dataset.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def load_fineproofs_sft(hub_id: str = FINEPROOFS_SFT, config: str | None = None, split: str = "train",
+                        limit: int | None = None):
+    """The public FineProofs-SFT (config "default": 4,281 rows, one per problem; "all": 7,777) in our schema.
+
+    `hub_id` may also be a local copy: a save_to_disk folder, or a .parquet/.jsonl file.
+    `gemini-3-pro-grade` becomes `grade` (float); other extra columns are dropped.
+    """
+    from datasets import load_dataset, load_from_disk
+    p = Path(hub_id)
+    if p.is_dir() and (p / "dataset_info.json").exists():
+        ds = load_from_disk(str(p))
+    elif p.is_file():
+        fmt = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(p.suffix)
+        if fmt is None:
+            raise ValueError(f"{p}: expected a .parquet or .jsonl file or a save_to_disk folder")
+        ds = load_dataset(fmt, data_files=str(p), split="train")
+    else:
+        ds = load_dataset(hub_id, config, split=split)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    if "grade" not in ds.column_names:
+        if FINEPROOFS_GRADE not in ds.column_names:
+            raise ValueError(f"{hub_id}: no {FINEPROOFS_GRADE!r} or 'grade' column (columns: {ds.column_names})")
+        ds = ds.rename_column(FINEPROOFS_GRADE, "grade")
+    missing = [c for c in SFT_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{hub_id}: missing columns {missing} (columns: {ds.column_names}); "
+                         f"expected the FineProofs-SFT schema {SFT_COLUMNS}")
+    ds = ds.remove_columns([c for c in ds.column_names if c not in SFT_COLUMNS])
+    return ds.select_columns(SFT_COLUMNS).cast(sft_features())
+
+
+# ---------------------------------------------------------------- displays
+def funnel_figure(steps: list[dict]):
+    """A plotly funnel of the stage's funnel rows."""
+    import plotly.graph_objects as go
+    fig = go.Figure(go.Funnel(y=[s["step"] for s in steps], x=[s["count"] for s in steps], textinfo="value"))
+    fig.update_layout(title="distillation funnel", height=80 + 40 * len(steps), margin=dict(l=220))
+    return fig
+
+
+def grade_histogram(rows: list[dict]):
+    """Histogram of valid grades (0-7), coloured by problem source."""
+    import pandas as pd
+    import plotly.express as px
+    df = pd.DataFrame([r for r in rows if r["points"] is not None] or [{"points": None, "source": ""}])
+    fig = px.histogram(df, x="points", color="source", nbins=28, range_x=[0, 7], barmode="stack",
+                       title="grades of the teacher's samples (0-7) by source")
+    return fig
+
+
+def length_histogram(rows: list[dict]):
+    """Distribution of teacher completion tokens, coloured by selection status."""
+    import pandas as pd
+    import plotly.express as px
+    df = pd.DataFrame(rows or [{"completion_tokens": 0, "status": ""}])
+    return px.histogram(df, x="completion_tokens", color="status", nbins=30, barmode="stack",
+                        title="teacher completion length (tokens) by selection status")
+
+
+def token_cost_table(samples: list[dict], grades: list[dict]) -> list[dict]:
+    """Tokens and cost of the teacher and the judge."""
+    return [{"role": "teacher", "calls": len(samples), "prompt_tokens": sum(s["prompt_tokens"] for s in samples),
+             "completion_tokens": sum(s["completion_tokens"] for s in samples), "cost_usd": round(sum(s["cost"] for s in samples), 6)},
+            {"role": "judge", "calls": sum(1 for g in grades if not g.get("cached")),
+             "prompt_tokens": sum(g.get("prompt_tokens", 0) for g in grades),
+             "completion_tokens": sum(g.get("completion_tokens", 0) for g in grades),
+             "cost_usd": round(sum(g.get("cost", 0.0) for g in grades), 6)}]
+
+
+def render_sample(row: dict) -> str:
+    """HTML for one sample: status, grade, proof, reasoning (folded) and the judge's assessment."""
+    e = html.escape
+    grade = "no grade" if row["points"] is None else f"{row['points']:.2f} / 7"
+    invalid = f" (invalid: {e(str(row['invalid_reason']))})" if row.get("invalid_reason") else ""
+    return (f"<b>{e(row['key'])}</b> · status <b>{e(row['status'])}</b> · grade {grade}{invalid} · "
+            f"{row['completion_tokens']} tokens, finish {e(row['finish_reason'])}"
+            f"<h4>Problem</h4><pre style='white-space:pre-wrap'>{e(row['problem'])}</pre>"
+            f"<h4>Proof</h4><pre style='white-space:pre-wrap'>{e(row['proof']) or '<i>(none)</i>'}</pre>"
+            f"<details><summary>Reasoning ({len(row['reasoning'])} chars)</summary>"
+            f"<pre style='white-space:pre-wrap'>{e(row['reasoning'])}</pre></details>"
+            f"<h4>Judge</h4><pre style='white-space:pre-wrap'>{e(row['judge_text'] or '')}</pre>")
+
+
+def sample_browser(rows: list[dict]):
+    """An ipywidgets browser: pick a problem, page through its samples (reasoning, proof, grade, judge)."""
+    import ipywidgets as w
+    by_problem: dict[str, list[dict]] = {}
+    for r in rows:
+        by_problem.setdefault(r["problem_id"], []).append(r)
+    options = [(f"{pid} ({sum(r['status'] == 'kept' for r in rs)}/{len(rs)} kept)", pid) for pid, rs in by_problem.items()]
+    pick = w.Dropdown(options=options, description="problem")
+    page = w.IntSlider(min=0, max=0, description="sample")
+    view = w.HTML()
+
+    def show(*_):
+        rs = by_problem.get(pick.value, [])
+        page.max = max(0, len(rs) - 1)
+        view.value = render_sample(rs[min(page.value, page.max)]) if rs else "no samples"
+    pick.observe(show, "value")
+    page.observe(show, "value")
+    show()
+    return w.VBox([w.HBox([pick, page]), view])
+
+
+# ---------------------------------------------------------------- the whole stage
+def student_tokenizer(cfg):
+    """The base model's tokenizer (to count SFT tokens), or None with a note when it cannot load."""
+    from transformers import AutoTokenizer
+    from .models import resolve_model
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(cfg.base_model))
+    except (OSError, ValueError) as e:
+        print(f"[distill] cannot load the tokenizer of {cfg.base_model!r} ({e}); counting teacher tokens instead")
+        return None
+
+
+def stage_metrics(rows: list[dict], samples: list[dict], grades: list[dict], n_problems: int,
+                  removed: dict[str, int], seconds: float, dataset_dir: str | Path) -> dict:
+    """The metrics.json of the stage."""
+    status = Counter(r["status"] for r in rows)
+    kept = [r for r in rows if r["status"] == "kept"]
+    valid = [r["points"] for r in rows if r["valid"]]
+    costs = token_cost_table(samples, grades)
+    return {"problems": n_problems, "problems_used": n_problems - sum(removed.values()),
+            "decontaminated": removed.get("decontamination", 0), "screened_out": removed.get("screening", 0),
+            "samples": len(rows), "graded": len(rows) - status["ungraded"],
+            "invalid": sum(v for k, v in status.items() if k.startswith("invalid:")),
+            "invalid_reasons": dict(Counter(r["invalid_reason"] for r in rows if r["valid"] is False)),
+            "truncated": sum(r["truncated"] for r in rows), "too_long": status["too_long"],
+            "below_min_grade": status["below_min_grade"], "not_best": status["not_best"],
+            "kept": len(kept), "kept_problems": len({r["problem_id"] for r in kept}),
+            "mean_grade": round(sum(valid) / len(valid), 4) if valid else None,
+            "mean_grade_kept": round(sum(r["points"] for r in kept) / len(kept), 4) if kept else None,
+            "tokens": sum(c["prompt_tokens"] + c["completion_tokens"] for c in costs),
+            "teacher_completion_tokens": costs[0]["completion_tokens"],
+            "cost": round(costs[0]["cost_usd"] + costs[1]["cost_usd"], 6),
+            "seconds": round(seconds, 1), "dataset_dir": str(dataset_dir)}
+
+
+def run(cfg, run_dir: str | Path, progress: bool = False) -> dict:
+    """Run the whole distillation stage into <run_dir>/01_distill; return (and write) its metrics."""
+    from .io import stage_dir, write_metrics
+    folder = stage_dir(run_dir, "01_distill")
+    dc = cfg.distill
+    t0 = time.perf_counter()
+    problems = load_stage_problems(dc)
+    n_loaded, removed = len(problems), {}
+    problems, contaminated, notes = decontaminate(problems, dc)
+    removed["decontamination"] = len(contaminated)
+    write_json(folder / "decontamination.json", {"removed": contaminated, "notes": notes})
+    teacher = make_teacher(dc)
+    if dc.screen or dc.write_rubrics:
+        helper = helper_generator(dc, teacher)
+        if dc.screen:
+            before = len(problems)
+            problems, _ = screen_problems(problems, dc, helper, folder)
+            removed["screening"] = before - len(problems)
+        if dc.write_rubrics:
+            problems, _ = write_rubrics(problems, dc, helper, folder)
+    generate_samples(problems, dc, folder, teacher, progress)
+    samples = read_samples(folder, problems, dc.sampling.n)
+    grade_samples(problems, samples, make_grader(dc, folder, teacher), folder, progress=progress)
+    grades = read_grades(folder)
+    tok = student_tokenizer(cfg) if dc.max_sft_tokens else None
+    rows = select_samples(samples, grades, dc, problems, sft_token_counts(samples, problems, tok) if tok else None)
+    write_json(folder / "funnel.json", funnel(n_loaded, removed, rows, len(problems) * dc.sampling.n))
+    out = save_dataset(build_dataset(rows), folder)
+    metrics = stage_metrics(rows, samples, grades, n_loaded, removed, time.perf_counter() - t0, out)
+    write_metrics(folder, metrics)
+    return metrics

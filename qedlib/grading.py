@@ -1,0 +1,558 @@
+"""Grading proofs with an LLM judge: prompts, robust score parsing, caching, score-probability mode.
+
+Used by notebooks 01_distill (grading teacher proofs), 03_rubric_rl and 04_reasoning_cache_rl (the
+reward) and 05_eval (benchmarks, judge calibration). A `Grade` is either valid (points 0..scale)
+or invalid with a reason from `INVALID_REASONS`: invalid is never silently 0, each consumer
+decides with `reward_from_grade(grade, judge.invalid)`.
+
+Modes (`judge.mode`): "text" generates an assessment and parses the score tag of the judge's
+answer; "score_prob" ends the prompt at the opening score tag and takes the expected score under
+the judge's next-token distribution over the allowed values (in-process logits, or `logprobs`
+of an OpenAI-compatible server such as vLLM). Grades are cached on disk by a sha256 of (judge
+settings, filled prompt), so a rerun never pays twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import statistics
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import prompts as P
+from .data import Problem
+from .generation import Completion, OpenAIGenerator, make_generator, render_prompt, run_sync
+from .io import JsonlLog
+
+INVALID_REASONS = ("no_tag", "out_of_range", "conflicting_tags", "judge_error", "empty_proof", "unclosed_thinking")
+RETRYABLE = ("no_tag", "out_of_range", "conflicting_tags", "judge_error")  # a new judge call may fix these
+SCALE = 7
+
+
+@dataclass
+class Grade:
+    """One proof's grade: valid with points 0..scale, or invalid with a reason."""
+    valid: bool
+    points: float | None  # 0..scale when valid (fractional in score_prob mode / combined samples)
+    reason: str | None = None  # one of INVALID_REASONS when invalid (with `detail` saying more)
+    scale: int = SCALE
+    judge_text: str = ""  # the judge's full answer (assessment + errors)
+    samples: list = field(default_factory=list)  # individual points when judge.samples > 1 (None = invalid sample)
+    spread: float = 0.0  # population std of the valid samples
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0  # USD
+    cached: bool = False  # read back from the grade cache
+    detail: str = ""  # why invalid, in words (e.g. the HTTP error), or how it was graded
+    mass: float | None = None  # score_prob: raw probability mass the judge put on the allowed values
+    probs: dict = field(default_factory=dict)  # score_prob: value -> probability renormalised over allowed values
+    method: str = ""  # judge-text | judge-prob | math-verify | none
+
+    @property
+    def reward(self) -> float | None:
+        """points/scale, None when invalid."""
+        return None if not self.valid or self.points is None else self.points / self.scale
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON-ready) of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Grade":
+        """Inverse of `to_dict` (unknown keys ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def invalid_grade(reason: str, detail: str = "", **kw) -> Grade:
+    """An invalid grade with one of INVALID_REASONS."""
+    if reason not in INVALID_REASONS:
+        raise ValueError(f"unknown invalid reason {reason!r}; use one of {INVALID_REASONS}")
+    return Grade(valid=False, points=None, reason=reason, detail=detail, **kw)
+
+
+# ---------------------------------------------------------------- score parsing
+TAG = re.compile(r"<\s*(score|points)\s*>(.*?)<\s*/\s*\1\s*>", re.S | re.I)
+NUMBER = re.compile(r"^([+-]?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?$", re.I)
+
+
+def _tag_value(raw: str) -> tuple[str, float | None, float | None]:
+    """Classify a tag's content -> ("number", value, denominator) or ("placeholder", None, None)."""
+    s = re.sub(r"[*_`$\\]", "", raw).strip().rstrip(".").strip()
+    m = NUMBER.match(s)
+    if not m:
+        return "placeholder", None, None  # e.g. an echoed "<score>N</score>" from the instructions
+    return "number", float(m.group(1)), float(m.group(2)) if m.group(2) else None
+
+
+def strip_prompt_echo(answer: str, prompt: str) -> str:
+    """Blank out of the judge's answer every line it copied verbatim from the prompt that holds a tag.
+
+    This is how a fake `<score>7</score>` inside the proof, or an instruction line the judge
+    repeats, can never be read as the judge's own score.
+    """
+    if not prompt:
+        return answer
+    for line in {ln.strip() for ln in prompt.splitlines() if TAG.search(ln)}:
+        if line:
+            answer = answer.replace(line, " ")
+    return answer
+
+
+def parse_score(text: str, scale: int = SCALE, allowed: tuple | None = None, tag: str | None = None,
+                prompt: str = "") -> tuple[float | None, str | None]:
+    """The judge's score from its answer -> (points, None) or (None, invalid_reason).
+
+    Rules: only `<score>` / `<points>` tags (or just `tag`) count; whitespace inside the tag, markdown
+    around the number, "N out of 7" and "N/7" are accepted; tags whose content is not a number (an
+    echoed format example) are ignored; lines copied from `prompt` (fake tags in the proof) are
+    ignored; every numeric tag must agree (several different values -> "conflicting_tags");
+    a value that is not an allowed integer (0..scale, or `allowed`) or a denominator other than
+    `scale` -> "out_of_range"; nothing -> "no_tag".
+    """
+    answer = strip_prompt_echo(text or "", prompt)
+    values: list[tuple[float, float | None]] = []
+    for m in TAG.finditer(answer):
+        if tag and m.group(1).lower() != tag:
+            continue
+        kind, v, denom = _tag_value(m.group(2))
+        if kind == "number":
+            values.append((v, denom))
+    if not values:
+        return None, "no_tag"
+    if len({v for v, _ in values}) > 1:
+        return None, "conflicting_tags"
+    v, denom = values[-1]
+    ok = set(allowed) if allowed is not None else set(range(scale + 1))
+    if any(d is not None and d != scale for _, d in values) or v != int(v) or int(v) not in ok:
+        return None, "out_of_range"
+    return float(int(v)), None
+
+
+def invalid_table(grades: list[Grade]) -> dict[str, int]:
+    """Counts of invalid grades by reason (every reason listed, zeros included)."""
+    c = Counter(g.reason for g in grades if not g.valid)
+    return {r: c.get(r, 0) for r in INVALID_REASONS}
+
+
+def reward_from_grade(grade: Grade, invalid: str = "drop") -> float | None:
+    """Reward in [0, 1] from a grade; an invalid one gives None ("drop") or 0.0 ("zero" / after "retry")."""
+    if grade.valid:
+        return grade.reward
+    if invalid == "drop":
+        return None
+    if invalid in ("zero", "retry"):  # retry already happened inside the Grader
+        return 0.0
+    raise ValueError(f"invalid={invalid!r}: use drop, zero or retry")
+
+
+def combine_points(points: list[float], how: str = "mean") -> tuple[float, float]:
+    """Combine several grades of one proof -> (mean or median, population std)."""
+    if not points:
+        raise ValueError("no points to combine")
+    mid = statistics.median(points) if how == "median" else statistics.fmean(points)
+    return float(mid), float(statistics.pstdev(points)) if len(points) > 1 else 0.0
+
+
+# ---------------------------------------------------------------- prompts per judge kind
+@dataclass
+class GradingPrompt:
+    """A filled judge prompt plus how to read the answer."""
+    text: str  # the filled user message
+    tag: str  # score | points
+    allowed: tuple  # values the judge may give, in its own units
+    factor: float  # judge units -> points out of 7 (answer: 1 -> 7)
+    prefix: str  # assistant text the prompt ends with in score_prob mode
+
+
+def build_prompt(kind: str, mode: str, problem: Problem, proof: str) -> GradingPrompt:
+    """Fill the judge template for `kind` (rubric | proofbench | answer) and `mode` (text | score_prob)."""
+    suffix = "prob" if mode == "score_prob" else "text"
+    try:
+        if kind == "rubric":
+            if not problem.rubric:
+                raise P.PromptError("the problem has no rubric; write rubrics first (distill.write_rubrics: true) "
+                                    "or map the dataset's rubric column")
+            fields = dict(problem=problem.problem, rubric=problem.rubric, proof=proof,
+                          response_format=P.response_format(f"score_{suffix}"))
+            name = "grade_rubric"
+            if problem.reference_solution:
+                name, fields["reference_solution"] = "grade_rubric_reference", problem.reference_solution
+            return GradingPrompt(P.fill(name, **fields), "score", tuple(range(SCALE + 1)), 1.0, "<score>")
+        if kind == "proofbench":
+            text = P.fill("grade_proofbench", problem=problem.problem, reference_solution=problem.reference_solution,
+                          guidelines=problem.rubric, proof=proof, response_format=P.response_format(f"points_{suffix}"))
+            return GradingPrompt(text, "points", (0, 1, 6, 7), 1.0, "<points>")
+        if kind == "answer":
+            text = P.fill("grade_answer", problem=problem.problem, reference_answer=problem.answer, response=proof,
+                          response_format=P.response_format(f"answer_{suffix}"))
+            return GradingPrompt(text, "score", (0, 1), float(SCALE), "<score>")
+    except P.PromptError as e:
+        raise P.PromptError(f"problem {problem.id!r}, judge prompt {kind!r}: {e}") from None
+    raise ValueError(f"unknown judge prompt {kind!r}: use rubric, proofbench or answer")
+
+
+def answer_by_math_verify(reference: str | None, response: str) -> bool | None:
+    """Deterministic short-answer check: True/False when both answers parse, None when one does not."""
+    if not reference or not response.strip():
+        return None
+    from math_verify import parse, verify
+    gold = parse(reference if "$" in reference or "\\boxed" in reference else f"${reference}$", parsing_timeout=None)
+    pred = parse(response, parsing_timeout=None)
+    if not gold or not pred:
+        return None
+    return bool(verify(gold, pred, timeout_seconds=None))
+
+
+def expected_from_probs(probs: dict, allowed: tuple, factor: float) -> tuple[float, dict, float]:
+    """Expected points from raw candidate probabilities -> (points, renormalised probs, mass)."""
+    mass = sum(probs.get(str(a), 0.0) for a in allowed)
+    norm = {str(a): probs.get(str(a), 0.0) / mass for a in allowed}
+    return factor * sum(a * norm[str(a)] for a in allowed), norm, mass
+
+
+def probs_from_logprobs(logprobs, allowed: tuple) -> dict | None:
+    """Candidate -> probability from an OpenAI-style `logprobs` object of the first generated token."""
+    if not logprobs:
+        return None
+    top = None
+    if isinstance(logprobs, dict) and logprobs.get("content"):  # chat completions
+        first = logprobs["content"][0]
+        top = {t["token"]: t["logprob"] for t in first.get("top_logprobs") or []}
+        top.setdefault(first.get("token", ""), first.get("logprob", -math.inf))
+    elif isinstance(logprobs, dict) and logprobs.get("top_logprobs"):  # legacy completions
+        top = logprobs["top_logprobs"][0]
+    if not top:
+        return None
+    out: dict[str, float] = {}
+    for tok, lp in top.items():
+        t = tok.strip()
+        if t in {str(a) for a in allowed} and lp is not None and lp > -math.inf:
+            out[t] = out.get(t, 0.0) + math.exp(lp)
+    return out
+
+
+@dataclass
+class _ProbCompletion(Completion):
+    """A Completion that keeps the server's `logprobs` object."""
+    logprobs: Optional[dict] = None
+
+
+class _LogprobClient(OpenAIGenerator):
+    """OpenAIGenerator that keeps the first choice's `logprobs` (score_prob mode over HTTP)."""
+
+    def _parse(self, data: dict, thinking: bool) -> Completion:
+        c = super()._parse(data, thinking)
+        lp = (data.get("choices") or [{}])[0].get("logprobs")
+        return _ProbCompletion(**{f.name: getattr(c, f.name) for f in dataclasses.fields(Completion)}, logprobs=lp)
+
+
+# ---------------------------------------------------------------- the grader
+@dataclass
+class _Job:
+    index: int  # which proof
+    sample: int  # which of judge.samples
+    attempt: int  # 0, then retries when judge.invalid == "retry"
+    prompt: GradingPrompt
+    key: str = ""
+    grade: Grade | None = None
+
+
+class Grader:
+    """Grades proofs with one judge (`config.Judge`), concurrently, with an on-disk cache.
+
+    `generator` reuses an already-built generator (e.g. the in-process policy or teacher);
+    otherwise one is made from `judge.endpoint` on first use.
+    """
+
+    def __init__(self, judge, cache_dir: str | Path | None = None, generator=None):
+        if judge.prompt not in ("rubric", "proofbench", "answer"):
+            raise ValueError(f"judge.prompt={judge.prompt!r}: use rubric, proofbench or answer")
+        if judge.mode not in ("text", "score_prob"):
+            raise ValueError(f"judge.mode={judge.mode!r}: use text or score_prob")
+        self.judge = judge
+        self._generator = generator
+        self._lock = threading.Lock()
+        self.cache = JsonlLog(Path(cache_dir) / "grades.jsonl", key="key") if cache_dir and judge.cache else None
+        self.stats = {"calls": 0, "cache_hits": 0, "math_verify": 0, "grades": 0,
+                      "invalid": {r: 0 for r in INVALID_REASONS}, "prompt_tokens": 0, "completion_tokens": 0,
+                      "cost": 0.0}
+
+    # -- settings and cache
+    def settings(self) -> dict:
+        """What a cached grade depends on besides the filled prompt."""
+        j, ep = self.judge, self.judge.endpoint
+        return {"model": ep.model, "backend": ep.backend, "api": ep.api, "reasoning_effort": ep.reasoning_effort,
+                "extra_body": ep.extra_body, "prompt": j.prompt, "mode": j.mode,
+                "sampling": {"temperature": j.sampling.temperature, "top_p": j.sampling.top_p,
+                             "max_new_tokens": j.sampling.max_new_tokens}}
+
+    def cache_key(self, prompt_text: str, sample: int = 0, attempt: int = 0) -> str:
+        """sha256 of (judge settings, filled prompt, sample and retry index)."""
+        blob = json.dumps({"judge": self.settings(), "prompt": prompt_text, "sample": sample, "attempt": attempt},
+                          sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _store(self, job: _Job) -> None:
+        g = job.grade
+        self.stats["calls"] += 1
+        self.stats["prompt_tokens"] += g.prompt_tokens
+        self.stats["completion_tokens"] += g.completion_tokens
+        self.stats["cost"] += g.cost
+        # A judge error (timeout, 5xx, dead server) was not a real answer: do not cache it.
+        if self.cache is not None and g.reason != "judge_error":
+            with self._lock:
+                self.cache.append({"key": job.key, "grade": g.to_dict()})
+
+    @property
+    def generator(self):
+        """The judge's generator (built from judge.endpoint on first use)."""
+        if self._generator is None:
+            self._generator = make_generator(self.judge.endpoint)
+        return self._generator
+
+    # -- one answer -> one grade
+    def _grade_text(self, c: Completion, gp: GradingPrompt) -> Grade:
+        usage = dict(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens, cost=c.cost)
+        if c.finish_reason == "error" or c.error:
+            return invalid_grade("judge_error", c.error or "judge call failed", judge_text=c.text, method="judge-text", **usage)
+        answer = c.final if c.think_closed else ""
+        pts, reason = parse_score(answer, SCALE, gp.allowed, gp.tag, prompt=gp.text)
+        if reason:
+            detail = "the judge's thinking never closed" if not c.think_closed else f"could not read a {gp.tag} tag"
+            return invalid_grade(reason, detail, judge_text=c.text, method="judge-text", **usage)
+        return Grade(True, pts * gp.factor, judge_text=c.text, method="judge-text", **usage)
+
+    def _grade_probs(self, probs: dict | None, gp: GradingPrompt, usage: dict, detail_if_none: str) -> Grade:
+        if probs is None:
+            return invalid_grade("judge_error", detail_if_none, method="judge-prob", **usage)
+        if sum(probs.values()) <= 0:
+            return invalid_grade("judge_error", f"no probability on any allowed value {gp.allowed}", method="judge-prob", **usage)
+        pts, norm, mass = expected_from_probs(probs, gp.allowed, gp.factor)
+        return Grade(True, pts, mass=mass, probs=norm, method="judge-prob",
+                     detail=f"expected score over {gp.allowed}; mass on allowed values {mass:.3f}", **usage)
+
+    # -- judge calls for a list of jobs
+    async def _run_jobs(self, jobs: list[_Job]) -> None:
+        gen = self.generator
+        if self.judge.mode == "text":
+            await self._run_text(gen, jobs)
+        else:
+            await self._run_prob(gen, jobs)
+
+    def _messages(self, gp: GradingPrompt) -> list[dict]:
+        return [{"role": "user", "content": gp.text}]
+
+    def _sampling(self, max_new_tokens: int | None = None):
+        return dataclasses.replace(self.judge.sampling, n=1,
+                                   **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
+
+    async def _run_http(self, client_gen: OpenAIGenerator, jobs: list[_Job], sampling, extra: dict | None,
+                        messages_of, to_grade) -> None:
+        """Every job concurrently under the endpoint's bound; each grade is cached the moment it arrives."""
+        import httpx
+        ep = client_gen.endpoint
+        sem = asyncio.Semaphore(ep.max_concurrency)
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=ep.max_concurrency)) as client:
+            async def one(job: _Job):
+                c = await client_gen._call(client, sem, messages_of(job), sampling, False, extra)
+                job.grade = to_grade(c, job)
+                self._store(job)
+            await asyncio.gather(*(one(j) for j in jobs))
+
+    async def _run_text(self, gen, jobs: list[_Job]) -> None:
+        sampling = self._sampling()
+        if isinstance(gen, OpenAIGenerator):
+            await self._run_http(gen, jobs, sampling, None, lambda j: self._messages(j.prompt),
+                                 lambda c, j: self._grade_text(c, j.prompt))
+            return
+        outs = await asyncio.to_thread(gen.generate, [self._messages(j.prompt) for j in jobs], sampling, False)
+        for job, group in zip(jobs, outs):
+            job.grade = self._grade_text(group[0], job.prompt)
+            self._store(job)
+
+    async def _run_prob(self, gen, jobs: list[_Job]) -> None:
+        if isinstance(gen, OpenAIGenerator):
+            client = gen if isinstance(gen, _LogprobClient) else _LogprobClient(gen.endpoint)
+            extra = {"logprobs": True, "top_logprobs": 20, "continue_final_message": True,
+                     "add_generation_prompt": False}
+            sampling = dataclasses.replace(self.judge.sampling, n=1, max_new_tokens=1, temperature=1.0, top_p=1.0)
+
+            def to_grade(c, job):
+                usage = dict(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens, cost=c.cost)
+                if c.finish_reason == "error" or c.error:
+                    return invalid_grade("judge_error", c.error or "judge call failed", method="judge-prob", **usage)
+                g = self._grade_probs(probs_from_logprobs(getattr(c, "logprobs", None), job.prompt.allowed), job.prompt,
+                                      usage, "the server returned no logprobs: score_prob over HTTP needs a server that "
+                                      "supports logprobs/top_logprobs and continue_final_message (vLLM does); "
+                                      "use mode: text for this judge")
+                g.judge_text = c.text
+                return g
+            await self._run_http(client, jobs, sampling, extra,
+                                 lambda j: self._messages(j.prompt) + [{"role": "assistant", "content": j.prompt.prefix}],
+                                 to_grade)
+            return
+        texts = [render_prompt(gen.tokenizer, self._messages(j.prompt), False) + j.prompt.prefix for j in jobs]
+        by_allowed: dict[tuple, list[int]] = {}
+        for i, j in enumerate(jobs):
+            by_allowed.setdefault(j.prompt.allowed, []).append(i)
+        for allowed, idx in by_allowed.items():
+            cands = [str(a) for a in allowed]
+            if hasattr(gen, "next_token_probs"):
+                res = await asyncio.to_thread(gen.next_token_probs, [texts[i] for i in idx], cands)
+            elif hasattr(gen, "llm"):
+                res = await asyncio.to_thread(_vllm_next_token_probs, gen, [texts[i] for i in idx], cands)
+            else:
+                raise TypeError(f"score_prob mode needs next-token probabilities; {type(gen).__name__} has none")
+            for i, r in zip(idx, res):
+                job = jobs[i]
+                n_tok = len(gen.tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+                raw = {c: p * r["mass"] for c, p in r["probs"].items()}
+                job.grade = self._grade_probs(raw, job.prompt, dict(prompt_tokens=n_tok), "")
+                self._store(job)
+
+    # -- public
+    async def agrade(self, problems: list[Problem], proofs: list[str], closed: list[bool] | None = None) -> list[Grade]:
+        """Grade proofs[i] of problems[i] concurrently; every proof gets a valid or invalid Grade."""
+        if len(problems) != len(proofs) or (closed is not None and len(closed) != len(proofs)):
+            raise ValueError(f"agrade: {len(problems)} problems, {len(proofs)} proofs"
+                             f"{'' if closed is None else f', {len(closed)} closed flags'}: they must match")
+        j = self.judge
+        final: list[Grade | None] = [None] * len(proofs)
+        per_proof: dict[int, list[_Job]] = {}
+        pending: list[_Job] = []
+        samples = 1 if j.mode == "score_prob" else max(1, j.samples)  # score_prob is deterministic
+        for i, (prob, proof) in enumerate(zip(problems, proofs)):
+            proof = proof or ""
+            if closed is not None and not closed[i]:
+                final[i] = invalid_grade("unclosed_thinking", "no </think>: there is no proof to grade", method="none")
+                continue
+            if not proof.strip():
+                final[i] = invalid_grade("empty_proof", "the proof is empty", method="none")
+                continue
+            if j.prompt == "answer":
+                verdict = answer_by_math_verify(prob.answer, proof)
+                if verdict is not None:
+                    self.stats["math_verify"] += 1
+                    final[i] = Grade(True, float(SCALE if verdict else 0), method="math-verify",
+                                     detail=f"math-verify: {'equivalent' if verdict else 'not equivalent'} to {prob.answer!r}")
+                    continue
+            gp = build_prompt(j.prompt, j.mode, prob, proof)  # raises before any judge call on a bad problem
+            per_proof[i] = [_Job(i, s, 0, gp) for s in range(samples)]
+            pending += per_proof[i]
+        attempt = 0
+        while pending:
+            todo = []
+            for job in pending:
+                job.key = self.cache_key(job.prompt.text, job.sample, job.attempt)
+                rec = self.cache.records.get(job.key) if self.cache is not None else None
+                if rec is not None:
+                    job.grade = dataclasses.replace(Grade.from_dict(rec["grade"]), cached=True)
+                    self.stats["cache_hits"] += 1
+                else:
+                    todo.append(job)
+            if todo:
+                await self._run_jobs(todo)
+            attempt += 1
+            if j.invalid != "retry" or attempt > j.retries_on_invalid:
+                break
+            retry = [jb for jb in pending if not jb.grade.valid and jb.grade.reason in RETRYABLE]
+            pending = []
+            for jb in retry:
+                new = _Job(jb.index, jb.sample, attempt, jb.prompt)
+                per_proof[jb.index][jb.sample] = new
+                pending.append(new)
+        for i, jobs in per_proof.items():
+            final[i] = self._combine([jb.grade for jb in jobs])
+        for g in final:
+            self.stats["grades"] += 1
+            if not g.valid:
+                self.stats["invalid"][g.reason] += 1
+        return final
+
+    def _combine(self, grades: list[Grade]) -> Grade:
+        if len(grades) == 1:
+            return grades[0]
+        valid = [g for g in grades if g.valid]
+        usage = dict(prompt_tokens=sum(g.prompt_tokens for g in grades),
+                     completion_tokens=sum(g.completion_tokens for g in grades), cost=sum(g.cost for g in grades))
+        samples = [g.points if g.valid else None for g in grades]
+        text = "\n\n".join(f"--- sample {k} ---\n{g.judge_text}" for k, g in enumerate(grades))
+        cached = all(g.cached for g in grades)
+        if not valid:
+            reason = Counter(g.reason for g in grades).most_common(1)[0][0]
+            return invalid_grade(reason, f"all {len(grades)} samples invalid", judge_text=text, samples=samples,
+                                 cached=cached, method=grades[0].method, **usage)
+        pts, spread = combine_points([g.points for g in valid], self.judge.combine)
+        return Grade(True, pts, judge_text=text, samples=samples, spread=spread, cached=cached, method=grades[0].method,
+                     detail=f"{self.judge.combine} of {len(valid)}/{len(grades)} valid samples", **usage)
+
+    def grade(self, problems: list[Problem], proofs: list[str], closed: list[bool] | None = None) -> list[Grade]:
+        """Blocking `agrade` (works inside Jupyter's running loop too)."""
+        return run_sync(self.agrade(problems, proofs, closed))
+
+
+def _vllm_next_token_probs(gen, texts: list[str], candidates: list[str]) -> list[dict]:
+    """Next-token probabilities of single-token candidates from an in-process vLLM engine (top-20 logprobs)."""
+    from vllm import SamplingParams
+    outs = gen.llm.generate(texts, SamplingParams(max_tokens=1, temperature=1.0, logprobs=20))
+    res = []
+    for o in outs:
+        top = o.outputs[0].logprobs[0] if o.outputs[0].logprobs else {}
+        probs = {c: 0.0 for c in candidates}
+        for lp in top.values():
+            tok = (lp.decoded_token or "").strip()
+            if tok in probs:
+                probs[tok] += math.exp(lp.logprob)
+        mass = sum(probs.values())
+        res.append({"probs": {c: (p / mass if mass else 0.0) for c, p in probs.items()}, "mass": mass})
+    return res
+
+
+def grade_completions(grader: Grader, problems: list[Problem], completions: list[Completion]) -> list[Grade]:
+    """Grade each completion's final proof; unclosed thinking or an empty final makes no judge call."""
+    return grader.grade(problems, [c.final for c in completions], [c.think_closed for c in completions])
+
+
+async def agrade_completions(grader: Grader, problems: list[Problem], completions: list[Completion]) -> list[Grade]:
+    """Async `grade_completions` (for TRL's async reward functions)."""
+    return await grader.agrade(problems, [c.final for c in completions], [c.think_closed for c in completions])
+
+
+# ---------------------------------------------------------------- benchmark
+def bench_judge_concurrency(proofs: int = 64, latency_ms: int = 500, levels: tuple = (1, 4, 16)) -> str:
+    """Grade `proofs` proofs against a llm-katan echo server with `latency_ms` latency at each concurrency level."""
+    import os
+    import time
+    from .bench import table
+    from .config import Endpoint, Judge
+    from .judge_server import JudgeServer, free_port, katan_echo_command
+    problem = Problem("bench", "Prove that the sum of two odd integers is even.",
+                      rubric="Checkpoints (7 points total):\n- [7 pts] A complete proof.")
+    os.environ.setdefault("QED_BENCH_JUDGE_KEY", "local-test-key")  # llm-katan wants an Authorization header
+    port = free_port()
+    rows, secs = [], {}
+    with JudgeServer(command=katan_echo_command(port, latency_ms=latency_ms, max_concurrent=max(levels) * 2),
+                     port=port) as server:
+        for level in levels:
+            ep = Endpoint(model="echo", backend="openai", base_url=server.base_url, api_key_env="QED_BENCH_JUDGE_KEY",
+                          max_concurrency=level, timeout_s=30.0, max_retries=2)
+            grader = Grader(Judge(endpoint=ep), cache_dir=None)
+            texts = [f"Proof number {k}: let a = 2m+1 and b = 2n+1; then a+b = 2(m+n+1) is even." for k in range(proofs)]
+            t0 = time.perf_counter()
+            grades = grader.grade([problem] * proofs, texts)
+            secs[level] = time.perf_counter() - t0
+            rows.append([level, proofs, len(grades), round(secs[level], 2), round(proofs / secs[level], 1),
+                         round(secs[1] / secs[level], 1), grader.stats["calls"],
+                         ", ".join(f"{k}={v}" for k, v in invalid_table(grades).items() if v) or "none"])
+    print(table(["in flight", "proofs", "grades", "seconds", "grades/s", "speed-up", "judge calls",
+                 "invalid (echo has no score)"], rows))
+    top = max(levels)
+    return f"{top} in flight: {secs[1] / secs[top]:.1f}x faster than 1 ({secs[top]:.1f}s vs {secs[1]:.1f}s for {proofs} grades at {latency_ms} ms latency)"

@@ -1,0 +1,122 @@
+"""Multi-process training: run a stage under `accelerate launch` in a subprocess and stream its log.
+
+Used by notebooks 02_sft, 03_rubric_rl and 04_reasoning_cache_rl when `launch.num_processes > 1`
+or `launch.accelerate_config` is set: the notebook runs exactly what you would type in a shell,
+
+    accelerate launch --config_file qedlib/accelerate/zero2.yaml --num_processes 8 \\
+        -m qedlib train sft --params params/qed-nano.yaml --run-dir outputs/qed-nano
+
+and prints the log line by line as it arrives. Shipped configs (qedlib/accelerate/, give the name
+or a path): `ddp` (plain data parallel), `zero2`, `zero3` (DeepSpeed), `fsdp` (PyTorch FSDP2),
+`cpu-gloo` (2 CPU processes with the gloo backend, used by the tests).
+
+Multi-node (SLURM): start one `accelerate launch` per node with the node's rank and the first
+node as rendezvous; `launch.extra_args` carries the flags, e.g. in a batch script
+
+    #!/bin/bash
+    #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --cpus-per-task=64 --exclusive
+    export MAIN=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)
+    srun bash -c 'accelerate launch --config_file qedlib/accelerate/zero3.yaml \\
+        --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * 8)) \\
+        --machine_rank $SLURM_NODEID --main_process_ip $MAIN --main_process_port 29500 \\
+        -m qedlib train sft --params params/qed-nano.yaml --run-dir outputs/qed-nano'
+
+`num_processes` counts processes over all machines. The run folder must be on a filesystem every
+node sees (checkpoints and the final model are written by the main process).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from .config import Launch
+
+CONFIG_DIR = Path(__file__).resolve().parent / "accelerate"
+STAGE_FOLDERS = {"sft": "02_sft", "rubric_rl": "03_rubric_rl", "rc_rl": "04_reasoning_cache_rl"}
+
+
+def accelerate_config_path(name_or_path: str) -> Path:
+    """A shipped config name (zero2, zero3, fsdp, ddp, cpu-gloo) or a path -> an existing config file."""
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path.resolve()
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"launch.accelerate_config {name_or_path!r}: no such file and not a shipped config "
+                            f"(shipped: {names})")
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now (rendezvous for a single-node launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _format_value(v) -> str:
+    import json
+    if isinstance(v, str):
+        return v
+    return json.dumps(v)  # YAML reads JSON: lists, dicts, true/false, null, numbers
+
+
+def launch_command(stage: str, params_file: str | Path, run_dir: str | Path, overrides: dict | None,
+                   launch: Launch) -> list[str]:
+    """The `accelerate launch ... -m qedlib train STAGE ...` command as a list (print it with shlex.join)."""
+    if stage not in STAGE_FOLDERS:
+        raise ValueError(f"stage {stage!r}: expected one of {', '.join(STAGE_FOLDERS)}")
+    import torch
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    extra = [str(a) for a in launch.extra_args]
+    config = launch.accelerate_config
+    if config is None and launch.num_processes > 1:
+        # No config given: data parallel over GPUs when there are any, else CPU processes with gloo.
+        config = "ddp" if torch.cuda.is_available() else "cpu-gloo"
+    if config:
+        cmd += ["--config_file", str(accelerate_config_path(config))]
+    if launch.num_processes >= 1 and "--num_processes" not in extra:
+        cmd += ["--num_processes", str(launch.num_processes)]
+    if "--main_process_port" not in extra and "--num_machines" not in extra:
+        cmd += ["--main_process_port", str(free_port())]  # concurrent runs on one machine do not collide
+    cmd += extra
+    cmd += ["-m", "qedlib", "train", stage, "--params", str(Path(params_file).resolve()),
+            "--run-dir", str(Path(run_dir).resolve())]
+    for k, v in (overrides or {}).items():
+        cmd += ["--set", f"{k}={_format_value(v)}"]
+    return cmd
+
+
+def accelerate_train(stage: str, params_file: str | Path, run_dir: str | Path, overrides: dict | None,
+                     launch: Launch, tail_lines: int = 60) -> int:
+    """Run a training stage under `accelerate launch`, streaming its log; raise RuntimeError on failure."""
+    cmd = launch_command(stage, params_file, run_dir, overrides, launch)
+    log_path = Path(run_dir) / STAGE_FOLDERS[stage] / "launch.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", QED_LAUNCHED="1", TOKENIZERS_PARALLELISM="false")
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else repo
+    if "OMP_NUM_THREADS" not in env:  # processes sharing the CPU cores must not oversubscribe them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, launch.num_processes)))
+    shown = [a if i else "accelerate" for i, a in enumerate(cmd)]
+    shown = shown[:1] + ["launch"] + shown[3:]
+    print("[qedlib] " + shlex.join(shown), flush=True)
+    tail: deque[str] = deque(maxlen=tail_lines)
+    with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, bufsize=1, env=env) as proc:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            log.write(line)
+            tail.append(line)
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"`accelerate launch` for stage {stage} exited with code {rc}; full log: {log_path}\n"
+                           f"--- last {len(tail)} lines ---\n" + "".join(tail))
+    return rc

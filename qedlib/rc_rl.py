@@ -1,0 +1,211 @@
+"""Stage 4, RL with a reasoning cache: GRPO on single-turn groups rolled out from RC cache states.
+
+Used by notebooks/04_reasoning_cache_rl.ipynb. Per step and problem: build one RC trajectory
+with the current policy (qedlib.reasoning_cache.rc_rollout, the same function the eval
+scaffold uses), take its N+1 cache-state prompts, sample K of them, roll out G fresh completions
+from each, grade each against the ORIGINAL problem and rubric, and train exactly as stage 3
+(qedlib.rl). Summaries are not trained on. This runs inside TRL as its `rollout_func`.
+
+Dataset layout: each problem appears K times in a row (one row per sampled state, "slot"), the
+sampler does not shuffle across them, so one step's batch holds whole trajectories.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .config import Endpoint, Sampling
+from .data import load_source
+from .generation import TransformersGenerator, make_generator, render_prompt, run_sync
+from .io import stage_dir, write_json, write_jsonl
+from .models import resolve_model
+from .reasoning_cache import cache_state_prompts, rc_rollout
+from .runner import checkpoint
+
+STAGE = "04_reasoning_cache_rl"
+
+
+def sample_states(n_states: int, k: int, rng: random.Random) -> list[int]:
+    """K distinct cache-state indices out of N+1 (sorted), or all of them when K >= N+1."""
+    return sorted(rng.sample(range(n_states), min(k, n_states)))
+
+
+class RCRollout:
+    """TRL rollout_func: RC trajectories with the current policy, then G rollouts per sampled state."""
+
+    def __init__(self, rl, problems: dict, thinking: bool, summariser=None, grader=None, seed: int = 0):
+        self.rl, self.problems, self.thinking = rl, problems, thinking
+        self.summariser, self.grader, self.seed = summariser, grader, seed
+        self.turn_rows: list[dict] = []  # per step and turn: score, truncation, summary length
+        self.trajectories: list[dict] = []  # the latest step's trajectories, for the notebook
+        self.timing: list[dict] = []
+
+    def policy_generator(self, trainer):
+        """Our transformers generator around the model being trained (no copy)."""
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        ep = Endpoint(batch_size=self.rl.rollout_batch_size)
+        return TransformersGenerator(ep, model=model, tokenizer=trainer.processing_class)
+
+    def __call__(self, prompts: list, trainer) -> dict:
+        t0 = time.perf_counter()
+        G, step = self.rl.num_generations, trainer.state.global_step
+        runs = [prompts[i] for i in range(0, len(prompts), G)]  # one run of G identical prompts per slot
+        order = list(dict.fromkeys(runs))  # unique problems, in batch order
+        pids = [self.prompt_to_id[p] for p in order]
+        probs = [self.problems[pid] for pid in pids]
+        policy = self.policy_generator(trainer)
+        model = policy.model
+        was_training = model.training
+        model.eval()
+        try:
+            summariser = self.summariser or policy
+            sampling = Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p)
+            trajs = rc_rollout(probs, policy, summariser, self.rl.rc, sampling, self.thinking,
+                               seed=self.seed * 100_003 + step, final_summary=True)
+            t_traj = time.perf_counter() - t0
+            chosen = {}
+            for pid, prob, traj in zip(pids, probs, trajs):
+                states = cache_state_prompts(prob, traj)
+                rng = random.Random(f"{self.seed}-{step}-{pid}")
+                chosen[pid] = [states[i] for i in sample_states(len(states), self.rl.states_per_trajectory, rng)]
+            slot_of: dict = {}
+            texts = []
+            for p in runs:
+                pid = self.prompt_to_id[p]
+                k = slot_of.get(pid, 0)
+                slot_of[pid] = k + 1
+                msgs = chosen[pid][k % len(chosen[pid])]
+                texts.append(render_prompt(policy.tokenizer, msgs, self.thinking))
+            outs = policy.generate_text(texts, Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p,
+                                                        max_new_tokens=self.rl.max_completion_length, n=G),
+                                        self.thinking)
+        finally:
+            model.train(was_training)
+        self._record(step, probs, trajs)
+        tok = policy.tokenizer
+        prompt_ids, completion_ids = [], []
+        for text, group in zip(texts, outs):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            for c in group:
+                prompt_ids.append(ids)
+                completion_ids.append(c.token_ids)
+        self.timing.append({"step": step, "trajectory_s": round(t_traj, 2),
+                            "rollout_s": round(time.perf_counter() - t0 - t_traj, 2)})
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+    def _record(self, step: int, probs, trajs) -> None:
+        finals = [[s.final for s in t] for t in trajs]
+        closed = [[s.think_closed for s in t] for t in trajs]
+        grades = None
+        if self.grader is not None:
+            flat_p = [p for p, t in zip(probs, trajs) for _ in t]
+            grades = run_sync(self.grader.agrade(flat_p, [f for fs in finals for f in fs],
+                                                 [c for cs in closed for c in cs]))
+        i = 0
+        self.trajectories = []
+        for p, t in zip(probs, trajs):
+            for s in t:
+                g = grades[i] if grades else None
+                i += 1
+                self.turn_rows.append({"step": step, "problem_id": p.id, "turn": s.turn,
+                                       "score": g.points if g is not None and g.valid else None,
+                                       "truncated": not s.think_closed, "reasoning_tokens": s.completion_tokens,
+                                       "summary_tokens": s.summary_tokens})
+            self.trajectories.append({"problem_id": p.id, "turns": [s.to_dict() for s in t]})
+
+
+def problem_slots(tokenizer, problems, k: int, thinking: bool):
+    """Dataset with each problem K times in a row (prompt = its turn-0 RC prompt, for logging)."""
+    from datasets import Dataset
+    from .reasoning_cache import reasoning_messages
+    rows = []
+    for p in problems:
+        text = render_prompt(tokenizer, reasoning_messages(p.problem, ""), thinking)
+        rows += [{"prompt": text, "problem_id": p.id}] * k
+    return Dataset.from_list(rows)
+
+
+def train(cfg, run_dir) -> dict:
+    """Train RC-RL in this process (one rank under accelerate); rank 0 saves model and metrics."""
+    from transformers import AutoTokenizer
+    from .rl import RewardFunction, grpo_args, last_checkpoint, make_trainer, save_policy, step_metrics, summarise_steps
+    rl = cfg.rc_rl
+    folder = stage_dir(run_dir, STAGE)
+    problems = load_source(rl.problems)
+    by_id = {p.id: p for p in problems}
+    model_path = resolve_model(checkpoint(cfg, run_dir, rl.model))
+    tok = AutoTokenizer.from_pretrained(model_path)
+    # Shuffle problems ourselves (seeded); TRL must not shuffle, so a problem's K slots stay together.
+    random.Random(cfg.seed).shuffle(problems)
+    dataset = problem_slots(tok, problems, rl.states_per_trajectory, cfg.thinking)
+    grader = None
+    if rl.reward == "judge":
+        from .grading import Grader
+        grader = Grader(rl.judge, cache_dir=folder / "judge_cache")
+    summariser = None
+    if rl.rc.summariser == "frozen":
+        summariser = make_generator(rl.rc.summariser_endpoint)
+    rollout = RCRollout(rl, by_id, cfg.thinking, summariser, grader, cfg.seed)
+    rollout.prompt_to_id = {row["prompt"]: row["problem_id"] for row in dataset}
+    reward_fn = RewardFunction(rl.reward, by_id, cfg.thinking, grader, rl.judge.invalid,
+                               rl.max_completion_length, rl.num_generations)
+    args = grpo_args(replace(rl, shuffle=False), folder / "checkpoints", cfg.seed, rl.launch.num_processes)
+    if args.per_device_train_batch_size * args.gradient_accumulation_steps % (rl.states_per_trajectory * rl.num_generations):
+        raise ValueError("rc_rl: prompts_per_step x num_generations must hold whole trajectories "
+                         "(a multiple of states_per_trajectory x num_generations)")
+    t0 = time.perf_counter()
+    trainer = make_trainer(rl, model_path, dataset, [reward_fn], args, rollout_func=rollout)
+    trainer.train(resume_from_checkpoint=last_checkpoint(folder / "checkpoints") if rl.resume else None)
+    rows = step_metrics(trainer, reward_fn)
+    for r, t in zip(rows, rollout.timing):
+        r.update(t)
+    metrics = {**summarise_steps(rows), "problems": len(problems), "seconds": round(time.perf_counter() - t0, 1),
+               "model_dir": str(folder / "model"), "init_model": model_path,
+               "score_by_turn": score_by_turn(rollout.turn_rows)}
+    if trainer.accelerator.is_main_process:
+        save_policy(trainer, folder / "model", rl.lora.merge)
+        write_jsonl(folder / "steps.jsonl", rows)
+        write_jsonl(folder / "turns.jsonl", rollout.turn_rows)
+        write_json(folder / "trajectories_last_step.json", rollout.trajectories)
+        write_json(folder / "train_result.json", metrics)
+    return metrics
+
+
+def score_by_turn(turn_rows: list[dict]) -> dict:
+    """Mean judge score, truncation rate and summary length per RC turn."""
+    out = {}
+    for t in sorted({r["turn"] for r in turn_rows}):
+        rows = [r for r in turn_rows if r["turn"] == t]
+        scores = [r["score"] for r in rows if r["score"] is not None]
+        out[str(t)] = {"score_mean": sum(scores) / len(scores) if scores else None,
+                       "truncation_rate": sum(r["truncated"] for r in rows) / len(rows),
+                       "summary_tokens": sum(r["summary_tokens"] for r in rows) / len(rows), "n": len(rows)}
+    return out
+
+
+def run(cfg, run_dir, params_file: str, overrides: dict) -> dict:
+    """Train in-process, or launch `accelerate` with num_processes > 1; return the metrics."""
+    if cfg.rc_rl.launch.num_processes > 1 or cfg.rc_rl.launch.accelerate_config:
+        from .launch import accelerate_train
+        from .io import read_json
+        accelerate_train("rc_rl", params_file, run_dir, overrides, cfg.rc_rl.launch)
+        return read_json(stage_dir(run_dir, STAGE) / "train_result.json")
+    return train(cfg, run_dir)
+
+
+def inspect_trajectories(cfg, model_ref: str, problems, grader=None, seed: int = 0) -> list[dict]:
+    """Run RC with a model on a few problems and grade every turn: one row per (problem, turn)."""
+    rl = cfg.rc_rl
+    policy = make_generator(replace(cfg.generation, model=resolve_model(model_ref)))
+    summariser = make_generator(rl.rc.summariser_endpoint) if rl.rc.summariser == "frozen" else policy
+    sampling = Sampling(temperature=rl.temperature, top_p=rl.top_p)
+    trajs = rc_rollout(problems, policy, summariser, rl.rc, sampling, cfg.thinking, seed=seed)
+    flat = [(p, s) for p, t in zip(problems, trajs) for s in t]
+    grades = grader.grade([p for p, _ in flat], [s.final for _, s in flat], [s.think_closed for _, s in flat]) \
+        if grader is not None else [None] * len(flat)
+    return [{"problem_id": p.id, "turn": s.turn, "score": g.points if g is not None and g.valid else None,
+             "truncated": not s.think_closed, "reasoning": s.reasoning[:400], "proof": s.final[:400],
+             "summary": s.summary_out[:400], "tokens": s.completion_tokens + s.summary_tokens}
+            for (p, s), g in zip(flat, grades)]

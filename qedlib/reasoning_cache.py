@@ -1,0 +1,109 @@
+"""The reasoning cache (RC): bounded reasoning turns joined by summaries. One loop for training and eval.
+
+Used by 04_reasoning_cache_rl (RC-RL trains on the cache states) and 05_eval (the RC test-time
+scaffold). Turn k: the policy reasons on (problem + current summary) within `reasoning_budget`
+tokens; a summariser condenses the latest attempt in light of the previous summary; the new
+summary replaces the old one (or accumulates, as an option); the trace is discarded.
+First turn, documented once: turn 0 uses the `rc_reason_first` prompt (no summary block at
+all, never an empty summary). All problems' turn k are generated in one batch, then all
+summaries in one batch.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, replace
+
+from .policy import fill_template
+
+
+@dataclass
+class CacheState:
+    """One RC turn: the prompt it reasoned on and what came out."""
+    turn: int
+    prompt: list  # chat messages of this turn's reasoning prompt
+    summary_in: str  # the summary this turn started from ("" at turn 0)
+    reasoning: str = ""  # raw reasoning text (all of it when the turn was cut off)
+    final: str = ""  # the proof after </think> ("" when the turn never closed its thinking)
+    think_closed: bool = False
+    finish_reason: str = ""  # stop | length | error
+    summary_out: str = ""  # the cache after this turn: the summary the next turn starts from ("" if none)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    summary_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reasoning_messages(problem: str, summary: str) -> list[dict]:
+    """The policy's prompt for one turn: the problem alone at first, then problem + summary."""
+    if not summary:
+        return [{"role": "user", "content": fill_template("rc_reason_first", problem=problem)}]
+    return [{"role": "user", "content": fill_template("rc_reason", problem=problem, summary=summary)}]
+
+
+def summary_messages(problem: str, previous_summary: str, attempt: str) -> list[dict]:
+    """The summariser's prompt: the latest attempt in light of the previous summary."""
+    return [{"role": "user", "content": fill_template(
+        "rc_summarise", problem=problem, previous_summary=previous_summary or "(none)", attempt=attempt or "(empty)")}]
+
+
+def _attempt_text(c) -> str:
+    # A turn cut off mid-thought still has its raw reasoning: hand that over, never "".
+    if c.think_closed:
+        return (c.reasoning + "\n\n" + c.final).strip()
+    return (c.reasoning or c.text).strip()
+
+
+def _seed(seed: int | None, turn: int, role: int) -> None:
+    if seed is None:
+        return
+    import torch
+    random.seed(seed * 1000 + turn * 10 + role)
+    torch.manual_seed(seed * 1000 + turn * 10 + role)
+
+
+def rc_rollout(problems, policy, summariser, rc, sampling, thinking: bool = True, seed: int | None = None,
+               final_summary: bool = True) -> list[list[CacheState]]:
+    """Run one RC trajectory per problem; return each trajectory's turns (the answer is the last turn's `final`).
+
+    `policy`/`summariser` are generators (generation.make_generator); pass the same object to let
+    the policy summarise itself (test time). `final_summary` also summarises the last turn (training
+    needs it: N turns give N+1 cache states; evaluation can skip it).
+    """
+    reason_sampling = replace(sampling, n=1, max_new_tokens=rc.reasoning_budget)
+    summ_sampling = replace(rc.summary, n=1)
+    summaries = [""] * len(problems)
+    trajs: list[list[CacheState]] = [[] for _ in problems]
+    for turn in range(rc.turns):
+        prompts = [reasoning_messages(p.problem, s) for p, s in zip(problems, summaries)]
+        _seed(seed, turn, 0)
+        outs = policy.generate(prompts, reason_sampling, thinking=thinking)
+        for i, (msgs, group) in enumerate(zip(prompts, outs)):
+            c = group[0]
+            trajs[i].append(CacheState(turn, msgs, summaries[i], c.reasoning if c.reasoning else c.text, c.final,
+                                       c.think_closed, c.finish_reason, "", c.prompt_tokens, c.completion_tokens))
+        if turn == rc.turns - 1 and not final_summary:
+            break
+        sprompts = [summary_messages(p.problem, summaries[i], _attempt_text(outs[i][0])) for i, p in enumerate(problems)]
+        _seed(seed, turn, 1)
+        souts = summariser.generate(sprompts, summ_sampling, thinking=False)
+        for i, group in enumerate(souts):
+            new = (group[0].final or group[0].text).strip()
+            summaries[i] = (summaries[i] + "\n\n" + new).strip() if rc.accumulate else new
+            trajs[i][-1].summary_out, trajs[i][-1].summary_tokens = summaries[i], group[0].completion_tokens
+    return trajs
+
+
+def cache_state_prompts(problem, trajectory: list[CacheState]) -> list[list[dict]]:
+    """The N+1 cache-state prompts of a trajectory: each turn's prompt, plus the one after the last summary."""
+    prompts = [s.prompt for s in trajectory]
+    if trajectory and trajectory[-1].summary_out:
+        # Built by the same function the next turn would use, so training states match evaluation.
+        prompts.append(reasoning_messages(problem.problem, trajectory[-1].summary_out))
+    return prompts
+
+
+def trajectory_tokens(trajectory: list[CacheState]) -> int:
+    """All tokens generated along a trajectory (reasoning + summaries)."""
+    return sum(s.completion_tokens + s.summary_tokens for s in trajectory)

@@ -1,0 +1,261 @@
+"""The run report: `<run_dir>/report.md` and a self-contained `<run_dir>/report.html`, plus a results browser.
+
+Used by notebooks/05_eval.ipynb (last section). The report gathers every stage's metrics.json
+(with the git commit, hardware and wall time from run.json / timings.json), the eval scores by
+checkpoint and scaffold with 95% intervals, pass@k curves, score against tokens per problem, and
+the paper's published numbers (RECIPE) for the benchmarks the run used. The HTML embeds plotly's
+JavaScript inline (no CDN), so it opens offline.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Optional
+
+from . import stats
+from .io import STAGES
+
+# RECIPE "Headline results": grade % (mean points/7, avg of 3 runs); IMO-AnswerBench is accuracy %.
+PAPER_RESULTS = {
+    "imo-proofbench": {"Qwen3-4B-Thinking-2507 (base)": 20.4, "QED-Nano-SFT": 39.5, "QED-Nano (SFT + rubric RL + RC RL)": 40.0,
+                       "QED-Nano + test-time scaffold": 54.0, "GPT-OSS-120B": 43.1, "DeepSeek-Math-V2": 57.9, "Gemini 3 Pro": 58.7},
+    "proofbench": {"Qwen3-4B-Thinking-2507 (base)": 19.5, "QED-Nano-SFT": 33.3, "QED-Nano (SFT + rubric RL + RC RL)": 44.9,
+                   "QED-Nano + test-time scaffold": 54.4, "GPT-OSS-120B": 47.5, "DeepSeek-Math-V2": 60.6, "Gemini 3 Pro": 66.7},
+    "imo-answerbench": {"Qwen3-4B-Thinking-2507 (base)": 55.8, "QED-Nano-SFT": 57.5, "QED-Nano (SFT + rubric RL + RC RL)": 67.5,
+                        "GPT-OSS-120B": 70.5, "DeepSeek-Math-V2": 75.8, "Gemini 3 Pro": 83.2},
+}
+# Which of our checkpoints corresponds to which paper row.
+PAPER_ROW_OF_CHECKPOINT = {"base": "Qwen3-4B-Thinking-2507 (base)", "sft": "QED-Nano-SFT",
+                           "rc_rl": "QED-Nano (SFT + rubric RL + RC RL)"}
+PAPER_TOKENS_PER_PROBLEM = {"single": 93_700, "rc": 237_000, "dsm": 1_600_000, "rsa": 2_000_000}  # IMO-ProofBench
+
+
+def _flatten(d: dict, prefix: str = "", depth: int = 2) -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and depth > 0:
+            out.update(_flatten(v, key + ".", depth - 1))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+        elif isinstance(v, list) and len(v) <= 8 and all(isinstance(x, (int, float, str)) for x in v):
+            out[key] = ", ".join(str(x) for x in v)
+    return out
+
+
+def stage_metrics(run_dir) -> list[dict]:
+    """One record per stage that wrote metrics.json: its wall time and flattened metrics."""
+    run_dir = Path(run_dir)
+    timings = _read(run_dir / "timings.json") or (_read(run_dir / "run.json") or {}).get("timings_s", {})
+    out = []
+    for stage in STAGES:
+        m = _read(run_dir / stage / "metrics.json")
+        if m is None:
+            continue
+        out.append({"stage": stage, "wall_s": timings.get(stage), "metrics": _flatten(m)})
+    return out
+
+
+def run_info(run_dir) -> dict:
+    """Commit, hardware and params of the run (run.json when the pipeline runner wrote it, else this process)."""
+    info = _read(Path(run_dir) / "run.json") or {}
+    if "commit" not in info or "hardware" not in info:
+        from .runner import git_commit, hardware
+        info = {**info, "commit": info.get("commit") or git_commit(), "hardware": info.get("hardware") or hardware()}
+    return info
+
+
+def _read(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def paper_comparison(summary) -> list[dict]:
+    """Rows pairing our scores with the paper's on the same benchmark (only benchmarks the run used)."""
+    out = []
+    if summary is None or len(summary) == 0:
+        return out
+    for _, r in summary.iterrows():
+        paper = PAPER_RESULTS.get(r["benchmark"])
+        if not paper:
+            continue
+        row_name = PAPER_ROW_OF_CHECKPOINT.get(r["checkpoint"])
+        if r["scaffold"] != "single" and r["checkpoint"] == "rc_rl":
+            row_name = "QED-Nano + test-time scaffold"
+        out.append({"benchmark": r["benchmark"], "checkpoint": r["checkpoint"], "scaffold": r["scaffold"],
+                    "ours_pct": r["mean_score_pct"], "paper_row": row_name or "-",
+                    "paper_pct": paper.get(row_name) if row_name else None})
+    return out
+
+
+# ---------------------------------------------------------------- figures
+def score_figure(summary):
+    """Bar chart: mean score % of 7 by checkpoint, one bar per scaffold, 95% bootstrap intervals."""
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    for (bench, sc), grp in summary.groupby(["benchmark", "scaffold"], sort=False):
+        fig.add_bar(x=list(grp["checkpoint"]), y=list(grp["mean_score_pct"]), name=f"{bench} / {sc}",
+                    error_y=dict(type="data", symmetric=False, array=list(grp["ci_high"] - grp["mean_score_pct"]),
+                                 arrayminus=list(grp["mean_score_pct"] - grp["ci_low"])))
+    fig.update_layout(barmode="group", title="Score by checkpoint and scaffold (95% bootstrap CI over problems)",
+                      yaxis_title="mean score (% of 7)", xaxis_title="checkpoint", template="plotly_white")
+    return fig
+
+
+def pass_at_k_figure(curve):
+    """pass@k against k per checkpoint and scaffold, with bootstrap intervals."""
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    for key, grp in curve.groupby(["benchmark", "checkpoint", "scaffold"], sort=False):
+        fig.add_scatter(x=list(grp["k"]), y=list(grp["pass_at_k"]), mode="lines+markers", name=" / ".join(map(str, key)),
+                        error_y=dict(type="data", symmetric=False, array=list(grp["ci_high"] - grp["pass_at_k"]),
+                                     arrayminus=list(grp["pass_at_k"] - grp["ci_low"])))
+    fig.update_layout(title="pass@k (unbiased estimator; success = score >= threshold)", xaxis_title="k",
+                      yaxis_title="pass@k", yaxis_range=[0, 1], template="plotly_white")
+    return fig
+
+
+def tokens_figure(summary):
+    """Score against generated tokens per problem (cost-effectiveness of scaffolds)."""
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    for sc, grp in summary.groupby("scaffold", sort=False):
+        fig.add_scatter(x=list(grp["tokens_per_problem"]), y=list(grp["mean_score_pct"]), mode="markers+text", name=sc,
+                        text=[f"{c} ({b})" for c, b in zip(grp["checkpoint"], grp["benchmark"])], textposition="top center",
+                        marker=dict(size=12))
+    fig.update_layout(title="Score vs tokens per problem", xaxis_title="generated tokens per problem (all calls)",
+                      yaxis_title="mean score (% of 7)", template="plotly_white")
+    return fig
+
+
+def report_figures(rows: list[dict], summary, threshold: float = 6, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The report's figures by name (empty when there are no eval rows)."""
+    if not rows:
+        return {}
+    curve = stats.pass_at_k_curve(rows, ("benchmark", "checkpoint", "scaffold"), threshold, n_boot, seed)
+    figs = {"scores": score_figure(summary), "tokens": tokens_figure(summary)}
+    if len(curve):
+        figs["pass_at_k"] = pass_at_k_figure(curve)
+    return figs
+
+
+# ---------------------------------------------------------------- writing
+def _md_table(headers: list[str], rows: list[list]) -> str:
+    fmt = lambda v: "-" if v is None or stats.is_nan(v) else (f"{v:.3g}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v).replace("|", "/") for v in r) + " |" for r in rows])
+
+
+SUMMARY_COLUMNS = ["checkpoint", "benchmark", "scaffold", "mean_score_pct", "ci_low", "ci_high", "run_std_pct", "samples",
+                   "truncation_rate", "invalid_rate", "tokens_per_problem", "cost_usd"]
+
+
+def _sections(run_dir, rows, summary) -> list[tuple[str, str]]:
+    info = run_info(run_dir)
+    sec = [("Run", _md_table(["key", "value"], [["run folder", str(Path(run_dir).resolve())], ["git commit", info.get("commit")],
+                                                ["hardware", info.get("hardware")], ["params", info.get("params_file", "-")]]))]
+    stage_rows = [[s["stage"], s["wall_s"], "; ".join(f"{k}={_short(v)}" for k, v in list(s["metrics"].items())[:24])]
+                  for s in stage_metrics(run_dir)]
+    sec.append(("Stages", _md_table(["stage", "wall time (s)", "metrics.json"], stage_rows) if stage_rows else "No stage has written metrics.json yet."))
+    if summary is not None and len(summary):
+        cols = [c for c in SUMMARY_COLUMNS if c in summary.columns] + [c for c in summary.columns if c.startswith(("pass@", "score_pct_"))]
+        sec.append(("Scores (mean % of 7, 95% bootstrap CI over problems)", _md_table(cols, summary[cols].values.tolist())))
+        comp = paper_comparison(summary)
+        if comp:
+            sec.append(("Paper comparison (RECIPE headline results; the paper used Qwen3-4B at full budgets)",
+                        _md_table(list(comp[0]), [list(c.values()) for c in comp])))
+    else:
+        sec.append(("Scores", "No evaluation results yet (run 05_eval)."))
+    return sec
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    s = str(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def write_report(run_dir, rows: Optional[list[dict]] = None, summary=None, threshold: float = 6, n_boot: int = 1000,
+                 seed: int = 0) -> dict:
+    """Write report.md and a self-contained report.html in the run folder; return their paths and the figures."""
+    run_dir = Path(run_dir)
+    rows = rows or []
+    if summary is None and rows:
+        summary = stats.summarise(rows, ks=(1,), threshold=threshold, n_boot=n_boot, seed=seed)
+    sections = _sections(run_dir, rows, summary)
+    figs = report_figures(rows, summary, threshold, n_boot, seed)
+    md = ["# QED Workbook run report", ""]
+    for title, body in sections:
+        md += [f"## {title}", "", body, ""]
+    if figs:
+        md += ["## Figures", "", f"Interactive figures ({', '.join(figs)}) are in report.html.", ""]
+    md_path = run_dir / "report.md"
+    md_path.write_text("\n".join(md))
+    html_path = run_dir / "report.html"
+    html_path.write_text(_html(sections, figs))
+    return {"md": md_path, "html": html_path, "figures": figs}
+
+
+def _md_table_to_html(body: str) -> str:
+    lines = [l for l in body.splitlines() if l.startswith("|")]
+    if len(lines) < 2:
+        return f"<p>{html.escape(body)}</p>"
+    cells = lambda l: [c.strip() for c in l.strip().strip("|").split(" | ")]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells(lines[0]))
+    body_rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(l)) + "</tr>" for l in lines[2:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body_rows}</tbody></table>"
+
+
+def _html(sections, figs: dict) -> str:
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>QED Workbook run report</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+             "vertical-align:top}th{background:#f3f3f3}</style></head><body><h1>QED Workbook run report</h1>"]
+    for title, body in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>{_md_table_to_html(body)}")
+    if figs:
+        parts.append("<h2>Figures</h2>")
+    for i, (name, fig) in enumerate(figs.items()):
+        # plotly.js is embedded inline once, in the first figure; the others reuse it. No CDN.
+        parts.append(f"<div class='figure' id='fig-{name}'>" +
+                     fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{name}") + "</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- results browser
+def results_browser(rows: list[dict]):
+    """An ipywidgets browser over eval rows: pick checkpoint/scaffold/problem/sample; see problem, proof, grade, judge text."""
+    import ipywidgets as W
+    if not rows:
+        return W.HTML("<i>No evaluation rows to browse.</i>")
+    pick = lambda field: sorted({str(r[field]) for r in rows})
+    ck = W.Dropdown(options=pick("checkpoint"), description="checkpoint")
+    sc = W.Dropdown(options=pick("scaffold"), description="scaffold")
+    bench = W.Dropdown(options=pick("benchmark"), description="benchmark")
+    prob = W.Dropdown(options=pick("problem_id"), description="problem")
+    samp = W.Dropdown(options=pick("sample"), description="sample")
+    out = W.HTML()
+    index = {(str(r["checkpoint"]), str(r["scaffold"]), str(r["benchmark"]), str(r["problem_id"]), str(r["sample"])): r for r in rows}
+
+    def show(*_):
+        r = index.get((ck.value, sc.value, bench.value, prob.value, samp.value))
+        out.value = _row_html(r) if r else "<i>no row for this choice</i>"
+
+    for w in (ck, sc, bench, prob, samp):
+        w.observe(show, names="value")
+    show()
+    return W.VBox([W.HBox([ck, sc, bench]), W.HBox([prob, samp]), out])
+
+
+def _row_html(r: dict) -> str:
+    pre = lambda t: f"<pre style='white-space:pre-wrap;max-height:300px;overflow:auto'>{html.escape(str(t or ''))}</pre>"
+    grade = f"score {r.get('score')} / 7" if r.get("score") is not None else f"invalid ({r.get('invalid_reason')})"
+    head = (f"<b>{html.escape(str(r['problem_id']))}</b> · {grade} · tokens {r.get('tokens')} · "
+            f"{'truncated (no final proof)' if r.get('truncated') else 'proof present'}")
+    return (head + "<h4>Problem</h4>" + pre(r.get("problem")) + "<h4>Proof</h4>" + pre(r.get("model_solution")) +
+            "<h4>Judge's reasoning</h4>" + pre(r.get("judge_text")))

@@ -1,0 +1,312 @@
+"""GRPO building blocks shared by the two RL stages: rewards, the TRL config, the trainer, metrics.
+
+Used by 03_rubric_rl and 04_reasoning_cache_rl (through qedlib.rubric_rl and qedlib.rc_rl).
+The paper's objective maps onto TRL's GRPOTrainer as follows (each a params switch):
+- advantage = reward - group mean: `scale_rewards: none` (no std scaling);
+- no KL: `beta: 0.0` (no reference model is loaded);
+- loss summed over tokens and divided by the number of sequences: TRL's `luspo` aggregation,
+  `(per_token_loss * mask).sum(-1).mean()`, exactly that (TRL warns that LUSPO's own paper uses
+  sequence-level importance ratios; we keep token-level ratios as QED-Nano does). `dr_grpo`
+  differs from it only by the constant 1/max_completion_length, which AdamW mostly absorbs
+  but gradient clipping at 0.3 does not;
+- loose PPO clip: `epsilon: 4.0`; entropy bonus: `entropy_coef: 1.0e-4`;
+- one optimizer step per batch: the batch of prompts_per_step x num_generations completions
+  is generated once and consumed in gradient-accumulation micro-batches.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+from .generation import split_thinking
+from .models import pick_device
+
+
+# ---------------------------------------------------------------- rewards
+def format_reward_value(text: str, stopped: bool, thinking: bool) -> float:
+    """Verifiable format reward: closed thinking (0.5) + a non-empty answer that ended on its own (0.5).
+
+    Without thinking: 1.0 for a non-empty answer that ended before the budget. The model can
+    learn this, which is what the RL learning check needs.
+    """
+    reasoning, final, closed = split_thinking(text, thinking)
+    if not thinking:
+        return 1.0 if (stopped and final) else 0.0
+    return 0.5 * closed + 0.5 * (closed and bool(final) and stopped)
+
+
+def answer_reward_value(final: str, answer: str | None) -> float | None:
+    """1.0 when the last \\boxed{} (or last line) of the answer matches the reference (math-verify)."""
+    if answer is None:
+        return None
+    from math_verify import parse, verify
+    try:
+        return 1.0 if verify(parse(f"${answer}$"), parse(final)) else 0.0
+    except Exception:  # math-verify raises on unparsable input: that answer earns nothing
+        return 0.0
+
+
+def impute_dropped(rewards: list[float | None], groups: list[str]) -> list[float]:
+    """Replace dropped (None) rewards by their group's mean of valid rewards.
+
+    With advantage = reward - group mean, a dropped sample then gets advantage 0 and leaves the
+    others' advantages exactly as if it were absent. A group with no valid reward gets 0 for all.
+    """
+    sums, counts = defaultdict(float), Counter()
+    for r, g in zip(rewards, groups):
+        if r is not None:
+            sums[g] += r
+            counts[g] += 1
+    return [r if r is not None else (sums[g] / counts[g] if counts[g] else 0.0) for r, g in zip(rewards, groups)]
+
+
+class StepStats:
+    """Per-step statistics recorded by the reward function (what TRL does not log itself)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, step: int, scores: list, invalid: Counter, truncated: int, n: int, grading_s: float) -> dict:
+        valid = [s for s in scores if s is not None]
+        row = {"step": step, "n": n, "valid": len(valid), "truncated": truncated,
+               "truncation_rate": truncated / max(n, 1), "invalid_rate": (n - len(valid)) / max(n, 1),
+               "score_mean": sum(valid) / len(valid) if valid else float("nan"),
+               "score_hist": dict(Counter(round(s) for s in valid)), "grading_s": round(grading_s, 3),
+               **{f"invalid_{k}": v for k, v in invalid.items()}}
+        self.rows.append(row)
+        return row
+
+
+class RewardFunction:
+    """Reward for GRPO: the judge's score/7 (or a verifiable reward), async, whole batch at once.
+
+    Completions are the text after the prompt; with thinking, the proof is what follows the last
+    `</think>` and no `</think>` means no proof: reward 0 without a judge call, counted as
+    truncated. Invalid grades follow `invalid`: "drop" (advantage 0, see impute_dropped),
+    "zero", or "retry" (done inside the Grader).
+    """
+
+    def __init__(self, kind: str, problems: dict, thinking: bool, grader=None, invalid: str = "drop",
+                 max_tokens: int | None = None, group_size: int = 1):
+        self.kind, self.problems, self.thinking, self.group_size = kind, problems, thinking, group_size
+        self.grader, self.invalid, self.max_tokens = grader, invalid, max_tokens
+        self.stats = StepStats()
+        self.__name__ = f"{kind}_reward"  # TRL logs rewards under the function's name
+
+    async def __call__(self, prompts, completions, completion_ids=None, problem_id=None, trainer_state=None,
+                       log_metric=None, **kw):
+        t0 = time.perf_counter()
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        stopped = [self._stopped(ids) for ids in (completion_ids or [None] * len(texts))]
+        splits = [split_thinking(t, self.thinking) for t in texts]
+        probs = [self.problems[pid] for pid in problem_id]
+        truncated = sum(1 for _, _, closed in splits if not closed)
+        invalid: Counter = Counter()
+        if self.kind == "judge":
+            grades = await self.grader.agrade(probs, [f for _, f, _ in splits], [c for _, _, c in splits])
+            scores = [g.points if g.valid else None for g in grades]
+            invalid.update(g.reason for g in grades if not g.valid)
+            rewards = [g.reward for g in grades]
+            if self.invalid == "zero":
+                rewards = [0.0 if r is None else r for r in rewards]
+        elif self.kind == "format":
+            rewards = [format_reward_value(t, s, self.thinking) for t, s in zip(texts, stopped)]
+            scores = [7 * r for r in rewards]
+        elif self.kind == "answer":
+            rewards = [answer_reward_value(f, p.answer) if c else 0.0 for (_, f, c), p in zip(splits, probs)]
+            invalid.update("no_reference_answer" for r in rewards if r is None)
+            scores = [None if r is None else 7 * r for r in rewards]
+        else:
+            raise ValueError(f"unknown reward {self.kind!r}: use judge, format or answer")
+        # Groups are consecutive runs of group_size completions (TRL repeats each prompt in place).
+        rewards = impute_dropped(rewards, [str(i // self.group_size) for i in range(len(texts))])
+        step = trainer_state.global_step if trainer_state is not None else len(self.stats.rows)
+        row = self.stats.add(step, scores, invalid, truncated, len(texts), time.perf_counter() - t0)
+        if log_metric is not None:
+            for k in ("truncation_rate", "invalid_rate", "grading_s"):
+                log_metric(k, row[k])
+        return rewards
+
+    def _stopped(self, ids) -> bool:
+        if ids is None or self.max_tokens is None:
+            return True
+        return len(ids) < self.max_tokens
+
+
+def overlong_penalty(max_tokens: int, window: int):
+    """DAPO's soft overlong penalty: 0 until max-window tokens, then linearly down to -1 at max."""
+    def overlong_reward(completion_ids, **kw):
+        return [max(-1.0, min(0.0, (max_tokens - window - len(ids)) / window)) for ids in completion_ids]
+    return overlong_reward
+
+
+# ---------------------------------------------------------------- TRL config and trainer
+def grpo_args(rl, out_dir: str | Path, seed: int, num_processes: int = 1, training_device: str = "auto"):
+    """Translate our RLConfig into TRL's GRPOConfig (one optimizer step per generated batch)."""
+    from trl import GRPOConfig
+    choice = pick_device(training_device, "auto", training=True)
+    total = rl.prompts_per_step * rl.num_generations
+    micro = min(rl.micro_batch_size, total // num_processes) if rl.micro_batch_size else total // num_processes
+    if total % (micro * num_processes):
+        raise ValueError(f"prompts_per_step x num_generations = {total} must be divisible by micro_batch_size "
+                         f"({micro}) x processes ({num_processes})")
+    accum = total // (micro * num_processes)
+    return GRPOConfig(
+        output_dir=str(out_dir), seed=seed, max_steps=rl.max_steps,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=accum, steps_per_generation=accum,
+        num_generations=rl.num_generations, max_completion_length=rl.max_completion_length,
+        temperature=rl.temperature, top_p=rl.top_p,
+        learning_rate=rl.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=rl.weight_decay,
+        max_grad_norm=rl.max_grad_norm, optim="adamw_torch",
+        loss_type=rl.loss_type, scale_rewards=rl.scale_rewards, epsilon=rl.epsilon,
+        epsilon_high=rl.epsilon_high, beta=rl.beta, entropy_coef=rl.entropy_coef,
+        mask_truncated_completions=rl.mask_truncated_completions,
+        use_vllm=rl.use_vllm, vllm_mode=rl.vllm_mode,
+        bf16=choice.dtype == "bfloat16", fp16=choice.dtype == "float16", use_cpu=choice.device == "cpu",
+        gradient_checkpointing=rl.gradient_checkpointing,
+        save_strategy="steps", save_steps=rl.save_steps, save_total_limit=2,
+        logging_steps=rl.logging_steps, report_to=rl.report_to or "none", disable_tqdm=True,
+        shuffle_dataset=rl.shuffle, dataloader_num_workers=0,
+    )
+
+
+def lora_config(lora):
+    """A peft LoraConfig from our Lora settings, or None when disabled."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+
+
+def make_trainer(rl, model_path: str, dataset, reward_funcs: list, args, rollout_func=None):
+    """A GRPOTrainer that also times generation (time split in the metrics)."""
+    import os
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        generation_seconds: list = []
+
+        def _generate(self, prompts):  # pinned trl==1.16: _generate is the generation entry point
+            t0 = time.perf_counter()
+            out = super()._generate(prompts)
+            self.generation_seconds.append(time.perf_counter() - t0)
+            return out
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dtype = "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    TimedGRPOTrainer.generation_seconds = []
+    return TimedGRPOTrainer(model=model, args=args, train_dataset=dataset, reward_funcs=reward_funcs,
+                            processing_class=tok, peft_config=lora_config(rl.lora), rollout_func=rollout_func)
+
+
+def last_checkpoint(out_dir: str | Path) -> str | None:
+    """The newest checkpoint-N folder under out_dir, for resume."""
+    ckpts = sorted(Path(out_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def save_policy(trainer, out_dir: str | Path, merge: bool = True) -> Path:
+    """Save the trained policy (LoRA merged when asked) with its tokenizer for the next stage."""
+    out = Path(out_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload") and merge:
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    trainer.processing_class.save_pretrained(out)
+    return out
+
+
+def step_metrics(trainer, reward_fn: RewardFunction) -> list[dict]:
+    """One row per optimizer step: TRL's logs joined with our reward statistics and timings."""
+    logs = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
+    ours = {r["step"]: r for r in reward_fn.stats.rows}
+    gen = trainer.generation_seconds
+    rows = []
+    for i, h in enumerate(logs):
+        step = int(h.get("step", i + 1))
+        r = ours.get(step - 1, ours.get(step, {}))
+        rows.append({"step": step, "reward": h.get("reward"), "reward_std": h.get("reward_std"),
+                     "frac_zero_std": h.get("frac_reward_zero_std"), "loss": h.get("loss"),
+                     "length": h.get("completions/mean_length"), "clipped_ratio": h.get("completions/clipped_ratio"),
+                     "clip_ratio": h.get("clip_ratio/region_mean"), "entropy": h.get("entropy"),
+                     "grad_norm": h.get("grad_norm"), "generation_s": gen[i] if i < len(gen) else None,
+                     "grading_s": r.get("grading_s"), "step_s": h.get("step_time"),
+                     "truncation_rate": r.get("truncation_rate"), "invalid_rate": r.get("invalid_rate"),
+                     "score_mean": r.get("score_mean")})
+    return rows
+
+
+def summarise_steps(rows: list[dict], tail: int = 3) -> dict:
+    """Headline numbers of a run: first/last reward, finite losses, rates."""
+    rewards = [r["reward"] for r in rows if r["reward"] is not None]
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
+    head = rewards[:tail]
+    last = rewards[-tail:]
+    return {"steps": len(rows), "reward_first": sum(head) / len(head) if head else None,
+            "reward_last": sum(last) / len(last) if last else None,
+            "reward_min": min(rewards) if rewards else None, "reward_max": max(rewards) if rewards else None,
+            "losses_finite": all(math.isfinite(x) for x in losses),
+            "truncation_rate": _mean([r["truncation_rate"] for r in rows]),
+            "invalid_rate": _mean([r["invalid_rate"] for r in rows])}
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+# ---------------------------------------------------------------- the learning check
+def bench_learning(model: str = "smollm2-135m", steps: int = 16, lr: float = 2.0e-5) -> str:
+    """GRPO on the verifiable format reward with the embedded model: does the reward go up?"""
+    import tempfile
+    from .bench import table
+    from .config import RLConfig
+    from .data import load_problems
+    from .models import resolve_model
+    rl = RLConfig(num_generations=4, prompts_per_step=4, max_steps=steps, max_completion_length=48, lr=lr,
+                  reward="format", temperature=1.0, save_steps=10_000)
+    probs = load_problems("shipped", split="train")
+    out = tempfile.mkdtemp(prefix="qed-rl-bench-")
+    t0 = time.perf_counter()
+    rows, _ = train_on_problems(rl, resolve_model(model), probs, out, thinking=False, seed=0)
+    dt = time.perf_counter() - t0
+    print(table(["step", "reward", "reward std", "mean length", "loss"],
+                [[r["step"], round(r["reward"], 3), round(r["reward_std"] or 0, 3), round(r["length"] or 0, 1),
+                  round(r["loss"] or 0, 4)] for r in rows]))
+    s = summarise_steps(rows, tail=4)
+    return (f"format reward {s['reward_first']:.2f} (first 4 steps) -> {s['reward_last']:.2f} (last 4) "
+            f"in {steps} steps, {dt / steps:.1f} s/step, {model}")
+
+
+def problem_prompts(tokenizer, problems, thinking: bool):
+    """Rendered policy prompts (proof instruction + problem) as a datasets.Dataset with problem_id."""
+    from datasets import Dataset
+    from .generation import render_prompt
+    from .policy import proof_messages
+    return Dataset.from_list([{"prompt": render_prompt(tokenizer, proof_messages(p.problem), thinking),
+                               "problem_id": p.id} for p in problems])
+
+
+def train_on_problems(rl, model_path: str, problems, out_dir, thinking: bool, seed: int = 0, grader=None,
+                      resume: bool = False, num_processes: int = 1):
+    """Single-turn GRPO on problems: the rubric-RL loop. Returns (step rows, trainer)."""
+    from transformers import AutoTokenizer
+    args = grpo_args(rl, out_dir, seed, num_processes)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    dataset = problem_prompts(tok, problems, thinking)
+    reward_fn = RewardFunction(rl.reward, {p.id: p for p in problems}, thinking, grader, rl.judge.invalid,
+                               rl.max_completion_length, rl.num_generations)
+    funcs = [reward_fn] + ([overlong_penalty(rl.max_completion_length, rl.overlong_penalty)] if rl.overlong_penalty else [])
+    trainer = make_trainer(rl, model_path, dataset, funcs, args)
+    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir) if resume else None)
+    return step_metrics(trainer, reward_fn), trainer

@@ -1,0 +1,307 @@
+"""Distillation stage: teacher generation (tiny-qwen3 and a local OpenAI-style server), resume after
+kill -9, selection rules, the SFT dataset schema and the FineProofs-SFT loader."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from qedlib import distill
+from qedlib.config import load_config
+from qedlib.data import Problem
+from qedlib.generation import Completion, split_thinking
+from qedlib.io import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_cfg(**over):
+    base = {"distill.teacher.model": "tiny-qwen3", "distill.sampling.max_new_tokens": 8, "distill.sampling.n": 2,
+            "distill.thinking": False, "distill.teacher.batch_size": 4}
+    return load_config(None, {**base, **over})
+
+
+PROBLEMS = [Problem("p1", "Prove that 1 + 1 = 2.", source="lit", category="algebra"),
+            Problem("p2", "Prove that there are infinitely many primes.", source="lit", category="number theory")]
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    return distill.make_teacher(tiny_cfg().distill)
+
+
+def completion(text, thinking, finish="stop"):
+    r, final, closed = split_thinking(text, thinking)
+    return Completion(text, r, final, closed, finish, 10, 20, 0.001)
+
+
+# ---------------------------------------------------------------- records
+def test_sample_record_thinking_closed_open_and_length():
+    dc = tiny_cfg(**{"distill.thinking": True}).distill
+    closed = distill.sample_record(PROBLEMS[0], 0, completion("let me see</think>\n\nProof. done.", True), dc)
+    assert (closed["reasoning"], closed["proof"], closed["truncated"]) == ("let me see", "Proof. done.", False)
+    unclosed = distill.sample_record(PROBLEMS[0], 1, completion("still thinking about it", True), dc)
+    assert unclosed["proof"] == "" and unclosed["truncated"] and not unclosed["think_closed"]
+    cut = distill.sample_record(PROBLEMS[0], 2, completion("ok</think>Proof. Since", True, "length"), dc)
+    assert cut["proof"] == "Proof. Since" and cut["truncated"]
+    assert closed["key"] == "p1#0" and closed["cost"] == 0.001
+
+
+def test_sample_record_thinking_off_whole_answer_is_proof():
+    dc = tiny_cfg().distill
+    rec = distill.sample_record(PROBLEMS[0], 0, completion("Proof. 1 + 1 = 2 by definition.", False), dc)
+    assert rec["reasoning"] == "" and rec["proof"] == "Proof. 1 + 1 = 2 by definition." and not rec["truncated"]
+
+
+def test_teacher_messages_bare_problem_or_system():
+    assert distill.teacher_messages("P", None) == [{"role": "user", "content": "P"}]
+    assert distill.teacher_messages("P", "Be rigorous.")[0] == {"role": "system", "content": "Be rigorous."}
+
+
+# ---------------------------------------------------------------- generation with tiny-qwen3
+def test_generate_tiny_logs_every_sample_and_skips_on_rerun(tmp_path, tiny_teacher):
+    dc = tiny_cfg().distill
+    stats = distill.generate_samples(PROBLEMS, dc, tmp_path, tiny_teacher, progress=False)
+    assert stats["generated"] == 4 and stats["skipped"] == 0
+    recs = list(read_jsonl(tmp_path / "samples.jsonl"))
+    assert sorted(r["key"] for r in recs) == ["p1#0", "p1#1", "p2#0", "p2#1"]
+    assert all(r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 for r in recs)
+    assert all(r["finish_reason"] in ("stop", "length") for r in recs)
+    again = distill.generate_samples(PROBLEMS, dc, tmp_path, tiny_teacher, progress=False)
+    assert again["generated"] == 0 and again["skipped"] == 4
+    assert len(list(read_jsonl(tmp_path / "samples.jsonl"))) == 4
+    # asking for more samples per problem generates only the new indices
+    more = distill.generate_samples(PROBLEMS, tiny_cfg(**{"distill.sampling.n": 3}).distill, tmp_path, tiny_teacher, progress=False)
+    assert more["generated"] == 2 and more["skipped"] == 4
+
+
+def test_generate_tiny_thinking_without_close_is_truncated(tmp_path, tiny_teacher):
+    dc = tiny_cfg(**{"distill.thinking": True, "distill.sampling.n": 1}).distill
+    distill.generate_samples(PROBLEMS, dc, tmp_path, tiny_teacher, progress=False)
+    recs = list(read_jsonl(tmp_path / "samples.jsonl"))
+    # a random 8-token model does not write </think>: no proof, truncated
+    assert all(r["truncated"] and r["proof"] == "" for r in recs if not r["think_closed"])
+    assert any(not r["think_closed"] for r in recs)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from qedlib import distill
+    from qedlib.config import load_config
+    from qedlib.data import Problem
+    cfg = load_config(None, {"distill.teacher.model": "tiny-qwen3", "distill.sampling.max_new_tokens": 24,
+                             "distill.sampling.n": 2, "distill.thinking": False, "distill.teacher.batch_size": 1})
+    problems = [Problem(f"k{i}", f"Prove that {i} + {i} = {2 * i}.") for i in range(8)]
+    distill.generate_samples(problems, cfg.distill, sys.argv[1], progress=False)
+""")
+
+
+def test_resume_after_kill_9(tmp_path, tiny_teacher):
+    script = tmp_path / "gen.py"
+    script.write_text(KILL_SCRIPT)
+    log = tmp_path / "stage" / "samples.jsonl"
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "stage")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or log.read_bytes().count(b"\n") < 3):
+        assert proc.poll() is None, "the generation subprocess ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = list(read_jsonl(log)) if log.read_bytes().endswith(b"\n") else None
+    survivors = distill.read_samples(tmp_path / "stage")  # trims a torn last line, if any
+    assert 3 <= len(survivors) < 16, "kill -9 should land mid-run"
+    if done_before is not None:
+        assert [r["key"] for r in done_before] == [r["key"] for r in survivors]
+
+    cfg = tiny_cfg(**{"distill.sampling.max_new_tokens": 24, "distill.teacher.batch_size": 4})
+    problems = [Problem(f"k{i}", f"Prove that {i} + {i} = {2 * i}.") for i in range(8)]
+    stats = distill.generate_samples(problems, cfg.distill, tmp_path / "stage", tiny_teacher, progress=False)
+    assert stats["skipped"] == len(survivors) and stats["generated"] == 16 - len(survivors)
+    final = list(read_jsonl(log))
+    keys = [r["key"] for r in final]
+    assert len(keys) == len(set(keys)) == 16, "no duplicate and no lost record"
+    # finished samples were not regenerated: the first records are byte-for-byte what the killed run wrote
+    assert final[:len(survivors)] == survivors
+
+
+# ---------------------------------------------------------------- OpenAI-compatible backend
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        problem = body["messages"][-1]["content"]
+        if "server error" in problem:
+            self.send_response(400)
+            self.end_headers()
+            self.wfile.write(b"bad request")
+            return
+        if "reasoning field" in problem:  # a vLLM/SGLang reasoning parser: separate field
+            msg = {"content": "Proof. Field.", "reasoning_content": "thought in a field"}
+        else:  # inline thinking
+            msg = {"content": "thought inline</think>\n\nProof. Inline."}
+        data = {"choices": [{"message": msg, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 11}}
+        raw = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+@pytest.fixture
+def openai_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_openai_teacher_both_reasoning_styles_and_errors_not_logged(tmp_path, openai_server):
+    cfg = load_config(None, {"distill.teacher.backend": "openai", "distill.teacher.model": "teacher",
+                             "distill.teacher.base_url": openai_server, "distill.teacher.max_retries": 0,
+                             "distill.teacher.max_concurrency": 3, "distill.teacher.price_out_per_mtok": 2.0,
+                             "distill.thinking": True, "distill.sampling.n": 2})
+    problems = [Problem("a", "inline please"), Problem("b", "reasoning field please"), Problem("c", "server error")]
+    stats = distill.generate_samples(problems, cfg.distill, tmp_path, progress=False)
+    assert stats["generated"] == 4 and stats["errors"] == 2 and "HTTP 400" in stats["first_error"]
+    recs = {r["key"]: r for r in read_jsonl(tmp_path / "samples.jsonl")}
+    assert set(recs) == {"a#0", "a#1", "b#0", "b#1"}
+    assert (recs["a#0"]["reasoning"], recs["a#0"]["proof"]) == ("thought inline", "Proof. Inline.")
+    assert (recs["b#1"]["reasoning"], recs["b#1"]["proof"]) == ("thought in a field", "Proof. Field.")
+    assert recs["a#0"]["cost"] == pytest.approx(11 * 2.0 / 1e6)
+    # the failed problem is retried on the rerun (and fails again), the others are skipped
+    again = distill.generate_samples(problems, cfg.distill, tmp_path, progress=False)
+    assert again["skipped"] == 4 and again["errors"] == 2
+
+
+# ---------------------------------------------------------------- selection
+def _sample(pid, i, truncated=False, tokens=100, proof="Proof."):
+    return {"key": f"{pid}#{i}", "problem_id": pid, "sample_index": i, "text": proof, "reasoning": "r",
+            "proof": proof, "think_closed": True, "finish_reason": "length" if truncated else "stop",
+            "truncated": truncated, "prompt_tokens": 10, "completion_tokens": tokens, "cost": 0.0}
+
+
+def _grade(pid, i, points, valid=True, reason=None):
+    return {"key": f"{pid}#{i}", "problem_id": pid, "sample_index": i, "valid": valid, "points": points if valid else None,
+            "reason": reason, "judge_text": f"judged {pid}#{i}", "cost": 0.0}
+
+
+def _selection_inputs():
+    samples = [_sample("p1", 0), _sample("p1", 1), _sample("p1", 2, truncated=True),
+               _sample("p2", 0, tokens=5000), _sample("p2", 1), _sample("p2", 2)]
+    grades = [_grade("p1", 0, 5.0), _grade("p1", 1, 6.0), _grade("p1", 2, 7.0),
+              _grade("p2", 0, 7.0), _grade("p2", 1, None, valid=False, reason="no_score_tag"), _grade("p2", 2, 1.0)]
+    return samples, grades
+
+
+def test_select_best_per_problem_with_reasons():
+    samples, grades = _selection_inputs()
+    dc = tiny_cfg(**{"distill.min_grade": 2.0, "distill.max_sft_tokens": 1000, "distill.per_problem": "best"}).distill
+    rows = {r["key"]: r["status"] for r in distill.select_samples(samples, grades, dc, PROBLEMS)}
+    assert rows == {"p1#0": "not_best", "p1#1": "kept", "p1#2": "truncated", "p2#0": "too_long",
+                    "p2#1": "invalid:no_score_tag", "p2#2": "below_min_grade"}
+
+
+def test_select_all_passing_and_keep_truncated():
+    samples, grades = _selection_inputs()
+    dc = tiny_cfg(**{"distill.min_grade": 0.0, "distill.per_problem": "all", "distill.drop_truncated": False}).distill
+    rows = {r["key"]: r["status"] for r in distill.select_samples(samples, grades, dc, PROBLEMS)}
+    assert [k for k, s in rows.items() if s == "kept"] == ["p1#0", "p1#1", "p1#2", "p2#0", "p2#2"]
+
+
+def test_select_invalid_as_zero_and_ungraded():
+    samples, grades = _selection_inputs()
+    dc = tiny_cfg(**{"distill.per_problem": "all", "distill.judge.invalid": "zero"}).distill
+    rows = {r["key"]: r for r in distill.select_samples(samples, grades[:-1], dc, PROBLEMS)}
+    assert rows["p2#1"]["status"] == "kept" and rows["p2#1"]["points"] == 0.0
+    assert rows["p2#2"]["status"] == "ungraded"
+
+
+def test_select_too_long_uses_given_token_counts():
+    samples, grades = _selection_inputs()
+    dc = tiny_cfg(**{"distill.max_sft_tokens": 50, "distill.per_problem": "all"}).distill
+    counts = {s["key"]: 10 for s in samples}
+    counts["p1#1"] = 51
+    rows = {r["key"]: r["status"] for r in distill.select_samples(samples, grades, dc, PROBLEMS, counts)}
+    assert rows["p1#1"] == "too_long" and rows["p1#0"] == "kept" and rows["p2#0"] == "kept"
+
+
+def test_funnel_counts_add_up():
+    samples, grades = _selection_inputs()
+    dc = tiny_cfg(**{"distill.min_grade": 2.0, "distill.max_sft_tokens": 1000}).distill
+    rows = distill.select_samples(samples, grades, dc, PROBLEMS)
+    steps = distill.funnel(5, {"decontamination": 3}, rows, n_expected=6)
+    assert steps[0]["count"] == 5 and steps[1] == {"step": "problems after decontamination", "count": 2,
+                                                   "dropped": 3, "why": "decontamination"}
+    assert steps[-1] == {"step": "kept", "count": 1, "dropped": 0, "why": ""}
+    graded = next(s for s in steps if s["step"] == "samples graded")["count"]
+    assert graded - sum(s["dropped"] for s in steps if s["step"].startswith("after dropping")) == 1
+    m = distill.stage_metrics(rows, samples, grades, 5, {"decontamination": 3}, 1.0, "x")
+    assert (m["samples"], m["graded"], m["invalid"], m["truncated"], m["kept"], m["decontaminated"]) == (6, 6, 1, 1, 1, 3)
+    assert m["invalid_reasons"] == {"no_score_tag": 1} and m["mean_grade"] == pytest.approx(26 / 5)
+
+
+# ---------------------------------------------------------------- dataset
+def test_dataset_schema_and_messages(tmp_path):
+    samples, grades = _selection_inputs()
+    rows = distill.select_samples(samples, grades, tiny_cfg(**{"distill.per_problem": "all"}).distill, PROBLEMS)
+    ds = distill.build_dataset(rows)
+    assert ds.column_names == distill.SFT_COLUMNS and len(ds) == 4
+    row = ds[0]
+    assert row["messages"] == [{"content": PROBLEMS[0].problem, "role": "user"},
+                               {"content": "<think>\nr\n</think>\n\nProof.", "role": "assistant"}]
+    assert row["grade"] == 5.0 and row["source"] == "lit" and row["category"] == "algebra"
+    out = distill.save_dataset(ds, tmp_path)
+    assert out == tmp_path / "dataset" and not (tmp_path / "dataset.tmp").exists()
+    back = distill.load_fineproofs_sft(str(out))
+    assert back.features == ds.features and back[0] == row
+
+
+def test_empty_selection_still_builds_a_typed_dataset():
+    ds = distill.build_dataset([])
+    assert len(ds) == 0 and ds.features == distill.sft_features()
+
+
+def test_load_fineproofs_sft_maps_public_columns(tmp_path):
+    import pandas as pd
+    public = {"problem": ["P"], "reasoning_content": ["think"], "proof": ["Proof."], "category": ["Algebra"],
+              "competition": ["IMO-2023"], "gemini-3-pro-grade": [7], "qwen3-4b-thinking-reward@128": [0.25],
+              "source": ["olympiads"],
+              "messages": [[{"content": "P", "role": "user"}, {"content": "<think>think</think>Proof.", "role": "assistant"}]]}
+    pd.DataFrame(public).to_parquet(tmp_path / "fp.parquet")
+    ds = distill.load_fineproofs_sft(str(tmp_path / "fp.parquet"))
+    assert ds.column_names == distill.SFT_COLUMNS and ds.features == distill.sft_features()
+    assert ds[0]["grade"] == 7.0 and ds[0]["competition"] == "IMO-2023"
+    pd.DataFrame({"problem": ["P"]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="gemini-3-pro-grade"):
+        distill.load_fineproofs_sft(str(tmp_path / "bad.parquet"))
+
+
+# ---------------------------------------------------------------- displays
+def test_browser_and_render_escape_html():
+    samples, grades = _selection_inputs()
+    samples[0]["proof"] = "<script>x</script>"
+    rows = distill.select_samples(samples, grades, tiny_cfg().distill, PROBLEMS)
+    html = distill.render_sample(rows[0])
+    assert "&lt;script&gt;" in html and "<script>" not in html and "judged p1#0" in html
+    box = distill.sample_browser(rows)
+    pick, page = box.children[0].children
+    view = box.children[1]
+    assert page.max == 2 and "p1#0" in view.value
+    page.value = 1
+    assert "p1#1" in view.value
+    pick.value = "p2"
+    assert "p2#" in view.value
+    assert distill.funnel_figure(distill.funnel(2, {}, rows, 6)).data[0].type == "funnel"

@@ -1,0 +1,160 @@
+"""Stage-5 evaluation on tiny-qwen3: rows with the official columns, resume after a kill, benchmarks, metrics."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from qedlib import evaluation
+from qedlib.config import load_config
+from qedlib.data import Problem
+from qedlib.generation import make_generator
+
+RUBRIC = "Checkpoints (7 points total):\n- [7 pts] A correct proof.\nZero-credit:\n- Restating the claim."
+
+
+def tiny_cfg(tmp_path, **eval_over):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"pid": f"t{i}", "statement": f"Prove that {i} + {i} is even.", "scheme": RUBRIC,
+                                         "split": "basic" if i % 2 else "advanced"}) + "\n" for i in range(3)))
+    tiny = {"model": "tiny-qwen3", "device": "cpu", "dtype": "float32", "batch_size": 8}
+    over = {"base_model": "tiny-qwen3", "generation": tiny,
+            "eval.benchmarks": [{"name": "toy", "path": str(bench), "columns": {"id": "pid", "problem": "statement", "rubric": "scheme"}}],
+            "eval.checkpoints": ["base"], "eval.scaffolds": ["single"], "eval.samples": 2, "eval.chunk": 1,
+            "eval.sampling": {"temperature": 0.8, "max_new_tokens": 8}, "eval.bootstrap": 50, "eval.pass_k": [1, 2],
+            "eval.judge": {"endpoint": tiny, "sampling": {"temperature": 0.0, "max_new_tokens": 8}, "cache": False}}
+    over.update({f"eval.{k}": v for k, v in eval_over.items()})
+    return load_config(None, over)
+
+
+class Counting:
+    """Wraps a generator: counts prompts, optionally raises on the call numbered `fail_at` (a simulated kill)."""
+
+    def __init__(self, gen, fail_at=None):
+        self.gen, self.fail_at, self.calls, self.prompts = gen, fail_at, 0, 0
+
+    @property
+    def endpoint(self):
+        return self.gen.endpoint
+
+    def generate(self, prompts, sampling, thinking=False):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise KeyboardInterrupt("simulated kill")
+        self.prompts += len(prompts)
+        return self.gen.generate(prompts, sampling, thinking)
+
+
+@pytest.fixture(scope="module")
+def tiny_gen():
+    from qedlib.config import Endpoint
+    return make_generator(Endpoint(model="tiny-qwen3", device="cpu", dtype="float32", batch_size=8))
+
+
+def test_rows_have_official_columns_and_metrics(tmp_path, tiny_gen):
+    cfg = tiny_cfg(tmp_path)
+    rows = evaluation.evaluate(cfg, tmp_path, judge_generator=tiny_gen, policy_factory=lambda ep: tiny_gen)
+    assert len(rows) == 3 * 2
+    for r in rows:
+        for col in ("model_solution", "score", "grade", "cost_run", "grade_cost", "checkpoint", "benchmark", "scaffold",
+                    "problem_id", "sample", "split", "truncated", "tokens", "valid", "invalid_reason", "judge_text"):
+            assert col in r, col
+        assert set(r["cost_run"]) == {"input_tokens", "output_tokens", "cost"} and set(r["grade_cost"]) == set(r["cost_run"])
+        assert 0 < r["tokens"] <= 8
+        if r["truncated"]:  # a random model seldom closes </think>: no proof, score 0, and no judge call
+            assert r["score"] == 0.0 and r["invalid_reason"] == "unclosed_thinking" and r["grade_cost"]["input_tokens"] == 0
+        assert r["score"] is None or 0 <= r["score"] <= 7
+    assert {r["split"] for r in rows} == {"basic", "advanced"}
+    m = evaluation.eval_metrics(rows, cfg)
+    assert m["rows"] == 6 and m["problems"] == 3 and m["samples"] == 2 and m["checkpoints"] == ["base"]
+    block = m["scores"]["base"]["single"]
+    for k in ("mean_score_pct", "ci_low", "ci_high", "truncation_rate", "tokens_per_problem", "invalid_rate", "pass@1", "pass@2"):
+        assert k in block
+    assert 0 <= block["truncation_rate"] <= 1 and block["tokens_per_problem"] > 0
+    path = evaluation.write_parquet(rows, tmp_path / "05_eval" / "results.parquet")
+    import pandas as pd
+    assert len(pd.read_parquet(path)) == 6
+
+
+def test_killed_eval_resumes_without_regenerating_or_regrading(tmp_path, tiny_gen):
+    cfg = tiny_cfg(tmp_path)
+    folder = tmp_path / "05_eval"
+    # run 1: killed during the 4th policy call (chunk = 1 problem): 3 rows finished
+    dying = Counting(tiny_gen, fail_at=4)
+    judge1 = Counting(tiny_gen)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(cfg, tmp_path, judge_generator=judge1, policy_factory=lambda ep: dying)
+    done = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert len(done) == 3
+    # run 2: only the 3 missing (problem, sample) pairs are generated and graded
+    policy2, judge2 = Counting(tiny_gen), Counting(tiny_gen)
+    rows = evaluation.evaluate(cfg, tmp_path, judge_generator=judge2, policy_factory=lambda ep: policy2)
+    assert len(rows) == 6 and policy2.prompts == 3
+    assert judge2.prompts <= 3  # truncated proofs need no judge call at all
+    assert judge1.prompts + judge2.prompts == sum(not r["truncated"] for r in rows)
+    assert {r["key"] for r in done} <= {r["key"] for r in rows}
+    # run 3: nothing left, nothing generated (the policy is not even built)
+    built = []
+    evaluation.evaluate(cfg, tmp_path, judge_generator=judge2, policy_factory=lambda ep: built.append(ep) or tiny_gen)
+    assert built == []
+
+
+def test_logged_generation_is_graded_not_regenerated(tmp_path, tiny_gen):
+    cfg = tiny_cfg(tmp_path, samples=1, scaffolds=["single"])
+    folder = tmp_path / "05_eval"
+
+    class DeadJudge(Counting):
+        def generate(self, prompts, sampling, thinking=False):
+            raise KeyboardInterrupt("judge died")
+
+    # make sure the first proof is gradable so the judge is called: force closed thinking via a policy wrapper
+    class Closing(Counting):
+        def generate(self, prompts, sampling, thinking=False):
+            self.prompts += len(prompts)
+            out = self.gen.generate(prompts, sampling, thinking)
+            for g in out:
+                for c in g:
+                    c.final, c.think_closed = "A proof. " + c.text, True
+            return out
+
+    pol = Closing(tiny_gen)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(cfg, tmp_path, judge_generator=DeadJudge(tiny_gen), policy_factory=lambda ep: pol)
+    assert pol.prompts == 1 and (folder / "generations.jsonl").exists() and not (folder / "results.jsonl").exists()
+    pol2, judge = Closing(tiny_gen), Counting(tiny_gen)
+    rows = evaluation.evaluate(cfg, tmp_path, judge_generator=judge, policy_factory=lambda ep: pol2)
+    assert len(rows) == 3 and pol2.prompts == 2 and judge.prompts == 3  # the logged proof was graded, not regenerated
+    assert all(not r["truncated"] and r["model_solution"].startswith("A proof.") for r in rows)
+
+
+def test_benchmarks_load_with_their_judge_prompts():
+    shipped = evaluation.load_benchmark("shipped")
+    assert shipped.judge_prompt == "rubric" and all(p.extra.get("split") == "eval" for p in shipped.problems)
+    from qedlib.data import imobench_dir
+    if not imobench_dir().exists():
+        pytest.skip(f"IMO-Bench CSVs not found at {imobench_dir()}")
+    pb = evaluation.load_benchmark("imo-proofbench")
+    assert pb.judge_prompt == "proofbench" and len(pb.problems) == 60
+    assert {p.extra["split"] for p in pb.problems} == {"basic", "advanced"}
+    ab = evaluation.load_benchmark("imo-answerbench", limit=5)
+    assert ab.judge_prompt == "answer" and ab.task == "answer" and all(p.answer for p in ab.problems)
+
+
+def test_bad_benchmark_entry_and_scaffold_are_named(tmp_path):
+    with pytest.raises(Exception, match="needs 'path'"):
+        evaluation.load_benchmark({"name": "x"})
+    cfg = tiny_cfg(tmp_path, scaffolds=["single", "magic"])
+    with pytest.raises(ValueError, match="magic"):
+        evaluation.evaluate(cfg, tmp_path)
+
+
+def test_missing_checkpoint_is_skipped_with_a_note(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path, checkpoints=["base", "sft"])
+    names = [n for n, _ in evaluation.models_under_test(cfg, tmp_path)]
+    assert names == ["base"] and "skipping checkpoint 'sft'" in capsys.readouterr().out
+
+
+def test_extract_boxed():
+    assert evaluation.extract_boxed(r"so \boxed{\frac{1}{2}} and finally \boxed{3}") == "3"
+    assert evaluation.extract_boxed(r"x = \boxed{\{1, 2\}}") == r"\{1, 2\}"
+    assert evaluation.extract_boxed("no answer") is None

@@ -1,0 +1,112 @@
+"""The run report: markdown content, a self-contained HTML whose plotly figures render offline in headless Chromium."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from qedlib import report, stats
+from qedlib.io import write_json, write_metrics
+
+
+def fake_run(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """A run folder with two stages' metrics and literal eval rows (2 checkpoints x 2 scaffolds, 3 problems x 2 samples)."""
+    run = tmp_path / "run"
+    write_metrics(run / "02_sft", {"train_loss": 1.25, "steps": 10})
+    write_json(run / "timings.json", {"02_sft": 12.5, "05_eval": 30.0})
+    write_json(run / "run.json", {"commit": "abc1234", "hardware": "test box", "params_file": "params/smoke.yaml"})
+    rows = []
+    scores = {"base": [0, 1, 0, 6, 0, 0], "rc_rl": [7, 6, 1, 7, 0, 6]}
+    for ck, ss in scores.items():
+        for sc, bonus in (("single", 0), ("rc", 1)):
+            for i, s in enumerate(ss):
+                rows.append({"checkpoint": ck, "benchmark": "imo-proofbench", "scaffold": sc, "problem_id": f"p{i // 2}",
+                             "sample": i % 2, "split": "basic", "score": min(7, s + bonus), "truncated": False, "valid": True,
+                             "tokens": 100 * (1 + 2 * bonus), "model_solution": "proof", "judge_text": "fine",
+                             "problem": "Prove it.", "cost_run": {"cost": 0.0}, "grade_cost": {"cost": 0.0}})
+    write_metrics(run / "05_eval", {"rows": len(rows)})
+    return run, rows
+
+
+def test_markdown_report_has_every_section(tmp_path):
+    run, rows = fake_run(tmp_path)
+    out = report.write_report(run, rows, n_boot=100)
+    md = out["md"].read_text()
+    assert "abc1234" in md and "test box" in md
+    assert "02_sft" in md and "train_loss=1.25" in md and "12.5" in md
+    assert "05_eval" in md
+    # rc_rl single: problem means 6.5, 4, 3 -> 13.5/3/7 = 64.3 %
+    assert "64.3" in md
+    assert "Paper comparison" in md and "40" in md  # the paper's QED-Nano IMO-ProofBench number
+    assert set(out["figures"]) == {"scores", "tokens", "pass_at_k"}
+    html = out["html"].read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", html)  # plotly.js is inline, nothing is fetched
+    assert len(html) > 3_000_000  # the whole plotly.js bundle is in the file
+    assert html.count("Plotly.newPlot") == 3
+
+
+def test_paper_comparison_only_for_used_benchmarks():
+    import pandas as pd
+    summary = pd.DataFrame([{"checkpoint": "sft", "benchmark": "toy", "scaffold": "single", "mean_score_pct": 3.0},
+                            {"checkpoint": "sft", "benchmark": "proofbench", "scaffold": "single", "mean_score_pct": 5.0}])
+    comp = report.paper_comparison(summary)
+    assert comp == [{"benchmark": "proofbench", "checkpoint": "sft", "scaffold": "single", "ours_pct": 5.0,
+                     "paper_row": "QED-Nano-SFT", "paper_pct": 33.3}]
+
+
+def test_report_without_eval_rows(tmp_path):
+    run, _ = fake_run(tmp_path)
+    out = report.write_report(run, [])
+    assert "No evaluation results yet" in out["md"].read_text() and out["figures"] == {}
+
+
+def test_results_browser_shows_a_row(tmp_path):
+    _, rows = fake_run(tmp_path)
+    box = report.results_browser(rows)
+    html = box.children[-1].value
+    assert "Prove it." in html and "Judge" in html and "score" in html
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of Debian's chromium; installed with apt-get when missing and possible, else the test is skipped."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and apt-get is unavailable (need root + apt-get): "
+                    "install Debian's `chromium` to run the HTML rendering test")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, timeout=300, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, capture_output=True, timeout=900, env=env)
+    except (subprocess.SubprocessError, OSError) as e:
+        pytest.skip(f"could not install chromium with apt-get ({type(e).__name__}: {str(e)[:200]})")
+    found = shutil.which("chromium")
+    if not found:
+        pytest.skip("apt-get install chromium finished but no chromium binary is on PATH")
+    return found
+
+
+def test_html_report_renders_every_figure_offline(tmp_path, chromium):
+    run, rows = fake_run(tmp_path)
+    out = report.write_report(run, rows, n_boot=100)
+    n_figs = len(out["figures"])
+    with tempfile.TemporaryDirectory() as profile:
+        # --dump-dom prints the DOM after scripts ran; networking is off so only inline JS can draw.
+        res = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+                              "--dump-dom", out["html"].resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    dom = res.stdout
+    assert "<html" in dom, f"chromium printed no DOM (rc {res.returncode}): {res.stderr[-500:]}"
+    assert len(re.findall(r'class="[^"]*\bjs-plotly-plot\b', dom)) == n_figs
+    assert len(re.findall(r'class="[^"]*\bmain-svg\b', dom)) >= n_figs
+    # the bars, lines and markers were drawn (plotly adds these groups only when rendering traces)
+    assert len(re.findall(r'class="[^"]*\b(trace bars|scatterlayer)\b', dom)) >= n_figs
