@@ -37,6 +37,7 @@ class Endpoint:
     max_concurrency: int = 8  # requests in flight (openai backend)
     timeout_s: float = 600.0  # per request
     max_retries: int = 5  # on timeouts, 429 and 5xx, exponential back-off with jitter
+    retry_backoff_s: float = 0.5  # first back-off delay; doubles per retry (x0.5-1.5 jitter), capped at 30 s
     batch_size: int = 8  # prompts per forward batch (transformers backend)
     device: str = "auto"  # cuda|mps|cpu|auto
     dtype: str = "auto"  # bfloat16|float16|float32|auto
@@ -159,6 +160,7 @@ class SFTConfig:
     eval_steps: Optional[int] = None  # eval loss every N steps (None: every save_steps); final eval always runs
     save_total_limit: Optional[int] = 2  # keep only the newest N checkpoints (workbook default)
     chat_template: Optional[str] = None  # Jinja file with {% generation %} markers, for a model whose template qedlib does not know
+    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (GPU, best for padding-free); None: transformers' default
 
 
 @dataclass
@@ -246,6 +248,7 @@ class EvalConfig:
     dsm_rounds: int = 2  # dsm: refinement rounds of the best proof (paper 2)
     max_calls: Optional[int] = None  # scaffold budget: model calls per problem and sample (None: unlimited)
     max_tokens: Optional[int] = None  # scaffold budget: generated tokens per problem and sample (None: unlimited)
+    calibration_limit: Optional[int] = None  # judge calibration: grade the first N calibration proofs (0 skips it; None: all)
 
 
 @dataclass

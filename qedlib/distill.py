@@ -66,12 +66,20 @@ def decontaminate(problems: list, dc) -> tuple[list, list[dict], list[str]]:
     return [p for p in problems if p.id not in gone], removed, notes
 
 
+def gradable(problems: list, judge) -> tuple[list, int]:
+    """Problems the judge's prompt can grade (rubric: a rubric; proofbench: + reference solution; answer: an answer)."""
+    need = {"rubric": ("rubric",), "proofbench": ("rubric", "reference_solution"), "answer": ("answer",)}[judge.prompt]
+    ok = [p for p in problems if all(getattr(p, f) for f in need)]
+    return ok, len(problems) - len(ok)
+
+
 def helper_generator(dc, teacher=None, judge_generator=None):
     """The generator that screens problems and writes rubrics (`distill.helper`), reusing loaded models."""
     from .generation import make_generator
     endpoint = dc.judge.endpoint if dc.helper == "judge" else dc.teacher
     for gen in (teacher, judge_generator):
-        if gen is not None and getattr(gen, "endpoint", None) == endpoint:
+        if gen is not None and (getattr(gen, "endpoint", None) == endpoint
+                                or (endpoint.backend == "vllm" and _same_engine(gen.endpoint, endpoint))):
             return gen
     if teacher is not None and _same_model(endpoint, dc.teacher):
         return make_generator(endpoint, teacher.model, teacher.tokenizer)
@@ -83,9 +91,25 @@ def _same_model(a, b) -> bool:
             and a.device == b.device and a.dtype == b.dtype)
 
 
-def _helper_texts(generator, prompts: list[str], sampling) -> list[str]:
-    messages = [[{"role": "user", "content": p}] for p in prompts]
-    return [group[0].final or group[0].text for group in generator.generate(messages, dataclasses.replace(sampling, n=1))]
+def _same_engine(a, b) -> bool:
+    return a.backend == b.backend and a.model == b.model and a.vllm == b.vllm
+
+
+def chunk_size(endpoint) -> int:
+    """Requests per durable chunk: everything in flight (openai) or one forward batch (in-process)."""
+    return max(1, endpoint.max_concurrency if endpoint.backend == "openai" else endpoint.batch_size)
+
+
+def _helper_answers(generator, todo: list, make_prompt, sampling):
+    """Yield (problem, answer text) chunk by chunk, so each chunk can be logged before the next."""
+    if not todo:
+        return
+    one = dataclasses.replace(sampling, n=1)
+    size = chunk_size(generator.endpoint)
+    for start in range(0, len(todo), size):
+        part = todo[start:start + size]
+        groups = generator.generate([[{"role": "user", "content": make_prompt(p)}] for p in part], one)
+        yield from ((p, g[0].final or g[0].text) for p, g in zip(part, groups))
 
 
 def screen_problems(problems: list, dc, generator, stage_folder: str | Path) -> tuple[list, list[dict]]:
@@ -96,8 +120,7 @@ def screen_problems(problems: list, dc, generator, stage_folder: str | Path) -> 
     from . import prompts
     log = JsonlLog(Path(stage_folder) / "screening.jsonl", key="id")
     todo = [p for p in problems if p.id not in log]
-    texts = _helper_texts(generator, [prompts.fill("screen_problem", problem=p.problem) for p in todo], dc.judge.sampling) if todo else []
-    for p, text in zip(todo, texts):
+    for p, text in _helper_answers(generator, todo, lambda p: prompts.fill("screen_problem", problem=p.problem), dc.judge.sampling):
         log.append({"id": p.id, **_screening_verdict(text, dc.screen_difficulty), "raw": text})
     rows = [log.records[p.id] for p in problems]
     return [p for p, r in zip(problems, rows) if r["keep"]], rows
@@ -124,9 +147,8 @@ def write_rubrics(problems: list, dc, generator, stage_folder: str | Path) -> tu
     log = JsonlLog(Path(stage_folder) / "rubrics.jsonl", key="id")
     need = [p for p in problems if not p.rubric and p.reference_solution]
     todo = [p for p in need if p.id not in log]
-    texts = _helper_texts(generator, [prompts.fill("write_rubric", problem=p.problem, reference_solution=p.reference_solution)
-                                      for p in todo], dc.judge.sampling) if todo else []
-    for p, text in zip(todo, texts):
+    fill = lambda p: prompts.fill("write_rubric", problem=p.problem, reference_solution=p.reference_solution)  # noqa: E731
+    for p, text in _helper_answers(generator, todo, fill, dc.judge.sampling):
         parsed, error = prompts.parse_rubric(text)
         # An unusable rubric leaves the problem without one (the judge then grades without); counted.
         log.append({"id": p.id, "rubric": parsed["text"] if parsed else None, "error": error, "raw": text})
@@ -265,7 +287,9 @@ def make_grader(dc, stage_folder: str | Path, teacher=None):
     """The judge for `distill.judge`, reusing the teacher's loaded model when it is the same model."""
     from .grading import Grader
     generator = None
-    if teacher is not None and _same_model(dc.judge.endpoint, dc.teacher):
+    if teacher is not None and dc.judge.endpoint.backend == "vllm" and _same_engine(dc.judge.endpoint, dc.teacher):
+        generator = teacher  # one vLLM engine per GPU: the judge samples from the teacher's engine
+    elif teacher is not None and _same_model(dc.judge.endpoint, dc.teacher):
         from .generation import make_generator
         generator = make_generator(dc.judge.endpoint, teacher.model, teacher.tokenizer)
     cache = Path(stage_folder) / "judge_cache" if dc.judge.cache else None
@@ -289,8 +313,7 @@ def grade_samples(problems: list, samples: list[dict], grader, stage_folder: str
     stats = {"skipped": len(samples) - len(todo), "graded": 0, "seconds": 0.0}
     if not todo:
         return stats
-    ep = grader.judge.endpoint if hasattr(grader, "judge") else None
-    chunk = chunk or (max(1, ep.max_concurrency if ep is not None and ep.backend == "openai" else (ep.batch_size if ep else 8)))
+    chunk = chunk or chunk_size(grader.judge.endpoint)
     bar = _Progress(len(todo), "judge", sum(r.get("cost", 0.0) for r in log.values()), progress)
     t0 = time.perf_counter()
     try:
@@ -388,7 +411,8 @@ def funnel(n_loaded: int, removed: dict[str, int], rows: list[dict], n_expected:
     out.append({"step": "samples generated", "count": len(rows), "dropped": n_expected - len(rows),
                 "why": "missing (failed requests; rerun to retry)" if n_expected > len(rows) else ""})
     graded = len(rows) - status["ungraded"]
-    out.append({"step": "samples graded", "count": graded, "dropped": status["ungraded"], "why": "ungraded"})
+    out.append({"step": "samples graded", "count": graded, "dropped": status["ungraded"],
+                "why": "ungraded" if status["ungraded"] else ""})
     left = graded
     for label in ["truncated", *sorted(k for k in status if k.startswith("invalid:")), "too_long", "below_min_grade", "not_best"]:
         if status[label]:
@@ -583,34 +607,51 @@ def stage_metrics(rows: list[dict], samples: list[dict], grades: list[dict], n_p
             "seconds": round(seconds, 1), "dataset_dir": str(dataset_dir)}
 
 
+def prepare_problems(cfg, stage_folder: str | Path, teacher=None) -> dict:
+    """Load, decontaminate, optionally screen and write rubrics, keep what the judge can grade.
+
+    Returns {"problems", "loaded", "removed" (why -> count), "contaminated" (rows), "notes",
+    "screening" (rows or [])}; the decontamination report is written to decontamination.json.
+    """
+    dc = cfg.distill
+    problems = load_stage_problems(dc)
+    out = {"loaded": len(problems), "removed": {}, "screening": []}
+    problems, out["contaminated"], out["notes"] = decontaminate(problems, dc)
+    out["removed"]["decontamination"] = len(out["contaminated"])
+    write_json(Path(stage_folder) / "decontamination.json", {"removed": out["contaminated"], "notes": out["notes"]})
+    if dc.screen or dc.write_rubrics:
+        helper = helper_generator(dc, teacher)
+        if dc.screen:
+            before = len(problems)
+            problems, out["screening"] = screen_problems(problems, dc, helper, stage_folder)
+            out["removed"]["screening"] = before - len(problems)
+        if dc.write_rubrics:
+            problems, written = write_rubrics(problems, dc, helper, stage_folder)
+            out["notes"].append(f"wrote {written} rubrics")
+    problems, ungradable = gradable(problems, dc.judge)
+    if ungradable:
+        out["removed"][f"no {dc.judge.prompt} fields"] = ungradable  # the judge prompt could not be filled
+    out["problems"] = problems
+    return out
+
+
 def run(cfg, run_dir: str | Path, progress: bool = False) -> dict:
     """Run the whole distillation stage into <run_dir>/01_distill; return (and write) its metrics."""
     from .io import stage_dir, write_metrics
     folder = stage_dir(run_dir, "01_distill")
     dc = cfg.distill
     t0 = time.perf_counter()
-    problems = load_stage_problems(dc)
-    n_loaded, removed = len(problems), {}
-    problems, contaminated, notes = decontaminate(problems, dc)
-    removed["decontamination"] = len(contaminated)
-    write_json(folder / "decontamination.json", {"removed": contaminated, "notes": notes})
     teacher = make_teacher(dc)
-    if dc.screen or dc.write_rubrics:
-        helper = helper_generator(dc, teacher)
-        if dc.screen:
-            before = len(problems)
-            problems, _ = screen_problems(problems, dc, helper, folder)
-            removed["screening"] = before - len(problems)
-        if dc.write_rubrics:
-            problems, _ = write_rubrics(problems, dc, helper, folder)
+    prep = prepare_problems(cfg, folder, teacher)
+    problems = prep["problems"]
     generate_samples(problems, dc, folder, teacher, progress)
     samples = read_samples(folder, problems, dc.sampling.n)
     grade_samples(problems, samples, make_grader(dc, folder, teacher), folder, progress=progress)
     grades = read_grades(folder)
     tok = student_tokenizer(cfg) if dc.max_sft_tokens else None
     rows = select_samples(samples, grades, dc, problems, sft_token_counts(samples, problems, tok) if tok else None)
-    write_json(folder / "funnel.json", funnel(n_loaded, removed, rows, len(problems) * dc.sampling.n))
+    write_json(folder / "funnel.json", funnel(prep["loaded"], prep["removed"], rows, len(problems) * dc.sampling.n))
     out = save_dataset(build_dataset(rows), folder)
-    metrics = stage_metrics(rows, samples, grades, n_loaded, removed, time.perf_counter() - t0, out)
+    metrics = stage_metrics(rows, samples, grades, prep["loaded"], prep["removed"], time.perf_counter() - t0, out)
     write_metrics(folder, metrics)
     return metrics

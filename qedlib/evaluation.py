@@ -156,6 +156,19 @@ def make_row(name: str, bench: Benchmark, scaffold: str, problem: Problem, sampl
     return row
 
 
+class LazyGenerator:
+    """An in-process generator built on first use: a judge shared by several Graders, loaded only if a proof needs it."""
+
+    def __init__(self, endpoint):
+        self.endpoint, self._gen = endpoint, None
+
+    def __getattr__(self, name):
+        if self._gen is None:
+            from .generation import make_generator
+            self._gen = make_generator(self.endpoint)
+        return getattr(self._gen, name)
+
+
 class Evaluation:
     """Runs and records one stage-5 evaluation in `<stage_folder>`; resumable at row granularity."""
 
@@ -169,10 +182,9 @@ class Evaluation:
     def grader(self, prompt: str):
         """The Grader for one judge prompt (the judge model is loaded once and shared)."""
         if prompt not in self._graders:
-            from .generation import make_generator
             from .grading import Grader
-            if self.judge_generator is None:
-                self.judge_generator = make_generator(self.cfg.eval.judge.endpoint)
+            if self.judge_generator is None and self.cfg.eval.judge.endpoint.backend != "openai":
+                self.judge_generator = LazyGenerator(self.cfg.eval.judge.endpoint)
             judge = dataclasses.replace(self.cfg.eval.judge, prompt=prompt)
             self._graders[prompt] = Grader(judge, cache_dir=self.folder / "judge_cache", generator=self.judge_generator)
         return self._graders[prompt]

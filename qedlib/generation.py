@@ -258,7 +258,8 @@ class OpenAIGenerator:
                     last = f"{type(e).__name__}: {str(e)[:120]}"
                 if attempt < self.endpoint.max_retries:
                     self.stats["retries"] += 1
-                    await asyncio.sleep(min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
+                    await asyncio.sleep(min(30.0, getattr(self.endpoint, "retry_backoff_s", 0.5) * 2 ** attempt)
+                                        * (0.5 + random.random()))
         self.stats["errors"] += 1
         return Completion("", finish_reason="error", think_closed=False, error=last)
 

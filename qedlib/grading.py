@@ -373,10 +373,11 @@ class Grader:
             await self._run_http(gen, jobs, sampling, None, lambda j: self._messages(j.prompt),
                                  lambda c, j: self._grade_text(c, j.prompt))
             return
-        outs = await asyncio.to_thread(gen.generate, [self._messages(j.prompt) for j in jobs], sampling, False)
-        for job, group in zip(jobs, outs):
-            job.grade = self._grade_text(group[0], job.prompt)
-            self._store(job)
+        for chunk in _chunks(jobs, _chunk_size(gen)):  # cache each batch as soon as it is graded
+            outs = await asyncio.to_thread(gen.generate, [self._messages(j.prompt) for j in chunk], sampling, False)
+            for job, group in zip(chunk, outs):
+                job.grade = self._grade_text(group[0], job.prompt)
+                self._store(job)
 
     async def _run_prob(self, gen, jobs: list[_Job]) -> None:
         if isinstance(gen, OpenAIGenerator):
@@ -403,20 +404,21 @@ class Grader:
         by_allowed: dict[tuple, list[int]] = {}
         for i, j in enumerate(jobs):
             by_allowed.setdefault(j.prompt.allowed, []).append(i)
-        for allowed, idx in by_allowed.items():
+        for allowed, all_idx in by_allowed.items():
             cands = [str(a) for a in allowed]
-            if hasattr(gen, "next_token_probs"):
-                res = await asyncio.to_thread(gen.next_token_probs, [texts[i] for i in idx], cands)
-            elif hasattr(gen, "llm"):
-                res = await asyncio.to_thread(_vllm_next_token_probs, gen, [texts[i] for i in idx], cands)
-            else:
-                raise TypeError(f"score_prob mode needs next-token probabilities; {type(gen).__name__} has none")
-            for i, r in zip(idx, res):
-                job = jobs[i]
-                n_tok = len(gen.tokenizer(texts[i], add_special_tokens=False)["input_ids"])
-                raw = {c: p * r["mass"] for c, p in r["probs"].items()}
-                job.grade = self._grade_probs(raw, job.prompt, dict(prompt_tokens=n_tok), "")
-                self._store(job)
+            for idx in _chunks(all_idx, _chunk_size(gen)):  # cache each batch as soon as it is graded
+                batch = [texts[i] for i in idx]
+                if hasattr(gen, "next_token_probs"):
+                    res = await asyncio.to_thread(gen.next_token_probs, batch, cands)
+                elif hasattr(gen, "llm"):
+                    res = await asyncio.to_thread(_vllm_next_token_probs, gen, batch, cands)
+                else:
+                    raise TypeError(f"score_prob mode needs next-token probabilities; {type(gen).__name__} has none")
+                for i, r in zip(idx, res):
+                    n_tok = len(gen.tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+                    raw = {c: p * r["mass"] for c, p in r["probs"].items()}
+                    jobs[i].grade = self._grade_probs(raw, jobs[i].prompt, dict(prompt_tokens=n_tok), "")
+                    self._store(jobs[i])
 
     # -- public
     async def agrade(self, problems: list[Problem], proofs: list[str], closed: list[bool] | None = None) -> list[Grade]:
@@ -497,6 +499,17 @@ class Grader:
     def grade(self, problems: list[Problem], proofs: list[str], closed: list[bool] | None = None) -> list[Grade]:
         """Blocking `agrade` (works inside Jupyter's running loop too)."""
         return run_sync(self.agrade(problems, proofs, closed))
+
+
+def _chunks(items: list, size: int):
+    """Consecutive slices of `items` of length `size`."""
+    for k in range(0, len(items), size):
+        yield items[k:k + size]
+
+
+def _chunk_size(gen) -> int:
+    """Prompts per in-process judge call: a few forward batches, so the cache fills as grading goes."""
+    return 4 * max(1, getattr(getattr(gen, "endpoint", None), "batch_size", 8))
 
 
 def _vllm_next_token_probs(gen, texts: list[str], candidates: list[str]) -> list[dict]:

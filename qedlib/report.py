@@ -101,7 +101,7 @@ def score_figure(summary):
                     error_y=dict(type="data", symmetric=False, array=list(grp["ci_high"] - grp["mean_score_pct"]),
                                  arrayminus=list(grp["mean_score_pct"] - grp["ci_low"])))
     fig.update_layout(barmode="group", title="Score by checkpoint and scaffold (95% bootstrap CI over problems)",
-                      yaxis_title="mean score (% of 7)", xaxis_title="checkpoint", template="plotly_white")
+                      yaxis_title="mean score (% of 7)", yaxis_range=[0, 100], xaxis_title="checkpoint", template="plotly_white")
     return fig
 
 
@@ -114,7 +114,7 @@ def pass_at_k_figure(curve):
                         error_y=dict(type="data", symmetric=False, array=list(grp["ci_high"] - grp["pass_at_k"]),
                                      arrayminus=list(grp["pass_at_k"] - grp["ci_low"])))
     fig.update_layout(title="pass@k (unbiased estimator; success = score >= threshold)", xaxis_title="k",
-                      yaxis_title="pass@k", yaxis_range=[0, 1], template="plotly_white")
+                      xaxis_dtick=1, yaxis_title="pass@k", yaxis_range=[0, 1.02], template="plotly_white")
     return fig
 
 
@@ -127,7 +127,7 @@ def tokens_figure(summary):
                         text=[f"{c} ({b})" for c, b in zip(grp["checkpoint"], grp["benchmark"])], textposition="top center",
                         marker=dict(size=12))
     fig.update_layout(title="Score vs tokens per problem", xaxis_title="generated tokens per problem (all calls)",
-                      yaxis_title="mean score (% of 7)", template="plotly_white")
+                      yaxis_title="mean score (% of 7)", yaxis_range=[0, 100], template="plotly_white")
     return fig
 
 

@@ -72,7 +72,7 @@ class StepStats:
     def add(self, step: int, scores: list, invalid: Counter, truncated: int, n: int, grading_s: float) -> dict:
         valid = [s for s in scores if s is not None]
         row = {"step": step, "n": n, "valid": len(valid), "truncated": truncated,
-               "truncation_rate": truncated / max(n, 1), "invalid_rate": (n - len(valid)) / max(n, 1),
+               "truncation_rate": truncated / max(n, 1), "invalid_rate": sum(invalid.values()) / max(n, 1),
                "score_mean": sum(valid) / len(valid) if valid else float("nan"),
                "score_hist": dict(Counter(round(s) for s in valid)), "grading_s": round(grading_s, 3),
                **{f"invalid_{k}": v for k, v in invalid.items()}}
@@ -107,9 +107,10 @@ class RewardFunction:
         invalid: Counter = Counter()
         if self.kind == "judge":
             grades = await self.grader.agrade(probs, [f for _, f, _ in splits], [c for _, _, c in splits])
-            scores = [g.points if g.valid else None for g in grades]
-            invalid.update(g.reason for g in grades if not g.valid)
-            rewards = [g.reward for g in grades]
+            # No </think>: no proof, score 0 (the grader made no judge call). Not an invalid grade.
+            scores = [0.0 if not c else (g.points if g.valid else None) for g, (_, _, c) in zip(grades, splits)]
+            invalid.update(g.reason for g, (_, _, c) in zip(grades, splits) if c and not g.valid)
+            rewards = [None if s is None else s / 7 for s in scores]
             if self.invalid == "zero":
                 rewards = [0.0 if r is None else r for r in rewards]
         elif self.kind == "format":
@@ -298,15 +299,22 @@ def problem_prompts(tokenizer, problems, thinking: bool):
 
 
 def train_on_problems(rl, model_path: str, problems, out_dir, thinking: bool, seed: int = 0, grader=None,
-                      resume: bool = False, num_processes: int = 1):
-    """Single-turn GRPO on problems: the rubric-RL loop. Returns (step rows, trainer)."""
+                      resume: bool = False, num_processes: int = 1, extra_rewards: list | None = None,
+                      reward_weights: list | None = None):
+    """Single-turn GRPO on problems: the rubric-RL loop. Returns (step rows, trainer).
+
+    `extra_rewards` are more TRL reward functions (summed with `reward_weights`), e.g. a custom
+    verifiable reward in a learning test.
+    """
     from transformers import AutoTokenizer
     args = grpo_args(rl, out_dir, seed, num_processes)
+    args.reward_weights = reward_weights
     tok = AutoTokenizer.from_pretrained(model_path)
     dataset = problem_prompts(tok, problems, thinking)
     reward_fn = RewardFunction(rl.reward, {p.id: p for p in problems}, thinking, grader, rl.judge.invalid,
                                rl.max_completion_length, rl.num_generations)
     funcs = [reward_fn] + ([overlong_penalty(rl.max_completion_length, rl.overlong_penalty)] if rl.overlong_penalty else [])
+    funcs += extra_rewards or []
     trainer = make_trainer(rl, model_path, dataset, funcs, args)
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir) if resume else None)
     return step_metrics(trainer, reward_fn), trainer

@@ -75,6 +75,7 @@ class ScaffoldResult:
         self.final, self.think_closed, self.finish_reason, self.reasoning = c.final, c.think_closed, c.finish_reason, c.reasoning
 
     def to_dict(self) -> dict:
+        """Plain dict of every field (what generations.jsonl stores)."""
         from dataclasses import asdict
         return asdict(self)
 

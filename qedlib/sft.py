@@ -297,6 +297,8 @@ def load_for_training(cfg: Config, model_ref: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     kwargs: dict = {"dtype": _weights_dtype(cfg, choice.device)}
+    if cfg.sft.attn_implementation:
+        kwargs["attn_implementation"] = cfg.sft.attn_implementation
     if cfg.sft.qlora:
         if not cfg.sft.lora.enabled or choice.device != "cuda":
             raise ValueError("sft.qlora needs sft.lora.enabled: true and a CUDA GPU (bitsandbytes 4-bit)")
@@ -330,7 +332,8 @@ def trl_args(cfg: Config, output_dir: Path, device: str, has_eval: bool, **extra
         warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay, num_train_epochs=s.epochs, max_steps=s.max_steps,
         per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
         gradient_accumulation_steps=s.grad_accum, max_grad_norm=s.max_grad_norm,
-        gradient_checkpointing=s.gradient_checkpointing, bf16=bf16, use_cpu=device == "cpu",
+        gradient_checkpointing=s.gradient_checkpointing, activation_checkpointing=s.gradient_checkpointing,
+        ddp_find_unused_parameters=False, bf16=bf16, use_cpu=device == "cpu",
         logging_steps=s.logging_steps, save_strategy="steps", save_steps=s.save_steps,
         save_total_limit=s.save_total_limit, eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None, report_to=list(s.report_to) or "none",
@@ -410,7 +413,9 @@ def save_model(trainer, cfg: Config, run_dir: str | Path) -> Path:
         return final
     if lora and cfg.sft.lora.merge:
         from peft import AutoPeftModelForCausalLM
-        merged = AutoPeftModelForCausalLM.from_pretrained(str(target), dtype=_weights_dtype(cfg, "cpu")).merge_and_unload()
+        import torch
+        dtype = _weights_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+        merged = AutoPeftModelForCausalLM.from_pretrained(str(target), dtype=dtype).merge_and_unload()
         merged.save_pretrained(str(tmp))
     elif lora:
         shutil.copytree(target, tmp)  # an adapter folder; loads with peft on top of its base model

@@ -96,9 +96,9 @@ KILL_SCRIPT = textwrap.dedent("""
     from qedlib import distill
     from qedlib.config import load_config
     from qedlib.data import Problem
-    cfg = load_config(None, {"distill.teacher.model": "tiny-qwen3", "distill.sampling.max_new_tokens": 24,
+    cfg = load_config(None, {"distill.teacher.model": "tiny-qwen3", "distill.sampling.max_new_tokens": 16,
                              "distill.sampling.n": 2, "distill.thinking": False, "distill.teacher.batch_size": 1})
-    problems = [Problem(f"k{i}", f"Prove that {i} + {i} = {2 * i}.") for i in range(8)]
+    problems = [Problem(f"k{i}", f"Prove that {i} + {i} = {2 * i}.") for i in range(6)]
     distill.generate_samples(problems, cfg.distill, sys.argv[1], progress=False)
 """)
 
@@ -110,24 +110,24 @@ def test_resume_after_kill_9(tmp_path, tiny_teacher):
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "stage")], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or log.read_bytes().count(b"\n") < 3):
+    while time.time() < deadline and (not log.exists() or log.read_bytes().count(b"\n") < 2):
         assert proc.poll() is None, "the generation subprocess ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = list(read_jsonl(log)) if log.read_bytes().endswith(b"\n") else None
     survivors = distill.read_samples(tmp_path / "stage")  # trims a torn last line, if any
-    assert 3 <= len(survivors) < 16, "kill -9 should land mid-run"
+    assert 2 <= len(survivors) < 12, "kill -9 should land mid-run"
     if done_before is not None:
         assert [r["key"] for r in done_before] == [r["key"] for r in survivors]
 
-    cfg = tiny_cfg(**{"distill.sampling.max_new_tokens": 24, "distill.teacher.batch_size": 4})
-    problems = [Problem(f"k{i}", f"Prove that {i} + {i} = {2 * i}.") for i in range(8)]
+    cfg = tiny_cfg(**{"distill.sampling.max_new_tokens": 16, "distill.teacher.batch_size": 12})
+    problems = [Problem(f"k{i}", f"Prove that {i} + {i} = {2 * i}.") for i in range(6)]
     stats = distill.generate_samples(problems, cfg.distill, tmp_path / "stage", tiny_teacher, progress=False)
-    assert stats["skipped"] == len(survivors) and stats["generated"] == 16 - len(survivors)
+    assert stats["skipped"] == len(survivors) and stats["generated"] == 12 - len(survivors)
     final = list(read_jsonl(log))
     keys = [r["key"] for r in final]
-    assert len(keys) == len(set(keys)) == 16, "no duplicate and no lost record"
+    assert len(keys) == len(set(keys)) == 12, "no duplicate and no lost record"
     # finished samples were not regenerated: the first records are byte-for-byte what the killed run wrote
     assert final[:len(survivors)] == survivors
 
@@ -305,3 +305,59 @@ def test_browser_and_render_escape_html():
     pick.value = "p2"
     assert "p2#" in view.value
     assert distill.funnel_figure(distill.funnel(2, {}, rows, 6)).data[0].type == "funnel"
+
+
+# ---------------------------------------------------------------- screening, rubrics, gradability
+SCREEN_OK = "Fine.\n<screening>\nincomplete: no\nwrong_statement: no\npurely_computational: no\ndifficulty: 4\n</screening>"
+
+
+def test_screening_verdicts_on_literal_answers():
+    assert distill._screening_verdict(SCREEN_OK, [1, 10]) == {"keep": True, "why": "", "difficulty": 4}
+    assert distill._screening_verdict(SCREEN_OK, [5, 10])["why"] == "difficulty 4 outside [5, 10]"
+    flagged = distill._screening_verdict(SCREEN_OK.replace("purely_computational: no", "purely_computational: yes"), [1, 10])
+    assert flagged == {"keep": False, "why": "flagged purely_computational", "difficulty": 4}
+    assert distill._screening_verdict("no block", [1, 10])["why"].startswith("unparseable screening answer")
+
+
+def test_gradable_needs_the_judge_prompt_fields():
+    judge = tiny_cfg().distill.judge
+    probs = [Problem("a", "x", rubric="- [7 pts] all"), Problem("b", "y")]
+    assert [p.id for p in distill.gradable(probs, judge)[0]] == ["a"] and distill.gradable(probs, judge)[1] == 1
+
+
+def test_run_end_to_end_tiny_and_rerun_is_free(tmp_path):
+    ep = {"model": "tiny-qwen3", "batch_size": 8}
+    cfg = load_config(None, {"base_model": "tiny-qwen3", "distill.teacher": ep, "distill.judge.endpoint": ep,
+                             "distill.judge.mode": "score_prob", "distill.thinking": False,
+                             "distill.problems": {"path": "shipped", "limit": 4}, "distill.sampling.n": 2,
+                             "distill.sampling.max_new_tokens": 8, "distill.drop_truncated": False,
+                             "distill.max_sft_tokens": 4096, "distill.decontaminate": ["shipped:eval", "imo-nope"]})
+    m = distill.run(cfg, tmp_path)
+    # the first 4 shipped problems include one eval problem: decontamination removes it
+    assert m["problems"] == 4 and m["decontaminated"] == 1 and m["samples"] == 6 and m["graded"] == 6
+    assert m["invalid"] == 0 and m["kept"] == 3 and 0 <= m["mean_grade"] <= 7
+    folder = tmp_path / "01_distill"
+    from datasets import load_from_disk
+    ds = load_from_disk(str(folder / "dataset"))
+    assert ds.column_names == distill.SFT_COLUMNS and len(ds) == 3
+    report = json.loads((folder / "decontamination.json").read_text())
+    assert report["removed"][0]["id"] == "qed-002" and any("imo-nope" in n for n in report["notes"])
+    lines = {f: (folder / f).read_bytes() for f in ("samples.jsonl", "grades.jsonl")}
+    again = distill.run(cfg, tmp_path)
+    assert {f: (folder / f).read_bytes() for f in lines} == lines  # nothing regenerated or regraded
+    assert {k: again[k] for k in ("samples", "kept", "mean_grade")} == {k: m[k] for k in ("samples", "kept", "mean_grade")}
+
+
+def test_screen_and_write_rubrics_with_tiny_model_log_and_drop_unparseable(tmp_path, tiny_teacher):
+    dc = tiny_cfg(**{"distill.judge.sampling.max_new_tokens": 8}).distill
+    probs = [Problem("a", "Prove that 2 is even.", reference_solution="2 = 2 * 1."), Problem("b", "Prove 1 < 2.")]
+    kept, rows = distill.screen_problems(probs, dc, tiny_teacher, tmp_path)
+    # a random model never writes a <screening> block: every problem is dropped, with the reason
+    assert kept == [] and all(r["why"].startswith("unparseable screening answer") for r in rows)
+    before = (tmp_path / "screening.jsonl").read_bytes()
+    distill.screen_problems(probs, dc, None, tmp_path)  # all logged: no generator needed on rerun
+    assert (tmp_path / "screening.jsonl").read_bytes() == before
+    out, written = distill.write_rubrics(probs, dc, tiny_teacher, tmp_path)
+    assert written == 0 and [p.rubric for p in out] == [None, None]
+    rec = next(read_jsonl(tmp_path / "rubrics.jsonl"))
+    assert rec["id"] == "a" and "rubric" in rec["error"]  # only the problem with a reference solution is tried

@@ -158,3 +158,21 @@ def test_extract_boxed():
     assert evaluation.extract_boxed(r"so \boxed{\frac{1}{2}} and finally \boxed{3}") == "3"
     assert evaluation.extract_boxed(r"x = \boxed{\{1, 2\}}") == r"\{1, 2\}"
     assert evaluation.extract_boxed("no answer") is None
+
+
+def test_judge_is_not_loaded_when_no_proof_needs_it(tmp_path, tiny_gen):
+    cfg = tiny_cfg(tmp_path, samples=1)
+
+    class NeverCloses(Counting):
+        def generate(self, prompts, sampling, thinking=False):
+            out = self.gen.generate(prompts, sampling, thinking)
+            for g in out:
+                for c in g:
+                    c.final, c.think_closed = "", False
+            return out
+
+    run = evaluation.Evaluation(cfg, tmp_path / "05_eval")
+    benches = evaluation.load_benchmarks(cfg.eval.benchmarks)
+    rows = run.run(benches, evaluation.models_under_test(cfg, tmp_path), ["single"], policy_factory=lambda ep: NeverCloses(tiny_gen))
+    assert len(rows) == 3 and all(r["truncated"] and r["score"] == 0.0 for r in rows)
+    assert isinstance(run.judge_generator, evaluation.LazyGenerator) and run.judge_generator._gen is None

@@ -230,7 +230,7 @@ def scripted_server():
 
 def http_judge(base_url, **kw) -> Judge:
     ep = Endpoint(model="judge", backend="openai", base_url=base_url, max_concurrency=8, timeout_s=2.0, max_retries=1,
-                  price_in_per_mtok=1.0, price_out_per_mtok=2.0)
+                  retry_backoff_s=0.05, price_in_per_mtok=1.0, price_out_per_mtok=2.0)
     return Judge(endpoint=ep, sampling=Sampling(temperature=1.0, max_new_tokens=64), **kw)
 
 
@@ -272,7 +272,6 @@ def test_http_score_prob_with_logprobs():
 def katan(**flags):
     os.environ.setdefault("QED_TEST_JUDGE_KEY", "local-test-key")
     port = free_port()
-    extra = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     latency = int(flags.pop("latency_ms", 0))
     extra = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     with JudgeServer(command=katan_echo_command(port, latency_ms=latency, extra_args=extra), port=port,
@@ -282,7 +281,7 @@ def katan(**flags):
 
 def katan_judge(server, **ep) -> Judge:
     endpoint = Endpoint(model="echo", backend="openai", base_url=server.base_url, api_key_env="QED_TEST_JUDGE_KEY",
-                        **{"max_concurrency": 8, "timeout_s": 2.0, "max_retries": 1, **ep})
+                        **{"max_concurrency": 8, "timeout_s": 2.0, "max_retries": 1, "retry_backoff_s": 0.05, **ep})
     return Judge(endpoint=endpoint, sampling=Sampling(max_new_tokens=32))
 
 
@@ -295,35 +294,50 @@ def _all_graded(grades, n):
     return G.invalid_table(grades)
 
 
-def test_katan_echo_judge_repeating_an_injected_tag_is_no_score():
+@pytest.fixture(scope="module")
+def echo_server():
     with katan() as server:
-        grades = G.Grader(katan_judge(server)).grade([PROB] * 4, PROOFS[:4])
+        yield server
+
+
+def test_katan_echo_judge_repeating_an_injected_tag_is_no_score(echo_server):
+    grades = G.Grader(katan_judge(echo_server)).grade([PROB] * 4, PROOFS[:4])
     # the echo answer contains the prompt and thus the proof's fake tag: never a 7
     assert _all_graded(grades, 4)["no_tag"] == 4
 
 
-def test_katan_500s_429s_504s():
+def test_katan_500s_are_retried():
     with katan(error_rate=0.5) as server:
         grader = G.Grader(katan_judge(server, max_retries=3))
         table = _all_graded(grader.grade([PROB] * 12, PROOFS), 12)
         assert table["no_tag"] + table["judge_error"] == 12 and grader.generator.stats["retries"] > 0
+
+
+def test_katan_429s_then_judge_error():
     with katan(rate_limit_after=5) as server:
         grades = G.Grader(katan_judge(server, max_concurrency=1)).grade([PROB] * 8, PROOFS[:8])
         table = _all_graded(grades, 8)
         assert table["no_tag"] == 5 and table["judge_error"] == 3 and "HTTP 429" in grades[-1].detail
+
+
+def test_katan_504s_then_judge_error():
     with katan(timeout_after=3) as server:
         grades = G.Grader(katan_judge(server, max_concurrency=1)).grade([PROB] * 6, PROOFS[:6])
         assert _all_graded(grades, 6)["judge_error"] == 3 and "HTTP 504" in grades[-1].detail
 
 
-def test_katan_overload_503_and_slow_timeouts():
+def test_katan_overload_503s():
     with katan(max_inflight=2, latency_ms=200) as server:
-        grades = G.Grader(katan_judge(server, max_concurrency=8, max_retries=4)).grade([PROB] * 8, PROOFS[:8])
-        assert sum(_all_graded(grades, 8).values()) == 8
+        grader = G.Grader(katan_judge(server, max_concurrency=8, max_retries=4))
+        grades = grader.grade([PROB] * 8, PROOFS[:8])
+        assert sum(_all_graded(grades, 8).values()) == 8 and grader.generator.stats["retries"] > 0
+
+
+def test_katan_slow_server_times_out():
     with katan(latency_ms=3000) as server:
         t0 = time.perf_counter()
         grades = G.Grader(katan_judge(server, timeout_s=0.3, max_retries=1)).grade([PROB] * 4, PROOFS[:4])
-        assert time.perf_counter() - t0 < 6.0  # 2 attempts x 0.3 s + one back-off, not 3 s per request
+        assert time.perf_counter() - t0 < 2.5  # 2 attempts x 0.3 s + one back-off, not 3 s per request
         assert _all_graded(grades, 4)["judge_error"] == 4 and "Timeout" in grades[0].detail
 
 
@@ -342,7 +356,21 @@ def test_katan_server_killed_mid_batch(tmp_path):
     assert len(grader.cache) == table["no_tag"]
 
 
-def test_katan_score_prob_without_logprobs_is_a_clear_judge_error():
-    with katan() as server:
-        g = G.Grader(Judge(endpoint=katan_judge(server).endpoint, mode="score_prob")).grade([PROB], ["a proof"])[0]
+def test_katan_score_prob_without_logprobs_is_a_clear_judge_error(echo_server):
+    g = G.Grader(Judge(endpoint=katan_judge(echo_server).endpoint, mode="score_prob")).grade([PROB], ["a proof"])[0]
     assert g.reason == "judge_error" and "no logprobs" in g.detail
+
+
+def test_agrade_is_async_and_grade_works_inside_a_running_loop():
+    import asyncio
+    with scripted_server() as url:
+        grader = G.Grader(http_judge(url))
+
+        async def reward_fn():  # like TRL's async reward function, and like a Jupyter cell
+            graded = await grader.agrade([PROB, PROB], ["REPLY[score 6]", "REPLY[score 1]"])
+            blocking = grader.grade([PROB], ["REPLY[score 2]"])
+            return graded + blocking
+        grades = asyncio.run(reward_fn())
+    assert [g.points for g in grades] == [6.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="must match"):
+        grader.grade([PROB], ["a", "b"])

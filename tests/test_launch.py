@@ -1,0 +1,64 @@
+"""qedlib.launch: the `accelerate launch` command, failures with the log tail, 2 CPU processes (gloo)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qedlib.config import Launch
+from qedlib.launch import accelerate_config_path, accelerate_train, launch_command
+
+
+def test_launch_command_composes_config_processes_and_overrides(tmp_path):
+    cmd = launch_command("sft", "params/cpu.yaml", tmp_path, {"sft.lr": 1.0e-5, "sft.report_to": ["tensorboard"]},
+                         Launch(num_processes=4, accelerate_config="zero3"))
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1].endswith("qedlib/accelerate/zero3.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "4"
+    tail = cmd[cmd.index("-m", 3):]
+    assert tail[:4] == ["-m", "qedlib", "train", "sft"]
+    assert tail[tail.index("--run-dir") + 1] == str(tmp_path.resolve())
+    assert "sft.lr=1e-05" in tail and 'sft.report_to=["tensorboard"]' in tail
+    # Multi-node flags pass through and switch off the automatic local port.
+    multi = launch_command("rubric_rl", "p.yaml", tmp_path, {}, Launch(
+        num_processes=16, accelerate_config="fsdp", extra_args=["--num_machines", "2", "--machine_rank", "0"]))
+    assert "--main_process_port" not in multi and "rubric_rl" in multi
+
+
+def test_shipped_configs_exist_and_bad_names_are_explained():
+    for name in ("zero2", "zero3", "fsdp", "ddp", "cpu-gloo"):
+        assert yaml.safe_load(accelerate_config_path(name).read_text())["distributed_type"]
+    with pytest.raises(FileNotFoundError, match="shipped: cpu-gloo, ddp, fsdp, zero2, zero3"):
+        accelerate_config_path("zero4")
+    with pytest.raises(ValueError, match="stage"):
+        launch_command("distill", "p.yaml", ".", {}, Launch())
+
+
+def test_failure_raises_with_the_log_tail(tmp_path):
+    with pytest.raises(RuntimeError, match="does not exist") as err:
+        accelerate_train("sft", tmp_path / "missing.yaml", tmp_path, {}, Launch(num_processes=1))
+    assert "launch.log" in str(err.value) and (tmp_path / "02_sft" / "launch.log").exists()
+
+
+def test_two_cpu_processes_train_with_gloo(tmp_path, capsys):
+    import datasets
+    from qedlib import sft
+    from qedlib.models import TINY
+    run = tmp_path / "run"
+    rows = [sft.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"{i} + {i} = {2 * i}.") for i in range(8)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(run / "01_distill" / "dataset"))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"base_model": TINY, "device": "cpu", "sft": {
+        "max_length": 96, "max_steps": 2, "batch_size": 2, "save_steps": 2, "eval_fraction": 0.0}}))
+    assert accelerate_train("sft", params, run, {"sft.lr": 1.0e-3}, Launch(num_processes=2)) == 0
+    ranks = [json.loads(p.read_text()) for p in sorted((run / "02_sft" / "ranks").glob("rank*.json"))]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["world_size"] == 2 and r["steps_this_run"] == 2 for r in ranks)
+    assert [p.name for p in (run / "02_sft" / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (run / "02_sft" / "model" / "config.json").exists()
+    assert "'loss'" in capsys.readouterr().out  # the log was streamed here
+    metrics = json.loads((run / "02_sft" / "train_metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2

@@ -1,0 +1,92 @@
+"""RL building blocks: rewards on literal strings, drop-imputation, the TRL config, a learning check."""
+import asyncio
+import math
+
+import pytest
+
+from qedlib.config import RLConfig
+from qedlib.rl import (RewardFunction, answer_reward_value, format_reward_value, grpo_args, impute_dropped,
+                       overlong_penalty, summarise_steps, train_on_problems)
+
+
+def test_format_reward_on_literal_strings():
+    assert format_reward_value("I think.</think>\n\nProof: done.", True, thinking=True) == 1.0
+    assert format_reward_value("I think.</think>\n\nProof: do", False, thinking=True) == 0.5
+    assert format_reward_value("still thinking", True, thinking=True) == 0.0
+    assert format_reward_value("Proof.", True, thinking=False) == 1.0
+    assert format_reward_value("Proof.", False, thinking=False) == 0.0
+
+
+def test_answer_reward_uses_math_verify():
+    assert answer_reward_value("so the answer is $\\boxed{\\frac{1}{2}}$", "0.5") == 1.0
+    assert answer_reward_value("the answer is \\boxed{3}", "7") == 0.0
+    assert answer_reward_value("anything", None) is None
+
+
+def test_dropped_rewards_get_their_group_mean():
+    r = impute_dropped([1.0, None, 0.0, None, None], ["a", "a", "a", "b", "b"])
+    assert r == [1.0, 0.5, 0.0, 0.0, 0.0]
+    # advantages of the valid samples are unchanged by the dropped one
+    mean_a = sum(r[:3]) / 3
+    assert [x - mean_a for x in (r[0], r[2])] == [0.5, -0.5]
+
+
+def test_overlong_penalty_is_soft():
+    f = overlong_penalty(100, 20)
+    assert f(completion_ids=[[0] * 50, [0] * 90, [0] * 100]) == [0.0, -0.5, -1.0]
+
+
+class FakeGrade:
+    def __init__(self, points, valid=True, reason=None):
+        self.points, self.valid, self.reason = points, valid, reason
+
+
+class ScriptedGrader:
+    """Returns fixed grades: this tests the reward function's bookkeeping, not a judge."""
+    def __init__(self, grades):
+        self.grades, self.calls = grades, []
+
+    async def agrade(self, problems, proofs, closed):
+        self.calls.append(list(zip(proofs, closed)))
+        return self.grades
+
+
+def test_judge_reward_truncated_is_zero_and_invalid_is_dropped(shipped_problems):
+    p = shipped_problems[0]
+    grades = [FakeGrade(7), FakeGrade(None, False, "no_tag"), FakeGrade(None, False, "unclosed_thinking"), FakeGrade(0)]
+    fn = RewardFunction("judge", {p.id: p}, thinking=True, grader=ScriptedGrader(grades), group_size=4)
+    texts = ["a</think>proof", "b</think>proof", "never closed", "c</think>wrong"]
+    rewards = asyncio.run(fn(prompts=["x"] * 4, completions=texts, problem_id=[p.id] * 4))
+    # valid: 1.0 and 0.0 and the truncated 0.0; the invalid one gets the mean of the valid ones
+    assert rewards == [1.0, pytest.approx(1 / 3), 0.0, 0.0]
+    row = fn.stats.rows[-1]
+    assert row["truncated"] == 1 and row["invalid_no_tag"] == 1 and row["invalid_rate"] == 0.25
+    assert fn.grader.calls[0][2] == ("", False)
+
+
+def test_grpo_args_match_the_paper_switches(tmp_path):
+    rl = RLConfig(num_generations=16, prompts_per_step=4, micro_batch_size=8)
+    a = grpo_args(rl, tmp_path, seed=0)
+    assert (a.per_device_train_batch_size, a.gradient_accumulation_steps, a.steps_per_generation) == (8, 8, 8)
+    assert a.loss_type == "luspo" and a.scale_rewards == "none" and a.beta == 0.0 and a.epsilon == 4.0
+    assert a.lr_scheduler_type == "constant" and a.max_grad_norm == 0.3 and a.entropy_coef == 1e-4
+    with pytest.raises(ValueError, match="divisible"):
+        grpo_args(RLConfig(num_generations=3, prompts_per_step=1, micro_batch_size=2), tmp_path, 0)
+
+
+def test_grpo_learns_a_reward_the_tiny_model_can_move(tiny_model_path, shipped_problems, tmp_path):
+    """The RL machinery optimises: reward = share of 'the' tokens rises within a few steps."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    target = tok.encode(" the", add_special_tokens=False)[0]
+
+    def the_reward(completion_ids, **kw):
+        return [sum(t == target for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+    rl = RLConfig(num_generations=8, prompts_per_step=2, max_steps=12, max_completion_length=8, lr=3e-2,
+                  temperature=1.0, reward="format", save_steps=1000, entropy_coef=0.0)
+    rows, _ = train_on_problems(rl, tiny_model_path, shipped_problems[:4], tmp_path, thinking=False,
+                                extra_rewards=[the_reward], reward_weights=[0.0, 1.0])
+    s = summarise_steps(rows, tail=3)
+    assert s["losses_finite"] and s["steps"] == 12
+    assert s["reward_last"] > s["reward_first"] + 0.1, rows

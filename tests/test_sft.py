@@ -1,0 +1,219 @@
+"""Stage 2 (qedlib.sft): data loading, loss masks, overlong handling, padding-free, training, resume, LoRA."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qedlib import sft
+from qedlib.config import load_config
+from qedlib.models import TINY, resolve_model
+
+
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(resolve_model(TINY))
+
+
+def make_rows(n: int, long_every: int = 0) -> list[dict]:
+    """n short SFT rows in the FineProofs-SFT schema; every `long_every`-th has a long proof."""
+    rows = []
+    for i in range(n):
+        proof = f"Indeed {i} + {i} = {2 * i}." + (" And so on." * 60 if long_every and i % long_every == 0 else "")
+        rows.append(sft.sft_row(f"Prove that {i} + {i} = {2 * i}.", f"Add {i} to itself.", proof, grade=7,
+                                source="test", category="algebra", competition="none"))
+    return rows
+
+
+def make_run(tmp_path: Path, n: int = 12, **sft_keys) -> tuple[Path, Path]:
+    """A run folder with a distilled dataset and a tiny-model params file; returns (run_dir, params)."""
+    import datasets
+    run = tmp_path / "run"
+    datasets.Dataset.from_list(make_rows(n)).save_to_disk(str(run / "01_distill" / "dataset"))
+    keys = {"max_length": 128, "max_steps": 4, "batch_size": 2, "save_steps": 2, "logging_steps": 1,
+            "lr": 1.0e-3, "eval_fraction": 0.0}
+    keys.update(sft_keys)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"base_model": TINY, "device": "cpu", "sft": keys}))
+    return run, params
+
+
+# ---------------------------------------------------------------- loss masks
+def expected_assistant_turn(tok, messages, template=None) -> str:
+    """What the model writes after the generation prompt, up to and including its end token."""
+    full = tok.apply_chat_template(messages, tokenize=False, chat_template=template)
+    prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True, chat_template=template)
+    assert full.startswith(prompt)
+    return full[len(prompt):].rstrip("\n")
+
+
+@pytest.mark.parametrize("template_name", ["smollm2", "qwen3-thinking"])
+def test_loss_tokens_are_exactly_the_assistant_turn(template_name):
+    tok = tiny_tokenizer()  # SmolLM2's tokenizer and template
+    if template_name == "qwen3-thinking":
+        tok.chat_template = sft.QWEN3_THINKING_TEMPLATE
+    messages = sft.sft_messages("Prove that $n^2+n$ is even.", "n(n+1) has an even factor.",
+                                "Write $n^2+n=n(n+1)$; one of two consecutive integers is even.")
+    template = sft.training_chat_template(tok)
+    ids, labels = sft.tokenize_example(tok, messages, template)
+    got = sft.loss_text(tok, ids, labels)
+    want = expected_assistant_turn(tok, messages)
+    assert got == want
+    assert got.endswith("<|im_end|>") and "</think>" in got and "Prove that" not in got
+    if template_name == "qwen3-thinking":
+        assert not got.startswith("<think>")  # the generation prompt already opened it
+    else:
+        assert got.startswith("<think>\n")
+    # The loss tokens are one contiguous block at the end (plus the template's trailing newline).
+    first = next(i for i, l in enumerate(labels) if l != -100)
+    assert all(l != -100 for l in labels[first:first + len(got) // 8])
+
+
+def test_unknown_template_is_refused_with_a_fix():
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ValueError, match="sft.chat_template"):
+        sft.training_chat_template(tok)
+
+
+# ---------------------------------------------------------------- data
+def test_load_distill_jsonl_parquet_and_fineproofs_columns(tmp_path):
+    import datasets
+    import pandas as pd
+    run, params = make_run(tmp_path, n=6)
+    cfg = load_config(params)
+    ds, counts = sft.load_sft_data(cfg, run)
+    assert len(ds) == 6 and set(sft.SFT_COLUMNS) <= set(ds.column_names)
+    # FineProofs-SFT names the grade column differently and may repeat a problem: keep the best.
+    rows = [{"problem": "P1", "reasoning_content": "r", "proof": "weak", "gemini-3-pro-grade": 3},
+            {"problem": "P1", "reasoning_content": "r", "proof": "strong", "gemini-3-pro-grade": 7},
+            {"problem": "P2", "reasoning_content": "r", "proof": "ok", "gemini-3-pro-grade": 5}]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(params, {"sft.dataset": str(jsonl)})
+    ds, counts = sft.load_sft_data(cfg, run)
+    assert counts["duplicates_dropped"] == 1
+    p1 = [r for r in ds.to_list() if r["problem"] == "P1"][0]
+    assert p1["proof"] == "strong" and p1["messages"][1]["content"] == "<think>\nr\n</think>\n\nstrong"
+    pq = tmp_path / "d.parquet"
+    pd.DataFrame(rows).to_parquet(pq)
+    ds, _ = sft.load_sft_data(load_config(params, {"sft.dataset": str(pq), "sft.one_per_problem": False}), run)
+    assert len(ds) == 3
+    assert isinstance(ds, datasets.Dataset)
+
+
+def test_bad_rows_name_the_row_and_column(tmp_path):
+    run, params = make_run(tmp_path, n=2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "P", "proof": "x"}) + "\n" + json.dumps({"problem": "", "proof": "x"}) + "\n")
+    with pytest.raises(sft.SFTDataError, match=r"row 1: column 'problem'"):
+        sft.load_sft_data(load_config(params, {"sft.dataset": str(bad)}), run)
+    with pytest.raises(FileNotFoundError, match="01_distill"):
+        sft.load_sft_data(load_config(params), tmp_path / "empty-run")
+
+
+def test_split_by_problem_holds_out_whole_problems():
+    import datasets
+    rows = make_rows(10) + make_rows(10)  # every problem twice
+    train, evals = sft.split_by_problem(datasets.Dataset.from_list(rows), 0.2, seed=0)
+    assert len(evals) == 4 and len(train) == 16
+    assert not set(train["problem"]) & set(evals["problem"])
+
+
+def test_overlong_rows_are_dropped_or_truncated_and_counted():
+    import datasets
+    tok = tiny_tokenizer()
+    ds = datasets.Dataset.from_list(make_rows(9, long_every=3))  # rows 0, 3, 6 are long
+    kept, stats = sft.build_tokenized(ds, tok, max_length=120, overlong="drop")
+    assert stats["dropped_overlong"] == 3 and stats["truncated"] == 0 and len(kept) == 6
+    cut, stats = sft.build_tokenized(ds, tok, max_length=120, overlong="truncate")
+    assert stats["truncated"] == 3 and stats["dropped_overlong"] == 0 and len(cut) == 9
+    assert max(len(x) for x in cut["input_ids"]) == 120
+    with pytest.raises(sft.SFTDataError, match="sft.max_length"):
+        sft.build_tokenized(ds, tok, max_length=20, overlong="drop")
+
+
+def test_padding_free_batch_gives_the_same_loss_as_padded():
+    """Flattened sequences with restarting position_ids must not attend across examples.
+
+    transformers isolates packed sequences (sdpa/eager too) only without a KV cache, which is how
+    SFTTrainer calls the model (use_cache=False).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    import datasets
+    tok = tiny_tokenizer()
+    data, _ = sft.build_tokenized(datasets.Dataset.from_list(make_rows(3, long_every=2)), tok, 512)
+    examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32).eval()
+    padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(examples)
+    flat = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(examples)
+    assert "attention_mask" not in flat and flat["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        lp = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=padded["labels"]).loss
+        lf = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], labels=flat["labels"],
+                   use_cache=False).loss
+        # Without position_ids the flattened row is one long sequence: a different loss, so the check can fail.
+        lw = model(input_ids=flat["input_ids"], labels=flat["labels"], use_cache=False).loss
+    assert abs(lp.item() - lf.item()) < 1e-4
+    assert abs(lp.item() - lw.item()) > 1e-3
+
+
+# ---------------------------------------------------------------- training
+class StopAfter:
+    """A callback that kills training (an exception, like a crash) once global_step reaches `step`."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class _Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step >= step:
+                    raise KeyboardInterrupt(f"simulated interruption at step {state.global_step}")
+        return _Stop()
+
+
+def test_train_checkpoints_and_resume_continues(tmp_path):
+    from qedlib.models import load_model
+    run, params = make_run(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        sft.train(load_config(params), run, callbacks=[StopAfter(3)])
+    ckpts = sorted(p.name for p in (run / "02_sft" / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-2"]
+    m = sft.train(load_config(params, {"sft.resume": True}), run)
+    assert m["resumed_from"] == "checkpoint-2"
+    assert m["steps"] == 4 and m["steps_this_run"] == 2  # same total, no restart from zero
+    history = json.loads((run / "02_sft" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+    assert any("tokens_per_second" in h for h in history)
+    assert m["examples"] == 12 and m["dropped_overlong"] == 0 and m["train_loss_last"] is not None
+    tok, model = load_model(m["model_dir"], device="cpu")
+    assert model.config.model_type == "qwen3" and (Path(m["model_dir"]) / "tokenizer_config.json").exists()
+
+
+def test_lora_adapter_is_merged_into_the_saved_model(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+    run, params = make_run(tmp_path, max_steps=2, lr=1.0e-2, **{"lora": {"enabled": True, "r": 4, "alpha": 8}})
+    stale = run / "02_sft" / "checkpoints" / "checkpoint-99"
+    stale.mkdir(parents=True)  # from an earlier run: resume is false, so it must not be picked up
+    m = sft.train(load_config(params), run)
+    assert m["resumed_from"] is None and m["steps"] == 2 and not stale.exists()
+    out = Path(m["model_dir"])
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    tuned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    diff = sum((a - b).abs().sum().item() for a, b in zip(base.parameters(), tuned.parameters()))
+    assert diff > 0  # the merged weights moved
+
+
+def test_log_frame_and_curves_from_history():
+    history = [{"loss": 2.0, "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_second": 100.0, "step": 1},
+               {"eval_loss": 1.9, "step": 1}, {"loss": 1.5, "learning_rate": 5e-4, "grad_norm": 0.8, "step": 2}]
+    df = sft.log_frame(history)
+    assert list(df["step"]) == [1, 2] and df.loc[0, "eval_loss"] == 1.9
+    fig = sft.training_curves(history)
+    assert len(fig.data) == 5  # loss, lr, grad norm, tokens/s, eval loss

@@ -1,0 +1,78 @@
+"""Smoke tests: execute every notebook with papermill on params/smoke.yaml and assert its metrics.
+
+One pipeline run (module-scoped) feeds one test per stage, so a failure names the stage.
+"""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from qedlib.config import load_config
+from qedlib.io import STAGES
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "params" / "smoke.yaml"
+pytestmark = pytest.mark.smoke
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from qedlib.runner import run_pipeline
+    return run_pipeline(str(SMOKE), run_name="smoke", outputs=tmp_path_factory.mktemp("outputs"))
+
+
+def metrics(run_dir, stage):
+    return json.loads((run_dir / stage / "metrics.json").read_text())
+
+
+def test_every_stage_left_an_executed_notebook_without_secrets(run_dir):
+    for stage in STAGES:
+        nb = run_dir / stage / f"{stage}.ipynb"
+        assert nb.exists(), stage
+        text = nb.read_text()
+        assert "Traceback" not in text or '"ename"' not in text
+    assert json.loads((run_dir / "run.json").read_text())["timings_s"].keys() == set(STAGES)
+
+
+def test_distill_metrics(run_dir):
+    m = metrics(run_dir, "01_distill")
+    cfg = load_config(SMOKE)
+    assert m["problems"] == cfg.distill.problems.limit
+    assert m["samples"] == m["problems"] * cfg.distill.sampling.n
+    assert 0 < m["kept"] <= m["samples"]
+    from datasets import load_from_disk
+    ds = load_from_disk(m["dataset_dir"])
+    assert len(ds) == m["kept"] and {"problem", "reasoning_content", "proof", "messages", "grade"} <= set(ds.column_names)
+
+
+def test_sft_metrics(run_dir):
+    m = metrics(run_dir, "02_sft")
+    assert m["steps"] == load_config(SMOKE).sft.max_steps
+    assert math.isfinite(m["train_loss_first"]) and math.isfinite(m["train_loss_last"])
+    assert (Path(m["model_dir"]) / "config.json").exists()
+
+
+@pytest.mark.parametrize("stage,section", [("03_rubric_rl", "rubric_rl"), ("04_reasoning_cache_rl", "rc_rl")])
+def test_rl_metrics(run_dir, stage, section):
+    m = metrics(run_dir, stage)
+    assert m["steps"] == getattr(load_config(SMOKE), section).max_steps
+    assert m["losses_finite"]
+    assert 0.0 <= m["reward_min"] <= m["reward_max"] <= 1.0
+    assert 0.0 <= m["truncation_rate"] <= 1.0
+    assert (Path(m["model_dir"]) / "config.json").exists()
+
+
+def test_rc_rl_started_from_the_rubric_rl_model(run_dir):
+    assert metrics(run_dir, "04_reasoning_cache_rl")["init_model"].endswith("03_rubric_rl/model")
+    assert metrics(run_dir, "03_rubric_rl")["init_model"].endswith("02_sft/model")
+
+
+def test_eval_metrics_and_report(run_dir):
+    cfg = load_config(SMOKE)
+    m = metrics(run_dir, "05_eval")
+    n_ckpt, n_scaff = len(cfg.eval.checkpoints), len(cfg.eval.scaffolds)
+    assert m["rows"] == cfg.eval.benchmark_limit * cfg.eval.samples * n_ckpt * n_scaff
+    for key, row in m["scores"].items():
+        assert 0.0 <= row["mean_score_pct"] <= 100.0, key
+    assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
