@@ -75,18 +75,22 @@ def test_grpo_args_match_the_paper_switches(tmp_path):
 
 
 def test_grpo_learns_a_reward_the_tiny_model_can_move(tiny_model_path, shipped_problems, tmp_path):
-    """The RL machinery optimises: reward = share of 'the' tokens rises within a few steps."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    target = tok.encode(" the", add_special_tokens=False)[0]
+    """The RL machinery optimises: the share of tokens from one half of the embedding space rises.
 
-    def the_reward(completion_ids, **kw):
-        return [sum(t == target for t in ids) / max(len(ids), 1) for ids in completion_ids]
+    The half is cut along one embedding coordinate, so raising it is a direction the (tied-embedding)
+    tiny model can move in a few steps; a random token set would not be.
+    """
+    from transformers import AutoModelForCausalLM
+    emb = AutoModelForCausalLM.from_pretrained(tiny_model_path).get_input_embeddings().weight[:, 0]
+    good = set((emb > emb.median()).nonzero().flatten().tolist())
 
-    rl = RLConfig(num_generations=8, prompts_per_step=2, max_steps=12, max_completion_length=8, lr=3e-2,
+    def aligned(completion_ids, **kw):
+        return [sum(t in good for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+    rl = RLConfig(num_generations=8, prompts_per_step=2, max_steps=10, max_completion_length=8, lr=3e-2,
                   temperature=1.0, reward="format", save_steps=1000, entropy_coef=0.0)
     rows, _ = train_on_problems(rl, tiny_model_path, shipped_problems[:4], tmp_path, thinking=False,
-                                extra_rewards=[the_reward], reward_weights=[0.0, 1.0])
+                                extra_rewards=[aligned], reward_weights=[0.0, 1.0])
     s = summarise_steps(rows, tail=3)
-    assert s["losses_finite"] and s["steps"] == 12
-    assert s["reward_last"] > s["reward_first"] + 0.1, rows
+    assert s["losses_finite"] and s["steps"] == 10
+    assert s["reward_last"] > s["reward_first"] + 0.15, [r["reward"] for r in rows]
