@@ -62,3 +62,45 @@ def test_batched_and_seeded_with_a_real_model(tiny_generator, shipped_problems):
     b = rc_rollout(probs, tiny_generator, tiny_generator, rc, Sampling(temperature=1.0), seed=3)
     assert [[s.prompt for s in t] for t in a] == [[s.prompt for s in t] for t in b]
     assert all(len(t) == 2 and t[0].completion_tokens <= 6 for t in a)
+
+
+def test_eval_scaffold_and_rc_rl_build_identical_state_prompts(tiny_model_path, shipped_problems, monkeypatch):
+    """One RC function for training and evaluation: same seed and model -> the same turn prompts."""
+    from types import SimpleNamespace
+
+    from qedlib import generation
+    from qedlib.config import Endpoint, RCRLConfig
+    from qedlib.models import load_model
+    from qedlib.rc_rl import RCRollout, problem_slots
+    from qedlib.scaffolds import ScaffoldSettings, run_scaffold
+
+    seen = []
+    original = generation.TransformersGenerator.generate
+
+    def recording(self, prompts, sampling, thinking=False):
+        seen.append([m[-1]["content"] for m in prompts])
+        return original(self, prompts, sampling, thinking)
+
+    monkeypatch.setattr(generation.TransformersGenerator, "generate", recording)
+    probs = shipped_problems[:2]
+    rc = RCSettings(turns=2, reasoning_budget=6, summary=Sampling(temperature=0.7, top_p=0.8, max_new_tokens=4))
+    tok, model = load_model(tiny_model_path, dtype="float32")
+
+    # evaluation: the rc scaffold
+    policy = generation.TransformersGenerator(Endpoint(batch_size=16), model=model, tokenizer=tok)
+    run_scaffold("rc", probs, policy, Sampling(temperature=0.8), ScaffoldSettings(rc=rc, thinking=True), seed=0)
+    eval_prompts, seen[:] = list(seen), []
+
+    # training: RC-RL's rollout function, at step 0 with seed 0
+    rl = RCRLConfig(rc=rc, temperature=0.8, num_generations=2, states_per_trajectory=1, max_completion_length=4)
+    rollout = RCRollout(rl, {p.id: p for p in probs}, thinking=True, seed=0)
+    data = problem_slots(tok, probs, 1, thinking=True)
+    rollout.prompt_to_id = {r["prompt"]: r["problem_id"] for r in data}
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=model,
+                              processing_class=tok, state=SimpleNamespace(global_step=0))
+    out = rollout([r["prompt"] for r in data for _ in range(2)], trainer)
+    train_prompts = list(seen)
+
+    # turn prompts (policy calls) agree; training additionally summarises the last turn
+    assert eval_prompts[0] == train_prompts[0] and eval_prompts[2] == train_prompts[2]
+    assert len(out["completion_ids"]) == 4 and len(out["prompt_ids"]) == 4
