@@ -27,7 +27,7 @@ import html
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .io import JsonlLog, write_json
 
@@ -195,6 +195,7 @@ class _Progress:
         self.t0, self.tokens, self.cost = time.perf_counter(), 0, cost0
 
     def update(self, records: list[dict]) -> None:
+        """Advance by these records, adding their tokens and cost."""
         self.tokens += sum(r.get("completion_tokens", 0) for r in records)
         self.cost += sum(r.get("cost", 0.0) for r in records)
         rate = self.tokens / max(1e-9, time.perf_counter() - self.t0)
@@ -202,6 +203,7 @@ class _Progress:
         self.bar.update(len(records))
 
     def close(self) -> None:
+        """Close the bar."""
         self.bar.close()
 
 
@@ -407,7 +409,7 @@ def funnel(n_loaded: int, removed: dict[str, int], rows: list[dict], n_expected:
     left = n_loaded
     for why, k in removed.items():
         left -= k
-        out.append({"step": f"problems after {why}", "count": left, "dropped": k, "why": why})
+        out.append({"step": f"problems after {why}", "count": left, "dropped": k, "why": why if k else ""})
     out.append({"step": "samples generated", "count": len(rows), "dropped": n_expected - len(rows),
                 "why": "missing (failed requests; rerun to retry)" if n_expected > len(rows) else ""})
     graded = len(rows) - status["ungraded"]

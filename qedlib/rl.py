@@ -16,6 +16,7 @@ The paper's objective maps onto TRL's GRPOTrainer as follows (each a params swit
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import replace
@@ -26,16 +27,20 @@ from .models import pick_device
 
 
 # ---------------------------------------------------------------- rewards
-def format_reward_value(text: str, stopped: bool, thinking: bool) -> float:
-    """Verifiable format reward: closed thinking (0.5) + a non-empty answer that ended on its own (0.5).
+PROOF_OPENING = re.compile(r"^\W*(proof|to prove|we prove|we show|we will (prove|show))\b", re.IGNORECASE)
 
-    Without thinking: 1.0 for a non-empty answer that ended before the budget. The model can
-    learn this, which is what the RL learning check needs.
+
+def format_reward_value(text: str, stopped: bool, thinking: bool) -> float:
+    """Verifiable format reward, a signal a small model can learn (the RL learning check).
+
+    With thinking: 0.5 for closing </think>, 0.5 more for a non-empty answer that ended on its own.
+    Without: 0.5 for an answer that opens like a proof ("Proof", "To prove", "We show" ...), 0.5
+    for a non-empty answer that ended before the budget.
     """
     reasoning, final, closed = split_thinking(text, thinking)
-    if not thinking:
-        return 1.0 if (stopped and final) else 0.0
-    return 0.5 * closed + 0.5 * (closed and bool(final) and stopped)
+    if thinking:
+        return 0.5 * closed + 0.5 * (closed and bool(final) and stopped)
+    return 0.5 * bool(PROOF_OPENING.match(final)) + 0.5 * (stopped and bool(final))
 
 
 def answer_reward_value(final: str, answer: str | None) -> float | None:
@@ -274,7 +279,7 @@ def bench_learning(model: str = "smollm2-135m", steps: int = 16, lr: float = 2.0
     from .config import RLConfig
     from .data import load_problems
     from .models import resolve_model
-    rl = RLConfig(num_generations=4, prompts_per_step=4, max_steps=steps, max_completion_length=48, lr=lr,
+    rl = RLConfig(num_generations=4, prompts_per_step=4, max_steps=steps, max_completion_length=24, lr=lr,
                   reward="format", temperature=1.0, save_steps=10_000)
     probs = load_problems("shipped", split="train")
     out = tempfile.mkdtemp(prefix="qed-rl-bench-")

@@ -89,7 +89,10 @@ def _failed_cell(nb_path: Path) -> str:
         nb = json.loads(nb_path.read_text())
     except (OSError, ValueError):
         return "unknown cell"
-    for i, cell in enumerate(nb.get("cells", [])):
+    # Number cells as in the source notebook: skip what papermill inserted (parameters, error banners).
+    cells = [c for c in nb.get("cells", []) if not {"injected-parameters", "papermill-error-cell-tag"}
+             & set(c.get("metadata", {}).get("tags", []))]
+    for i, cell in enumerate(cells):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
                 src = "".join(cell.get("source", ""))[:300]

@@ -13,8 +13,10 @@ def test_format_reward_on_literal_strings():
     assert format_reward_value("I think.</think>\n\nProof: done.", True, thinking=True) == 1.0
     assert format_reward_value("I think.</think>\n\nProof: do", False, thinking=True) == 0.5
     assert format_reward_value("still thinking", True, thinking=True) == 0.0
-    assert format_reward_value("Proof.", True, thinking=False) == 1.0
-    assert format_reward_value("Proof.", False, thinking=False) == 0.0
+    assert format_reward_value("Proof. Let n be odd.", True, thinking=False) == 1.0
+    assert format_reward_value("**To prove** this, let", False, thinking=False) == 0.5
+    assert format_reward_value("The answer is 3.", True, thinking=False) == 0.5
+    assert format_reward_value("Improper start", False, thinking=False) == 0.0
 
 
 def test_answer_reward_uses_math_verify():

@@ -1,0 +1,95 @@
+"""Core building blocks: thinking split, model references, data validation, JSONL resume, runner errors."""
+import json
+import os
+
+import pytest
+
+from qedlib.data import DataError, load_problems, records_to_problems
+from qedlib.generation import split_thinking
+from qedlib.io import JsonlLog, write_json
+from qedlib.models import pick_device, resolve_model
+
+
+def test_split_thinking_on_literal_strings():
+    assert split_thinking("a</think>\n\nproof", thinking=True) == ("a", "proof", True)
+    assert split_thinking("<think>a</think>b</think> final", thinking=True) == ("a</think>b", "final", True)
+    assert split_thinking("still reasoning", thinking=True) == ("still reasoning", "", False)
+    assert split_thinking("plain answer", thinking=False) == ("", "plain answer", True)
+    assert split_thinking("<think>unfinished", thinking=False) == ("unfinished", "", False)
+    assert split_thinking("proof text", thinking=True, reasoning_field="r") == ("r", "proof text", True)
+
+
+def test_shipped_problems_are_valid():
+    probs = load_problems("shipped")
+    assert len(probs) >= 30
+    assert sum(p.extra["split"] == "eval" for p in probs) >= 10
+    assert all(p.reference_solution and p.rubric for p in probs)
+    assert sum(p.answer is not None for p in probs) >= len(probs) // 3
+
+
+def test_row_without_problem_is_named():
+    with pytest.raises(DataError, match=r"f.jsonl: row 1: column 'question' is missing or empty"):
+        records_to_problems([{"question": "ok"}, {"question": ""}], {"problem": "question"}, "f.jsonl")
+
+
+def test_bad_json_line_is_named(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"problem": "a"}\n{oops\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: not valid JSON"):
+        load_problems(str(p))
+
+
+def test_imobench_loads_or_skips():
+    try:
+        probs = load_problems("imo-proofbench")
+    except DataError as e:
+        pytest.skip(f"IMO-Bench not available: {e}")
+    assert len(probs) == 60 and {p.extra["split"] for p in probs} == {"basic", "advanced"}
+
+
+def test_model_reference_errors():
+    with pytest.raises(FileNotFoundError, match="neither"):
+        resolve_model("no-such-model")
+    assert resolve_model("Qwen/Qwen3-4B-Thinking-2507") == "Qwen/Qwen3-4B-Thinking-2507"
+
+
+def test_pick_device_prints_and_honours_overrides(capsys):
+    c = pick_device("cpu", "float32")
+    assert (c.device, c.dtype) == ("cpu", "float32") and "device=cpu" in capsys.readouterr().out
+
+
+def test_jsonl_log_survives_a_torn_line(tmp_path):
+    log = JsonlLog(tmp_path / "x.jsonl")
+    log.append({"key": "a", "v": 1})
+    log.append({"key": "b", "v": 2})
+    with open(tmp_path / "x.jsonl", "ab") as f:
+        f.write(b'{"key": "c", "v"')  # a crash mid-write
+    again = JsonlLog(tmp_path / "x.jsonl")
+    assert len(again) == 2 and "c" not in again
+    again.append({"key": "c", "v": 3})
+    assert [json.loads(l)["key"] for l in open(tmp_path / "x.jsonl")] == ["a", "b", "c"]
+
+
+def test_runner_names_the_failing_notebook_and_cell(tmp_path, monkeypatch):
+    """A stage that raises stops the run with the notebook, the cell and the error."""
+    from qedlib import runner
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    cells = [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "outputs": [], "execution_count": None,
+              "source": "params_file = ''\nrun_dir = ''\noverrides = {}"},
+             {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+              "source": "raise ValueError('bad row 7 in data.jsonl')"}]
+    nb = {"cells": cells, "metadata": {"kernelspec": {"name": "qed", "display_name": "qed", "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    write_json(nbdir / "01_distill.ipynb", nb)
+    monkeypatch.setattr(runner, "NOTEBOOKS", nbdir)
+    with pytest.raises(RuntimeError, match=r"stage 01_distill failed in notebook 01_distill.ipynb, cell 1 .*bad row 7"):
+        runner.run_pipeline("params/smoke.yaml", "t", ["distill"], outputs=tmp_path / "out")
+
+
+def test_unknown_stage_is_rejected():
+    from qedlib.config import ConfigError
+    from qedlib.runner import _select_stages
+    assert _select_stages(["sft", "05_eval"]) == ["02_sft", "05_eval"]
+    with pytest.raises(ConfigError, match="--stages 'nope'"):
+        _select_stages(["nope"])
