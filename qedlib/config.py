@@ -190,6 +190,7 @@ class RLConfig:
     mask_truncated_completions: bool = False  # DAPO-style: no loss on truncated rollouts
     overlong_penalty: Optional[int] = None  # soft penalty over the last N tokens of the budget
     micro_batch_size: Optional[int] = None  # completions per forward per device (None: whole batch at once)
+    rollout_batch_size: int = 16  # sequences per generate() call when rolling out with transformers
     gradient_checkpointing: bool = False  # trade compute for memory
     shuffle: bool = True  # shuffle problems between epochs
     use_vllm: bool = False  # vLLM generation on GPU
@@ -218,7 +219,6 @@ class RCRLConfig(RLConfig):
     """Stage 4: GRPO on reasoning-cache states."""
     rc: RCSettings = field(default_factory=RCSettings)
     states_per_trajectory: int = 2  # cache states sampled per trajectory (paper 2 of 4)
-    rollout_batch_size: int = 16  # prompts per generate() call when rolling out on CPU/transformers
 
 
 @dataclass

@@ -312,7 +312,7 @@ def grade_samples(problems: list, samples: list[dict], grader, stage_folder: str
     log = JsonlLog(Path(stage_folder) / GRADES_FILE, key="key")
     by_id = {p.id: p for p in problems}
     todo = [s for s in samples if s["key"] not in log]
-    stats = {"skipped": len(samples) - len(todo), "graded": 0, "seconds": 0.0}
+    stats = {"skipped": len(samples) - len(todo), "graded": 0, "judge_errors": 0, "first_error": None, "seconds": 0.0}
     if not todo:
         return stats
     chunk = chunk or chunk_size(grader.judge.endpoint)
@@ -325,12 +325,19 @@ def grade_samples(problems: list, samples: list[dict], grader, stage_folder: str
             recs = [{"key": s["key"], "problem_id": s["problem_id"], "sample_index": s["sample_index"], **g.to_dict()}
                     for s, g in zip(part, grades)]
             for r in recs:
+                if r["reason"] == "judge_error":  # the judge call failed: not logged, so a rerun retries it
+                    stats["judge_errors"] += 1
+                    stats["first_error"] = stats["first_error"] or r.get("detail")
+                    continue
                 log.append(r)
-            stats["graded"] += len(recs)
+                stats["graded"] += 1
             bar.update(recs)
     finally:
         bar.close()
         stats["seconds"] = round(time.perf_counter() - t0, 2)
+    if stats["judge_errors"]:
+        print(f"[distill] {stats['judge_errors']} judge calls failed (first: {stats['first_error']}); "
+              "they are not logged, so a rerun retries them")
     return stats
 
 
@@ -414,7 +421,7 @@ def funnel(n_loaded: int, removed: dict[str, int], rows: list[dict], n_expected:
                 "why": "missing (failed requests; rerun to retry)" if n_expected > len(rows) else ""})
     graded = len(rows) - status["ungraded"]
     out.append({"step": "samples graded", "count": graded, "dropped": status["ungraded"],
-                "why": "ungraded" if status["ungraded"] else ""})
+                "why": "ungraded (judge call failed; rerun to retry)" if status["ungraded"] else ""})
     left = graded
     for label in ["truncated", *sorted(k for k in status if k.startswith("invalid:")), "too_long", "below_min_grade", "not_best"]:
         if status[label]:

@@ -140,6 +140,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         problem = body["messages"][-1]["content"]
+        if body["model"] == "judge":  # grading: answer by what the proof says
+            if "JUDGE-DOWN" in problem:
+                self.send_response(400)
+                self.end_headers()
+                return
+            score = "" if "NO-TAG" in problem else "\n<score>5</score>"
+            self._json({"choices": [{"message": {"content": "The proof is fine." + score}, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 9}})
+            return
         if "server error" in problem:
             self.send_response(400)
             self.end_headers()
@@ -149,8 +158,10 @@ class _Handler(BaseHTTPRequestHandler):
             msg = {"content": "Proof. Field.", "reasoning_content": "thought in a field"}
         else:  # inline thinking
             msg = {"content": "thought inline</think>\n\nProof. Inline."}
-        data = {"choices": [{"message": msg, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 7, "completion_tokens": 11}}
+        self._json({"choices": [{"message": msg, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 11}})
+
+    def _json(self, data):
         raw = json.dumps(data).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -361,3 +372,23 @@ def test_screen_and_write_rubrics_with_tiny_model_log_and_drop_unparseable(tmp_p
     assert written == 0 and [p.rubric for p in out] == [None, None]
     rec = next(read_jsonl(tmp_path / "rubrics.jsonl"))
     assert rec["id"] == "a" and "rubric" in rec["error"]  # only the problem with a reference solution is tried
+
+
+def test_grade_samples_http_judge_logs_grades_and_retries_judge_errors(tmp_path, openai_server):
+    cfg = load_config(None, {"distill.judge.endpoint": {"backend": "openai", "model": "judge", "base_url": openai_server,
+                                                        "max_retries": 0, "price_in_per_mtok": 1.0},
+                             "distill.judge.cache": False})
+    probs = [Problem("p1", "Prove A.", rubric="- [7 pts] all"), Problem("p2", "Prove B.", rubric="- [7 pts] all")]
+    samples = [_sample("p1", 0, proof="Proof. Good."), _sample("p1", 1, proof="Proof. NO-TAG."),
+               _sample("p2", 0, proof="Proof. JUDGE-DOWN."), _sample("p2", 1, proof="")]
+    grader = distill.make_grader(cfg.distill, tmp_path)
+    stats = distill.grade_samples(probs, samples, grader, tmp_path, progress=False)
+    assert stats["graded"] == 3 and stats["judge_errors"] == 1
+    got = {g["key"]: g for g in distill.read_grades(tmp_path)}
+    assert got["p1#0"]["valid"] and got["p1#0"]["points"] == 5.0 and got["p1#0"]["cost"] == pytest.approx(100 / 1e6)
+    assert (got["p1#1"]["valid"], got["p1#1"]["reason"]) == (False, "no_tag")
+    assert got["p2#1"]["reason"] == "empty_proof" and "p2#0" not in got
+    rows = {r["key"]: r["status"] for r in distill.select_samples(samples, list(got.values()), cfg.distill, probs)}
+    assert rows == {"p1#0": "kept", "p1#1": "invalid:no_tag", "p2#0": "ungraded", "p2#1": "invalid:empty_proof"}
+    again = distill.grade_samples(probs, samples, grader, tmp_path, progress=False)
+    assert again["skipped"] == 3 and again["judge_errors"] == 1  # only the failed call is retried
