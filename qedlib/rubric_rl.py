@@ -57,7 +57,10 @@ def train(cfg, run_dir) -> dict:
                                       make_grader(rl, folder), rl.resume, rl.launch.num_processes)
     metrics = {**summarise_steps(rows), "problems": counts, "seconds": round(time.perf_counter() - t0, 1),
                "model_dir": str(folder / "model"), "init_model": model_path, "loss_type": rl.loss_type}
-    if trainer.accelerator.is_main_process:
+    acc = trainer.accelerator
+    write_json(folder / "ranks" / f"rank{acc.process_index}.json",
+               {"rank": acc.process_index, "world_size": acc.num_processes, "steps": trainer.state.global_step})
+    if acc.is_main_process:
         save_policy(trainer, folder / "model", rl.lora.merge)
         write_jsonl(folder / "steps.jsonl", rows)
         write_json(folder / "train_result.json", metrics)

@@ -96,3 +96,28 @@ def test_grpo_learns_a_reward_the_tiny_model_can_move(tiny_model_path, shipped_p
     s = summarise_steps(rows, tail=3)
     assert s["losses_finite"] and s["steps"] == 10
     assert s["reward_last"] > s["reward_first"] + 0.15, [r["reward"] for r in rows]
+
+
+def test_consecutive_runs():
+    from qedlib.rl import consecutive_runs
+    assert consecutive_runs(["a", "a", "b", "b", "b", "a"]) == [("a", 2), ("b", 3), ("a", 1)]
+
+
+def test_rubric_rl_trains_on_two_cpu_processes(tmp_path):
+    """The multi-process path: accelerate launch with 2 gloo ranks, both train, rank 0 saves."""
+    import json
+
+    import yaml
+
+    from qedlib.config import Launch
+    from qedlib.launch import accelerate_train
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"base_model": "tiny-qwen3", "device": "cpu", "rubric_rl": {
+        "model": "base", "reward": "format", "problems": {"limit": 4}, "num_generations": 2,
+        "prompts_per_step": 2, "max_steps": 2, "max_completion_length": 8, "save_steps": 2}}))
+    run = tmp_path / "run"
+    assert accelerate_train("rubric_rl", params, run, {}, Launch(num_processes=2)) == 0
+    ranks = [json.loads(p.read_text()) for p in sorted((run / "03_rubric_rl" / "ranks").glob("rank*.json"))]
+    assert [(r["rank"], r["world_size"], r["steps"]) for r in ranks] == [(0, 2, 2), (1, 2, 2)]
+    assert (run / "03_rubric_rl" / "model" / "config.json").exists()
+    assert json.loads((run / "03_rubric_rl" / "train_result.json").read_text())["steps"] == 2
