@@ -325,12 +325,23 @@ def build(cls, data: dict, where: str, key: str = ""):
         tp = hints[k]
         sub = _dataclass_of(tp)
         if sub is not None and isinstance(v, dict):
-            kwargs[k] = build(sub, v, where, dotted)
+            # Start from this field's own default (e.g. distill.problems has split: train), not the class's.
+            base = _field_default(cls, k)
+            built = build(sub, v, where, dotted)
+            kwargs[k] = dataclasses.replace(base, **{f: getattr(built, f) for f in v}) if dataclasses.is_dataclass(base) \
+                and type(base) is sub else built
         elif not _type_ok(v, tp):
             raise ConfigError(f"{where}: {dotted} = {v!r} is not valid: expected {_describe(tp)}")
         else:
             kwargs[k] = float(v) if tp is float else v
     return cls(**kwargs)
+
+
+def _field_default(cls, name: str):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -61,3 +61,10 @@ def test_overrides_apply_and_are_validated():
 def test_missing_params_file_is_clear():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("params/nope.yaml")
+
+
+def test_partial_section_keeps_the_fields_own_defaults():
+    cfg = load_config(None, {"distill.problems.limit": 3, "eval.rc.turns": 2, "distill.judge.endpoint.batch_size": 2})
+    assert cfg.distill.problems.split == "train" and cfg.distill.problems.limit == 3
+    assert cfg.eval.rc.turns == 2 and cfg.eval.rc.summary.temperature == 0.7
+    assert cfg.distill.judge.sampling.max_new_tokens == 1024  # untouched sibling default
