@@ -73,6 +73,9 @@ def test_eval_metrics_and_report(run_dir):
     m = metrics(run_dir, "05_eval")
     n_ckpt, n_scaff = len(cfg.eval.checkpoints), len(cfg.eval.scaffolds)
     assert m["rows"] == cfg.eval.benchmark_limit * cfg.eval.samples * n_ckpt * n_scaff
-    for key, row in m["scores"].items():
-        assert 0.0 <= row["mean_score_pct"] <= 100.0, key
+    assert sorted(m["scores"]) == sorted(cfg.eval.checkpoints)
+    for ckpt, by_scaffold in m["scores"].items():
+        assert sorted(by_scaffold) == sorted(cfg.eval.scaffolds)
+        for scaffold, row in by_scaffold.items():
+            assert 0.0 <= row["mean_score_pct"] <= 100.0 and 0.0 <= row["truncation_rate"] <= 1.0, (ckpt, scaffold)
     assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
