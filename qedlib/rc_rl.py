@@ -187,12 +187,9 @@ def score_by_turn(turn_rows: list[dict]) -> dict:
 
 def run(cfg, run_dir, params_file: str, overrides: dict) -> dict:
     """Train in-process, or launch `accelerate` with num_processes > 1; return the metrics."""
-    if cfg.rc_rl.launch.num_processes > 1 or cfg.rc_rl.launch.accelerate_config:
-        from .launch import accelerate_train
-        from .io import read_json
-        accelerate_train("rc_rl", params_file, run_dir, overrides, cfg.rc_rl.launch)
-        return read_json(stage_dir(run_dir, STAGE) / "train_result.json")
-    return train(cfg, run_dir)
+    from .rl import train_or_launch
+    return train_or_launch("rc_rl", cfg.rc_rl.launch, train, cfg, run_dir, params_file, overrides,
+                           stage_dir(run_dir, STAGE) / "train_result.json")
 
 
 def inspect_trajectories(cfg, model_ref: str, problems, grader=None, seed: int = 0) -> list[dict]:

@@ -215,6 +215,16 @@ def make_trainer(rl, model_path: str, dataset, reward_funcs: list, args, rollout
                             processing_class=tok, peft_config=lora_config(rl.lora), rollout_func=rollout_func)
 
 
+def train_or_launch(stage: str, launch, train, cfg, run_dir, params_file: str, overrides: dict, result_file) -> dict:
+    """Run `train(cfg, run_dir)` here, or under `accelerate launch` (num_processes > 1 or a config) and read its result."""
+    if launch.num_processes > 1 or launch.accelerate_config:
+        from .io import read_json
+        from .launch import accelerate_train
+        accelerate_train(stage, params_file, run_dir, overrides, launch)
+        return read_json(result_file)
+    return train(cfg, run_dir)
+
+
 def last_checkpoint(out_dir: str | Path) -> str | None:
     """The newest checkpoint-N folder under out_dir, for resume."""
     ckpts = sorted(Path(out_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))

@@ -69,9 +69,6 @@ def train(cfg, run_dir) -> dict:
 
 def run(cfg, run_dir, params_file: str, overrides: dict) -> dict:
     """Train in-process, or launch `accelerate` with num_processes > 1; return the metrics."""
-    if cfg.rubric_rl.launch.num_processes > 1 or cfg.rubric_rl.launch.accelerate_config:
-        from .launch import accelerate_train
-        from .io import read_json
-        accelerate_train("rubric_rl", params_file, run_dir, overrides, cfg.rubric_rl.launch)
-        return read_json(stage_dir(run_dir, STAGE) / "train_result.json")
-    return train(cfg, run_dir)
+    from .rl import train_or_launch
+    return train_or_launch("rubric_rl", cfg.rubric_rl.launch, train, cfg, run_dir, params_file, overrides,
+                           stage_dir(run_dir, STAGE) / "train_result.json")

@@ -93,3 +93,20 @@ def test_unknown_stage_is_rejected():
     assert _select_stages(["sft", "05_eval"]) == ["02_sft", "05_eval"]
     with pytest.raises(ConfigError, match="--stages 'nope'"):
         _select_stages(["nope"])
+
+
+def test_bench_cli_lists_benchmarks_and_rejects_unknown(capsys):
+    from qedlib.__main__ import main
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("generation", "judge-concurrency", "sft-packing", "rl-learning"))
+    with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
+        main(["bench", "nope"])
+
+
+def test_cli_reports_a_bad_params_file(tmp_path, capsys):
+    from qedlib.__main__ import main
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  lrr: 1\n")
+    assert main(["run", str(bad)]) == 2
+    assert "unknown key 'sft.lrr'" in capsys.readouterr().err
