@@ -340,7 +340,7 @@ def test_run_end_to_end_tiny_and_rerun_is_free(tmp_path):
     ep = {"model": "tiny-qwen3", "batch_size": 8}
     cfg = load_config(None, {"base_model": "tiny-qwen3", "distill.teacher": ep, "distill.judge.endpoint": ep,
                              "distill.judge.mode": "score_prob", "distill.thinking": False,
-                             "distill.problems": {"path": "shipped", "limit": 4}, "distill.sampling.n": 2,
+                             "distill.problems": {"path": "shipped", "split": None, "limit": 4}, "distill.sampling.n": 2,
                              "distill.sampling.max_new_tokens": 8, "distill.drop_truncated": False,
                              "distill.max_sft_tokens": 4096, "distill.decontaminate": ["shipped:eval", "imo-nope"]})
     m = distill.run(cfg, tmp_path)
