@@ -111,6 +111,8 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
     save_config(cfg, run_dir / "config.yaml")
     wanted = _select_stages(stages)
     timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
+    info = {"params_file": str(params_file), "overrides": overrides, "commit": git_commit(), "hardware": hardware()}
+    write_json(run_dir / "run.json", {**info, "timings_s": timings})  # the report (in 05_eval) reads it
     for stage in wanted:
         src = NOTEBOOKS / f"{stage}.ipynb"
         out = stage_dir(run_dir, stage) / f"{stage}.ipynb"
@@ -126,9 +128,8 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
                                f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
         timings[stage] = round(time.perf_counter() - t0, 1)
         write_json(run_dir / "timings.json", timings)
+        write_json(run_dir / "run.json", {**info, "timings_s": timings})
         print(f"[qedlib] {stage} done in {timings[stage]:.0f} s", flush=True)
-    write_json(run_dir / "run.json", {"params_file": str(params_file), "overrides": overrides,
-                                      "commit": git_commit(), "hardware": hardware(), "timings_s": timings})
     return run_dir
 
 
