@@ -69,6 +69,7 @@ class Judge:
     invalid: Literal["drop", "zero", "retry"] = "drop"  # what a consumer does with an invalid grade
     retries_on_invalid: int = 1  # extra judge calls when invalid == "retry"
     cache: bool = True  # cache grades on disk by hash of (judge settings, filled prompt)
+    panel: list = field(default_factory=list)  # more judges (Endpoint fields each); grades combined with `combine`
 
 
 @dataclass

@@ -22,7 +22,7 @@ import re
 import statistics
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -153,6 +153,12 @@ def reward_from_grade(grade: Grade, invalid: str = "drop") -> float | None:
     raise ValueError(f"invalid={invalid!r}: use drop, zero or retry")
 
 
+def _endpoint_of(e):
+    """An Endpoint from a panel entry (a dict of Endpoint fields, validated, or an Endpoint)."""
+    from .config import Endpoint, build
+    return e if isinstance(e, Endpoint) else build(Endpoint, e, "judge.panel")
+
+
 def combine_points(points: list[float], how: str = "mean") -> tuple[float, float]:
     """Combine several grades of one proof -> (mean or median, population std)."""
     if not points:
@@ -281,6 +287,8 @@ class Grader:
         self._generator = generator
         self._lock = threading.Lock()
         self.cache = JsonlLog(Path(cache_dir) / "grades.jsonl", key="key") if cache_dir and judge.cache else None
+        # A panel of judges: each extra endpoint is a Grader of its own (own cache key space via settings).
+        self.panel = [Grader(replace(judge, endpoint=_endpoint_of(e), panel=[]), cache_dir) for e in judge.panel]
         self.stats = {"calls": 0, "cache_hits": 0, "math_verify": 0, "grades": 0,
                       "invalid": {r: 0 for r in INVALID_REASONS}, "prompt_tokens": 0, "completion_tokens": 0,
                       "cost": 0.0}
@@ -422,7 +430,19 @@ class Grader:
 
     # -- public
     async def agrade(self, problems: list[Problem], proofs: list[str], closed: list[bool] | None = None) -> list[Grade]:
-        """Grade proofs[i] of problems[i] concurrently; every proof gets a valid or invalid Grade."""
+        """Grade proofs[i] of problems[i] concurrently; every proof gets a valid or invalid Grade.
+
+        With a panel (`judge.panel`), every judge grades every proof and the grades are combined
+        per proof (`judge.combine`), the spread recorded.
+        """
+        if not self.panel:
+            return await self._agrade_one_judge(problems, proofs, closed)
+        per_judge = await asyncio.gather(self._agrade_one_judge(problems, proofs, closed),
+                                         *[g.agrade(problems, proofs, closed) for g in self.panel])
+        return [self._combine(list(gs)) for gs in zip(*per_judge)]
+
+    async def _agrade_one_judge(self, problems: list[Problem], proofs: list[str],
+                                closed: list[bool] | None = None) -> list[Grade]:
         if len(problems) != len(proofs) or (closed is not None and len(closed) != len(proofs)):
             raise ValueError(f"agrade: {len(problems)} problems, {len(proofs)} proofs"
                              f"{'' if closed is None else f', {len(closed)} closed flags'}: they must match")

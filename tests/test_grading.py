@@ -374,3 +374,20 @@ def test_agrade_is_async_and_grade_works_inside_a_running_loop():
     assert [g.points for g in grades] == [6.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="must match"):
         grader.grade([PROB], ["a", "b"])
+
+
+def test_a_panel_of_judges_is_combined_per_proof(tmp_path, shipped_problems):
+    """Two judges (same tiny model in fp32 and bf16) grade each proof; the combined grade is their mean."""
+    from qedlib.config import Endpoint, Judge
+    from qedlib.grading import Grader
+    one = Endpoint(model="tiny-qwen3", dtype="float32", batch_size=4)
+    two = {"model": "tiny-qwen3", "dtype": "bfloat16", "batch_size": 4}
+    probs, proofs = shipped_problems[:2], ["It is true because 2 is even.", "By induction on n."]
+    solo = [Grader(Judge(endpoint=one, mode="score_prob")).grade(probs, proofs),
+            Grader(Judge(endpoint=Endpoint(**two), mode="score_prob")).grade(probs, proofs)]
+    panel = Grader(Judge(endpoint=one, mode="score_prob", panel=[two], combine="mean"), cache_dir=tmp_path)
+    combined = panel.grade(probs, proofs)
+    for i, g in enumerate(combined):
+        a, b = solo[0][i].points, solo[1][i].points
+        assert g.valid and g.samples == [a, b]
+        assert abs(g.points - (a + b) / 2) < 1e-9 and abs(g.spread - abs(a - b) / 2) < 1e-9

@@ -121,3 +121,30 @@ def test_rubric_rl_trains_on_two_cpu_processes(tmp_path):
     assert [(r["rank"], r["world_size"], r["steps"]) for r in ranks] == [(0, 2, 2), (1, 2, 2)]
     assert (run / "03_rubric_rl" / "model" / "config.json").exists()
     assert json.loads((run / "03_rubric_rl" / "train_result.json").read_text())["steps"] == 2
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_model_path, shipped_problems, tmp_path):
+    rl = RLConfig(num_generations=2, prompts_per_step=2, max_steps=2, max_completion_length=6, reward="format",
+                  save_steps=1)
+    train_on_problems(rl, tiny_model_path, shipped_problems[:4], tmp_path, thinking=False)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    from dataclasses import replace
+    rows, trainer = train_on_problems(replace(rl, max_steps=3), tiny_model_path, shipped_problems[:4], tmp_path,
+                                      thinking=False, resume=True)
+    assert trainer.state.global_step == 3
+    assert len(trainer.generation_seconds) == 1  # only step 3 was generated and trained: no restart from zero
+    assert [r["step"] for r in rows] == [1, 2, 3]  # the log history came back with the checkpoint
+
+
+def test_lora_policy_is_merged_for_the_next_stage(tiny_model_path, shipped_problems, tmp_path):
+    from qedlib.config import Lora
+    from qedlib.rl import save_policy
+    rl = RLConfig(num_generations=2, prompts_per_step=2, max_steps=1, max_completion_length=6, reward="format",
+                  save_steps=100, lr=1e-2, lora=Lora(enabled=True, r=4, alpha=8))
+    _, trainer = train_on_problems(rl, tiny_model_path, shipped_problems[:2], tmp_path / "ckpt", thinking=False)
+    assert any("lora_" in n for n, _ in trainer.model.named_parameters())
+    out = save_policy(trainer, tmp_path / "model", merge=True)
+    assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
