@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, replace
 
-from .policy import fill_template
+from .prompts import fill
 
 
 @dataclass
@@ -38,14 +38,14 @@ class CacheState:
 def reasoning_messages(problem: str, summary: str) -> list[dict]:
     """The policy's prompt for one turn: the problem alone at first, then problem + summary."""
     if not summary:
-        return [{"role": "user", "content": fill_template("rc_reason_first", problem=problem)}]
-    return [{"role": "user", "content": fill_template("rc_reason", problem=problem, summary=summary)}]
+        return [{"role": "user", "content": fill("rc_reason_first", problem=problem).strip()}]
+    return [{"role": "user", "content": fill("rc_reason", problem=problem, summary=summary).strip()}]
 
 
 def summary_messages(problem: str, previous_summary: str, attempt: str) -> list[dict]:
     """The summariser's prompt: the latest attempt in light of the previous summary."""
-    return [{"role": "user", "content": fill_template(
-        "rc_summarise", problem=problem, previous_summary=previous_summary or "(none)", attempt=attempt or "(empty)")}]
+    return [{"role": "user", "content": fill(
+        "rc_summarise", problem=problem, previous_summary=previous_summary or "(none)", attempt=attempt or "(empty)").strip()}]
 
 
 def _attempt_text(c) -> str:
