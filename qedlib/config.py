@@ -161,7 +161,7 @@ class SFTConfig:
     eval_steps: Optional[int] = None  # eval loss every N steps (None: every save_steps); final eval always runs
     save_total_limit: Optional[int] = 2  # keep only the newest N checkpoints (workbook default)
     chat_template: Optional[str] = None  # Jinja file with {% generation %} markers, for a model whose template qedlib does not know
-    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (GPU, best for padding-free); None: transformers' default
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | qed_varlen_sdpa; auto: see sft.attention_for
 
 
 @dataclass

@@ -112,6 +112,8 @@ def resolve_model(ref: str) -> str:
         return str(build_tiny())
     path = Path(ref).expanduser()
     if path.exists():
+        if not (path / "config.json").exists() and (path / "adapter_config.json").exists():
+            return str(merged_adapter(path))
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model folder {path} has no config.json: is it a checkpoint folder?")
         return str(path)
@@ -120,6 +122,39 @@ def resolve_model(ref: str) -> str:
     raise FileNotFoundError(
         f"model reference {ref!r} is neither {EMBEDDED!r}, {TINY!r}, an existing folder, nor a hub id "
         "of the form org/name")
+
+
+def merged_adapter(adapter: Path) -> Path:
+    """A full model folder for a peft LoRA adapter folder (e.g. SFT with `lora.merge: false`).
+
+    Generation (transformers or vLLM) and full-parameter RL need whole weights, so the adapter is
+    merged into its base once, into `<adapter>-merged/` next to it (written atomically), and reused.
+    """
+    import json
+    out = adapter.with_name(adapter.name + "-merged")
+    if (out / "config.json").exists():
+        return out
+    cfg_file = adapter / "adapter_config.json"
+    try:
+        base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: cannot read base_model_name_or_path ({e}); fix the file or point the "
+                         "params at a full model folder") from e
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"[qedlib] {adapter} is a LoRA adapter on {base}: merging it once into {out}")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(base), dtype="auto")
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else resolve_model(base)
+    AutoTokenizer.from_pretrained(tok_src).save_pretrained(str(tmp))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process (a second rank) finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 @dataclass

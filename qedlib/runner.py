@@ -44,6 +44,11 @@ def start_stage(params_file: str, run_dir: str, overrides: dict, stage: str) -> 
     return cfg, folder
 
 
+def _is_model(path: Path) -> bool:
+    """A full model folder or a LoRA adapter folder (merged on first use by models.resolve_model)."""
+    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
+
+
 def checkpoint(cfg: Config, run_dir: str | Path, ref: str) -> str:
     """Resolve a model reference that may name a stage of this run.
 
@@ -55,14 +60,14 @@ def checkpoint(cfg: Config, run_dir: str | Path, ref: str) -> str:
         return cfg.base_model
     if ref in MODEL_DIRS:
         path = Path(run_dir) / MODEL_DIRS[ref]
-        if not (path / "config.json").exists():
+        if not _is_model(path):
             raise FileNotFoundError(f"checkpoint {ref!r}: {path} has no model; run that stage first "
                                     f"(python -m qedlib run PARAMS --stages ...)")
         return str(path)
     if ref == "previous":
         for name in ("rc_rl", "rubric_rl", "sft"):
             path = Path(run_dir) / MODEL_DIRS[name]
-            if (path / "config.json").exists():
+            if _is_model(path):
                 return str(path)
         return cfg.base_model
     return ref

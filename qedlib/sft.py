@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from . import attention
 from .config import Config
 from .io import read_json, stage_dir, write_json
 from .models import CHATML_TRAINING_TEMPLATE, pick_device, resolve_model
@@ -287,6 +288,20 @@ def _weights_dtype(cfg: Config, device: str):
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def attention_for(cfg: Config, device: str) -> Optional[str]:
+    """The attention kernel for training: sft.attn_implementation, where "auto" picks a varlen kernel for
+    padding-free/packed rows (flash-attn when installed on CUDA, else qedlib's per-example sdpa) and
+    transformers' default otherwise."""
+    choice = cfg.sft.attn_implementation
+    if choice == attention.NAME or (choice == "auto" and (cfg.sft.packing or cfg.sft.padding_free)):
+        if choice == "auto" and device == "cuda":
+            import importlib.util
+            if importlib.util.find_spec("flash_attn") is not None:
+                return "flash_attention_2"
+        return attention.register()
+    return None if choice == "auto" else choice
+
+
 def load_for_training(cfg: Config, model_ref: str):
     """(tokenizer, model, device choice) for training; QLoRA loads the base in 4-bit."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -296,9 +311,8 @@ def load_for_training(cfg: Config, model_ref: str):
     tok.padding_side = "right"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    kwargs: dict = {"dtype": _weights_dtype(cfg, choice.device)}
-    if cfg.sft.attn_implementation:
-        kwargs["attn_implementation"] = cfg.sft.attn_implementation
+    kwargs: dict = {"dtype": _weights_dtype(cfg, choice.device),
+                    "attn_implementation": attention_for(cfg, choice.device)}
     if cfg.sft.qlora:
         if not cfg.sft.lora.enabled or choice.device != "cuda":
             raise ValueError("sft.qlora needs sft.lora.enabled: true and a CUDA GPU (bitsandbytes 4-bit)")
@@ -573,11 +587,15 @@ def _bench_cpu(model_ref: str, steps: int, batch_size: int) -> list[list]:
     data, stats = build_tokenized(shipped_sft_dataset(), tok, 4096, "drop")
     data = data.shuffle(seed=0)
     pack_len = int(batch_size * stats["tokens_mean"])
-    variants = [("padded", dict(packing=False, padding_free=False, max_length=None), batch_size),
-                ("padding-free", dict(packing=False, padding_free=True, max_length=None), batch_size),
-                (f"packed bfd ({pack_len} tok rows)", dict(packing=True, max_length=pack_len), 1)]
+    varlen = attention.register()
+    variants = [("padded", dict(packing=False, padding_free=False, max_length=None), batch_size, "sdpa"),
+                ("padding-free, sdpa block mask", dict(packing=False, padding_free=True, max_length=None),
+                 batch_size, "sdpa"),
+                ("padding-free, varlen sdpa", dict(packing=False, padding_free=True, max_length=None),
+                 batch_size, varlen),
+                (f"packed bfd ({pack_len} tok rows), varlen sdpa", dict(packing=True, max_length=pack_len), 1, varlen)]
     rows, device = [], pick_device("cpu", "auto", training=True, verbose=False).device
-    for name, kw, bs in variants:
+    for name, kw, bs, attn in variants:
         cfg = Config()
         cfg.sft.batch_size, cfg.sft.gradient_checkpointing = bs, False
         timer = _StepTimer()
@@ -585,7 +603,8 @@ def _bench_cpu(model_ref: str, steps: int, batch_size: int) -> list[list]:
             args = trl_args(cfg, Path(out), device, False, max_steps=steps + 1, save_strategy="no",
                             logging_steps=1000, lr_scheduler_type="constant", warmup_steps=0, disable_tqdm=True,
                             **{"packing_strategy": "bfd", **kw})
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=_weights_dtype(cfg, device))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_weights_dtype(cfg, device),
+                                                         attn_implementation=attn)
             SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                        callbacks=[timer.callback]).train()
         rows.append([name, device, bs, steps, round(timer.tokens_per_second(), 1)])

@@ -162,6 +162,51 @@ def test_padding_free_batch_gives_the_same_loss_as_padded():
     assert abs(lp.item() - lw.item()) > 1e-3
 
 
+def test_varlen_attention_matches_each_example_alone_and_falls_back_when_padded():
+    """qed_varlen_sdpa on a packed row gives every example the logits (and gradients) it has alone;
+    a left-padded batch (mask, KV cache) decodes exactly as transformers' sdpa does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from qedlib import attention
+    name = attention.register()
+    torch.manual_seed(0)
+    seqs = [torch.randint(5, 1000, (n,)) for n in (17, 64, 3, 40)]
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32, attn_implementation=name)
+    packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    packed[0, :, :5].sum().backward()
+    g_packed = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    alone = torch.cat([model(input_ids=s[None], use_cache=False).logits for s in seqs], dim=1)
+    alone[0, :, :5].sum().backward()
+    g_alone = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert (packed - alone).abs().max().item() < 1e-4
+    assert torch.allclose(g_packed, g_alone, atol=1e-5)
+    # without the boundaries the row is one sequence: the check above can fail
+    whole = model(input_ids=ids, use_cache=False).logits
+    assert (whole - alone).abs().max().item() > 1e-3
+
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    tok.pad_token = tok.pad_token or tok.eos_token
+    enc = tok(["Prove that two plus two is four", "Hi"], return_tensors="pt", padding=True)
+    sdpa = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32, attn_implementation="sdpa")
+    out_v = model.generate(**enc, max_new_tokens=6, do_sample=False)
+    out_s = sdpa.generate(**enc, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out_v, out_s)
+
+
+def test_attention_choice_for_training():
+    from qedlib import attention
+    cfg = load_config(None)
+    assert sft.attention_for(cfg, "cpu") is None  # padded batches: transformers' default
+    cfg.sft.padding_free = True
+    assert sft.attention_for(cfg, "cpu") == attention.NAME
+    cfg.sft.attn_implementation = "eager"
+    assert sft.attention_for(cfg, "cpu") == "eager"
+
+
 # ---------------------------------------------------------------- training
 class StopAfter:
     """A callback that kills training (an exception, like a crash) once global_step reaches `step`."""
@@ -208,6 +253,44 @@ def test_lora_adapter_is_merged_into_the_saved_model(tmp_path):
     tuned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     diff = sum((a - b).abs().sum().item() for a, b in zip(base.parameters(), tuned.parameters()))
     assert diff > 0  # the merged weights moved
+
+
+def test_lora_adapter_without_merge_is_usable_by_later_stages(tmp_path):
+    """merge: false keeps the adapter as the stage output; loading it merges once into model-merged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from qedlib.models import load_model
+    from qedlib.runner import checkpoint
+    run, params = make_run(tmp_path, max_steps=2, lr=1.0e-2,
+                           **{"lora": {"enabled": True, "r": 4, "alpha": 8, "merge": False}})
+    cfg = load_config(params)
+    m = sft.train(cfg, run)
+    out = Path(m["model_dir"])
+    assert (out / "adapter_config.json").exists() and not (out / "config.json").exists()
+    assert checkpoint(cfg, run, "previous") == str(out)
+    tok, model = load_model(str(out), device="cpu", dtype="float32")
+    assert (out.parent / "model-merged" / "config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_padding_free_training_uses_varlen_attention_and_saves_a_plain_model(tmp_path):
+    import subprocess
+    import sys
+    run, params = make_run(tmp_path, max_steps=2, padding_free=True)
+    m = sft.train(load_config(params), run)
+    assert m["steps"] == 2 and m["padding_free"]
+    saved = json.loads((Path(m["model_dir"]) / "config.json").read_text())
+    assert "qed_varlen" not in json.dumps(saved)
+    # a fresh process that never registered the kernel loads it
+    code = ("import sys; from transformers import AutoModelForCausalLM; "
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1]); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code, m["model_dir"]], capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
 def test_log_frame_and_curves_from_history():
