@@ -62,3 +62,35 @@ def test_two_cpu_processes_train_with_gloo(tmp_path, capsys):
     assert "'loss'" in capsys.readouterr().out  # the log was streamed here
     metrics = json.loads((run / "02_sft" / "train_metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 2
+
+
+def test_shipped_fsdp2_config_trains_saves_and_resumes_on_two_cpu_processes(tmp_path):
+    """The shipped FSDP v2 config (transformer-block wrapping, full state dict), moved to the CPU:
+    both ranks train, the saved model is a plain HF folder whose weights moved, and resume continues."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from qedlib import sft
+    from qedlib.launch import accelerate_config_path
+    from qedlib.models import TINY, resolve_model
+    shipped = yaml.safe_load(accelerate_config_path("fsdp").read_text())
+    assert shipped["distributed_type"] == "FSDP" and shipped["fsdp_config"]["fsdp_version"] == 2
+    config = tmp_path / "fsdp-cpu.yaml"
+    config.write_text(yaml.safe_dump({**shipped, "use_cpu": True, "mixed_precision": "no", "num_processes": 2}))
+    run = tmp_path / "run"
+    rows = [sft.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"{i} + {i} = {2 * i}.") for i in range(8)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(run / "01_distill" / "dataset"))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"base_model": TINY, "device": "cpu", "sft": {
+        "max_length": 96, "max_steps": 2, "batch_size": 2, "save_steps": 2, "eval_fraction": 0.0, "lr": 1.0e-3}}))
+    launch = Launch(num_processes=2, accelerate_config=str(config))
+    assert accelerate_train("sft", params, run, {}, launch) == 0
+    ranks = [json.loads(p.read_text()) for p in sorted((run / "02_sft" / "ranks").glob("rank*.json"))]
+    assert [(r["rank"], r["world_size"], r["steps_this_run"]) for r in ranks] == [(0, 2, 2), (1, 2, 2)]
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    tuned = AutoModelForCausalLM.from_pretrained(run / "02_sft" / "model", dtype=torch.float32)
+    assert sum(p.numel() for p in tuned.parameters()) == sum(p.numel() for p in base.parameters())
+    assert sum((a - b).abs().sum().item() for a, b in zip(base.parameters(), tuned.parameters())) > 0
+    assert accelerate_train("sft", params, run, {"sft.resume": True, "sft.max_steps": 4}, launch) == 0
+    metrics = json.loads((run / "02_sft" / "train_metrics.json").read_text())
+    assert (metrics["resumed_from"], metrics["steps"], metrics["steps_this_run"]) == ("checkpoint-2", 4, 2)
