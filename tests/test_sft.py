@@ -293,6 +293,24 @@ def test_padding_free_training_uses_varlen_attention_and_saves_a_plain_model(tmp
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
+def test_report_to_tensorboard_writes_the_training_curves(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run, params = make_run(tmp_path, max_steps=2, report_to=["tensorboard"])
+    sft.train(load_config(params), run)
+    events = list((run / "02_sft").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file under 02_sft"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert len(acc.Scalars("train/loss")) == 2
+
+
+def test_qlora_off_gpu_is_refused_with_the_reason(tmp_path):
+    run, params = make_run(tmp_path, qlora=True, lora={"enabled": True})
+    with pytest.raises(ValueError, match="CUDA"):
+        sft.train(load_config(params), run)
+
+
 def test_log_frame_and_curves_from_history():
     history = [{"loss": 2.0, "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_second": 100.0, "step": 1},
                {"eval_loss": 1.9, "step": 1}, {"loss": 1.5, "learning_rate": 5e-4, "grad_norm": 0.8, "step": 2}]
