@@ -231,7 +231,7 @@ class EvalConfig:
     benchmark_limit: Optional[int] = None  # first N problems per benchmark
     samples: int = 1  # runs per problem (paper 3)
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.8, max_new_tokens=256))
-    scaffolds: list = field(default_factory=lambda: ["single", "rc"])  # single | rc | self_check | rsa | dsm
+    scaffolds: list = field(default_factory=lambda: ["single", "rc"])  # single | rc | self_check | rsa | dsm | nomos
     rc: RCSettings = field(default_factory=RCSettings)
     judge: Judge = field(default_factory=Judge)
     success_threshold: int = 6  # pass@k counts score >= this as a success
@@ -248,6 +248,9 @@ class EvalConfig:
     dsm_proofs: int = 4  # dsm: proofs per pool (paper 4)
     dsm_verifications: int = 4  # dsm: self-verifications per proof (paper 4)
     dsm_rounds: int = 2  # dsm: refinement rounds of the best proof (paper 2)
+    nomos_samples: int = 16  # nomos: samples per problem, each self-scored once (paper 16)
+    nomos_keep: int = 4  # nomos: best self-scored samples that are consolidated (workbook default)
+    nomos_consolidated: int = 4  # nomos: consolidated proofs written from them (workbook default)
     max_calls: Optional[int] = None  # scaffold budget: model calls per problem and sample (None: unlimited)
     max_tokens: Optional[int] = None  # scaffold budget: generated tokens per problem and sample (None: unlimited)
     calibration_limit: Optional[int] = None  # judge calibration: grade the first N calibration proofs (0 skips it; None: all)

@@ -200,6 +200,18 @@ def write_report(run_dir, rows: Optional[list[dict]] = None, summary=None, thres
     return {"md": md_path, "html": html_path, "figures": figs}
 
 
+def refresh(run_dir, cfg) -> dict:
+    """Rewrite the report from what the run folder holds (every stage's metrics, 05_eval/results.jsonl).
+
+    The pipeline runner calls this after the last stage, so the report also carries 05_eval's own
+    metrics and wall time, which do not exist yet while 05_eval writes its first version.
+    """
+    from . import evaluation
+    rows = evaluation.read_results(Path(run_dir) / "05_eval") if (Path(run_dir) / "05_eval" / "results.jsonl").exists() else []
+    summary = evaluation.summary_table(rows, cfg) if rows else None
+    return write_report(run_dir, rows, summary, cfg.eval.success_threshold, cfg.eval.bootstrap, cfg.seed)
+
+
 def _md_table_to_html(body: str) -> str:
     lines = [l for l in body.splitlines() if l.startswith("|")]
     if len(lines) < 2:

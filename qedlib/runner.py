@@ -135,6 +135,9 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
         write_json(run_dir / "timings.json", timings)
         write_json(run_dir / "run.json", {**info, "timings_s": timings})
         print(f"[qedlib] {stage} done in {timings[stage]:.0f} s", flush=True)
+    from . import report
+    written = report.refresh(run_dir, cfg)  # now with every finished stage's metrics and wall time
+    print(f"[qedlib] report: {written['md']} and {written['html']}", flush=True)
     return run_dir
 
 

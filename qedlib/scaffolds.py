@@ -1,4 +1,4 @@
-"""Test-time scaffolds: single pass, reasoning cache, self-check, RSA and DeepSeek-Math-style refinement.
+"""Test-time scaffolds: single pass, reasoning cache, self-check, RSA, DeepSeek-Math-style refinement, Nomos.
 
 Used by notebooks/05_eval.ipynb through qedlib.evaluation. Every scaffold takes a batch of
 problems and a policy generator (generation.make_generator) and returns one `ScaffoldResult` per
@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from .policy import proof_messages
 from .prompts import fill
 
-SCAFFOLDS = ["single", "rc", "self_check", "rsa", "dsm"]
+SCAFFOLDS = ["single", "rc", "self_check", "rsa", "dsm", "nomos"]
 
 # The paper's settings (RECIPE, stage 5), mirrored by the EvalConfig defaults.
 PAPER_DEFAULTS = {
@@ -27,6 +27,7 @@ PAPER_DEFAULTS = {
     "self_check": {"passes": 5, "failures": 10},
     "rsa": {"population": 8, "merge": 3, "rounds": 3},
     "dsm": {"proofs": 4, "verifications": 4, "rounds": 2},
+    "nomos": {"samples": 16},
 }
 
 
@@ -46,6 +47,9 @@ class ScaffoldSettings:
     dsm_proofs: int = 4
     dsm_verifications: int = 4
     dsm_rounds: int = 2
+    nomos_samples: int = 16
+    nomos_keep: int = 4
+    nomos_consolidated: int = 4
     rc: object = None  # config.RCSettings for the "rc" scaffold
 
 
@@ -248,9 +252,16 @@ def rsa(problems, policy, sampling, settings: ScaffoldSettings, seed=None, **_) 
         for i, members in new.items():
             pops[i] = members
             results[i].trace.append({"step": f"merge round {rnd + 1}", "closed": sum(c.think_closed for c in members)})
+    _tournament(problems, pops, policy, sampling, settings, results, rng, seed, 100)
+    for r, pop in zip(results, pops):
+        r.take(pop[0])
+    return results
+
+
+def _tournament(problems, pops, policy, sampling, settings, results, rng, seed, step) -> None:
+    """Pairwise knock-out (scaffold_compare) until one proof per problem is left in pops[i][0]."""
     for i in range(len(problems)):  # only proofs that exist enter the tournament
         pops[i] = [c for c in pops[i] if c.think_closed and c.final] or pops[i][:1]
-    step = 100
     while any(len(p) > 1 for p in pops):
         reqs, pairs = [], []
         for i, pop in enumerate(pops):
@@ -271,9 +282,6 @@ def rsa(problems, policy, sampling, settings: ScaffoldSettings, seed=None, **_) 
             results[i].trace.append({"step": "compare", "choice": choice})
         for i, s in survivors.items():
             pops[i] = s
-    for r, pop in zip(results, pops):
-        r.take(pop[0])
-    return results
 
 
 def dsm(problems, policy, sampling, settings: ScaffoldSettings, seed=None, **_) -> list[ScaffoldResult]:
@@ -285,12 +293,14 @@ def dsm(problems, policy, sampling, settings: ScaffoldSettings, seed=None, **_) 
     def verify(new: dict[int, list], step: int) -> None:
         reqs, owners = [], []
         for i, comps in new.items():
+            planned = 0  # verifications of this problem already queued (charged only after the batch)
             for c in comps:
                 entry = {"c": c, "scores": [], "critiques": []}
                 pools[i].append(entry)
-                if c.think_closed and c.final and _within_budget(results[i], settings, nv):
+                if c.think_closed and c.final and _within_budget(results[i], settings, planned + nv):
                     reqs.append((i, _user("scaffold_verify", problem=problems[i].problem, proof=c.final)))
                     owners.append(entry)
+                    planned += nv
         for entry, group in zip(owners, _batch(policy, reqs, sampling, nv, settings.thinking, results, seed, step)):
             for v in group:
                 entry["scores"].append(parse_verify_score(v.final or v.text))
@@ -316,6 +326,52 @@ def dsm(problems, policy, sampling, settings: ScaffoldSettings, seed=None, **_) 
     return results
 
 
+def nomos(problems, policy, sampling, settings: ScaffoldSettings, seed=None, **_) -> list[ScaffoldResult]:
+    """Nomos-style: many samples, each self-scored; the best few consolidated; a pairwise tournament picks one.
+
+    RECIPE names the steps (16 samples, self-score, consolidate, tournament). How many samples go on
+    to consolidation (`nomos_keep`) and how many consolidated proofs are written
+    (`nomos_consolidated`) are workbook defaults. The finalists are the kept proofs and the
+    consolidated ones, so consolidation can only add candidates, never lose the best sample.
+    """
+    results = [ScaffoldResult() for _ in problems]
+    rng = random.Random(seed)
+    samples = _batch(policy, [(i, solve_messages(p.problem, settings.task)) for i, p in enumerate(problems)],
+                     sampling, settings.nomos_samples, settings.thinking, results, seed, 0)
+    samples = [list(g) for g in samples]
+    reqs, owners = [], []
+    for i, group in enumerate(samples):
+        planned = 0  # verifications of this problem already queued (charged only after the batch)
+        for j, c in enumerate(group):
+            if c.think_closed and c.final and _within_budget(results[i], settings, planned + 1):
+                reqs.append((i, _user("scaffold_verify", problem=problems[i].problem, proof=c.final)))
+                owners.append((i, j))
+                planned += 1
+    scores = [[None] * len(g) for g in samples]
+    for (i, j), group in zip(owners, _batch(policy, reqs, sampling, 1, settings.thinking, results, seed, 1)):
+        scores[i][j] = parse_verify_score(group[0].final or group[0].text)
+    kept = []
+    for i, group in enumerate(samples):
+        # existing proofs first, then self-score (missing counts as -1), then sample order
+        order = sorted(range(len(group)), key=lambda j: (not (group[j].think_closed and group[j].final),
+                                                         -(scores[i][j] if scores[i][j] is not None else -1), j))
+        kept.append([group[j] for j in order[:settings.nomos_keep]])
+        results[i].trace.append({"step": "self-score", "scores": scores[i],
+                                 "kept": [order[k] for k in range(min(settings.nomos_keep, len(order)))]})
+    reqs = [(i, _user("scaffold_merge", problem=problems[i].problem, candidates=_candidates_block(kept[i])))
+            for i in range(len(problems)) if settings.nomos_consolidated > 0 and len(kept[i]) > 1
+            and any(c.think_closed for c in kept[i]) and _within_budget(results[i], settings, settings.nomos_consolidated)]
+    finalists = [list(k) for k in kept]
+    for (i, _), group in zip(reqs, _batch(policy, reqs, sampling, settings.nomos_consolidated, settings.thinking,
+                                          results, seed, 2)):
+        finalists[i].extend(group)
+        results[i].trace.append({"step": "consolidate", "closed": sum(c.think_closed for c in group)})
+    _tournament(problems, finalists, policy, sampling, settings, results, rng, seed, 100)
+    for r, pop in zip(results, finalists):
+        r.take(pop[0])
+    return results
+
+
 def _dsm_rank(entry: dict) -> tuple:
     # Existing proofs first, then mean self-verification score (missing scores count as 0).
     scores = [s if s is not None else 0 for s in entry["scores"]]
@@ -323,7 +379,7 @@ def _dsm_rank(entry: dict) -> tuple:
 
 
 SCAFFOLD_FUNCTIONS: dict[str, Callable] = {"single": single_pass, "rc": reasoning_cache, "self_check": self_check,
-                                           "rsa": rsa, "dsm": dsm}
+                                           "rsa": rsa, "dsm": dsm, "nomos": nomos}
 
 
 def run_scaffold(name: str, problems, policy, sampling, settings: ScaffoldSettings, seed: Optional[int] = None,

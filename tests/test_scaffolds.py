@@ -105,6 +105,23 @@ def test_dsm_refines_the_best_verified_proof():
     assert res.calls == 2 + 4 + 2 + 4
 
 
+def test_nomos_self_scores_consolidates_the_best_and_runs_a_tournament():
+    # 4 samples self-scored 3, 7, 5, 1 -> keep #2 and #3, consolidate them into #5, knock-out over 3 finalists
+    pol = ScriptedPolicy([3, 7, 5, 1], choice="A")
+    s = scaffolds.ScaffoldSettings(nomos_samples=4, nomos_keep=2, nomos_consolidated=1)
+    (res,) = scaffolds.run_scaffold("nomos", PROBLEMS[:1], pol, SAMPLING, s, seed=1)
+    k = kinds(pol)
+    assert k == ["solve", "verify", "verify", "verify", "verify", "merge", "compare", "compare"]
+    merge = pol.prompts[k.index("merge")]
+    assert "proof #2" in merge and "proof #3" in merge and "proof #1" not in merge and "proof #4" not in merge
+    assert res.trace[0] == {"step": "self-score", "scores": [3, 7, 5, 1], "kept": [1, 2]}
+    assert res.final in ("proof #2", "proof #3", "proof #5") and res.calls == 4 + 4 + 1 + 2
+    # a call budget stops it early and says so
+    (cut,) = scaffolds.run_scaffold("nomos", PROBLEMS[:1], ScriptedPolicy([3, 7, 5, 1]), SAMPLING,
+                                    scaffolds.ScaffoldSettings(nomos_samples=4, nomos_keep=2, max_calls=6), seed=1)
+    assert cut.budget_hit and cut.calls <= 6 and cut.final.startswith("proof #")
+
+
 def test_parsers_on_literals():
     assert scaffolds.parse_verify_score("x <score>6</score> y <score> 3 </score>") == 3
     assert scaffolds.parse_verify_score("<score>9</score>") is None
@@ -124,10 +141,11 @@ def tiny_policy():
     return make_generator(Endpoint(model="tiny-qwen3", device="cpu", dtype="float32", batch_size=8))
 
 
-@pytest.mark.parametrize("name", ["single", "self_check", "rsa", "dsm", "rc"])
+@pytest.mark.parametrize("name", ["single", "self_check", "rsa", "dsm", "nomos", "rc"])
 def test_every_scaffold_runs_on_tiny_qwen3(tiny_policy, name):
     s = scaffolds.ScaffoldSettings(self_check_passes=1, self_check_failures=2, rsa_population=2, rsa_merge=2,
                                    rsa_rounds=1, dsm_proofs=2, dsm_verifications=1, dsm_rounds=1,
+                                   nomos_samples=3, nomos_keep=2, nomos_consolidated=1,
                                    rc=RCSettings(turns=2, reasoning_budget=8, summary=Sampling(temperature=0.7, max_new_tokens=8)))
     res = scaffolds.run_scaffold(name, PROBLEMS, tiny_policy, Sampling(temperature=0.8, max_new_tokens=8), s, seed=0)
     assert len(res) == 2

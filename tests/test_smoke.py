@@ -79,3 +79,14 @@ def test_eval_metrics_and_report(run_dir):
         for scaffold, row in by_scaffold.items():
             assert 0.0 <= row["mean_score_pct"] <= 100.0 and 0.0 <= row["truncation_rate"] <= 1.0, (ckpt, scaffold)
     assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
+
+
+def test_report_lists_every_stage_with_wall_time_including_eval(run_dir):
+    """The runner rewrites the report after the last stage, so 05_eval's own row is in it too."""
+    md = (run_dir / "report.md").read_text()
+    stages = md.split("## Stages", 1)[1].split("## ", 1)[0]
+    for stage in ("01_distill", "02_sft", "03_rubric_rl", "04_reasoning_cache_rl", "05_eval"):
+        row = next((l for l in stages.splitlines() if l.startswith(f"| {stage} |")), None)
+        assert row is not None, stage
+        assert float(row.split("|")[2]) > 0, row  # wall time from timings.json
+    assert "mean_score_pct" in md or "Scores (mean" in md
