@@ -295,16 +295,19 @@ def run_sync(coro):
 class VLLMGenerator:
     """In-process vLLM engine; imported lazily because vLLM has no CPU wheel."""
 
-    def __init__(self, endpoint):
-        try:
-            from vllm import LLM
-        except ImportError as e:
-            raise ImportError("backend 'vllm' needs vLLM on a GPU machine: install the `gpu` extra "
-                              "(see environment.yml) or use backend 'transformers'") from e
-        from .models import resolve_model
+    def __init__(self, endpoint, llm=None, tokenizer=None):
+        """Start an engine for endpoint.model, or wrap a running one (`llm`, e.g. TRL's colocated engine)."""
         self.endpoint = endpoint
-        self.llm = LLM(model=resolve_model(endpoint.model), **endpoint.vllm)
-        self.tokenizer = self.llm.get_tokenizer()
+        if llm is None:
+            try:
+                from vllm import LLM
+            except ImportError as e:
+                raise ImportError("backend 'vllm' needs vLLM on a GPU machine: install the `gpu` extra "
+                                  "(see environment.yml) or use backend 'transformers'") from e
+            from .models import resolve_model
+            llm = LLM(model=resolve_model(endpoint.model), **endpoint.vllm)
+        self.llm = llm
+        self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
 
     def generate(self, prompts: list[list[dict]], sampling, thinking: bool = False) -> list[list[Completion]]:
         texts = [render_prompt(self.tokenizer, m, thinking) for m in prompts]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import Endpoint, Sampling
 from .data import load_source
-from .generation import TransformersGenerator, make_generator, render_prompt, run_sync
+from .generation import TransformersGenerator, VLLMGenerator, make_generator, render_prompt, run_sync
 from .io import stage_dir, write_json, write_jsonl
 from .models import resolve_model
 from .reasoning_cache import cache_state_prompts, rc_rollout
@@ -43,7 +43,20 @@ class RCRollout:
         self.timing: list[dict] = []
 
     def policy_generator(self, trainer):
-        """Our transformers generator around the model being trained (no copy)."""
+        """The current policy as a generator: TRL's colocated vLLM engine when `use_vllm` (TRL syncs the
+        trained weights into it before each rollout), else our transformers generator around the
+        model being trained (no copy)."""
+        if getattr(trainer, "use_vllm", False):
+            vg = trainer.vllm_generation
+            if vg.mode != "colocate":
+                raise ValueError("rc_rl with rl.use_vllm needs rl.vllm_mode: colocate: the RC loop makes several "
+                                 "calls per step with their own token budgets, which TRL's vllm-serve client "
+                                 "does not offer here; use colocate, or use_vllm: false")
+            if getattr(vg, "enable_sleep_mode", False):
+                raise ValueError("rc_rl with rl.use_vllm does not support vLLM sleep mode (the engine's weights "
+                                 "are discarded between steps); set vllm_enable_sleep_mode off")
+            return VLLMGenerator(Endpoint(backend="vllm", model="policy"), llm=vg.llm,
+                                 tokenizer=trainer.processing_class)
         model = trainer.accelerator.unwrap_model(trainer.model)
         ep = Endpoint(batch_size=self.rl.rollout_batch_size)
         return TransformersGenerator(ep, model=model, tokenizer=trainer.processing_class)
@@ -56,9 +69,10 @@ class RCRollout:
         pids = [self.prompt_to_id[p] for p in order]
         probs = [self.problems[pid] for pid in pids]
         policy = self.policy_generator(trainer)
-        model = policy.model
-        was_training = model.training
-        model.eval()
+        model = getattr(policy, "model", None)  # None for vLLM: the trained model is not used to generate
+        was_training = model.training if model is not None else False
+        if model is not None:
+            model.eval()
         try:
             summariser = self.summariser or policy
             sampling = Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p)
@@ -82,7 +96,8 @@ class RCRollout:
                                                         max_new_tokens=self.rl.max_completion_length, n=G),
                                         self.thinking)
         finally:
-            model.train(was_training)
+            if model is not None:
+                model.train(was_training)
         self._record(step, probs, trajs)
         tok = policy.tokenizer
         prompt_ids, completion_ids = [], []

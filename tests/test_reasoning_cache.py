@@ -104,3 +104,25 @@ def test_eval_scaffold_and_rc_rl_build_identical_state_prompts(tiny_model_path, 
     # turn prompts (policy calls) agree; training additionally summarises the last turn
     assert eval_prompts[0] == train_prompts[0] and eval_prompts[2] == train_prompts[2]
     assert len(out["completion_ids"]) == 4 and len(out["prompt_ids"]) == 4
+
+
+def test_rc_rl_policy_generator_uses_trls_colocated_vllm_engine_or_explains():
+    """With rl.use_vllm the RC loop generates with TRL's colocated engine (weights synced by TRL);
+    server mode and sleep mode are refused with the fix. (vLLM itself needs a GPU: wiring only here.)"""
+    from types import SimpleNamespace
+    import pytest
+    from qedlib.config import RCRLConfig
+    from qedlib.generation import VLLMGenerator
+    from qedlib.rc_rl import RCRollout
+    rollout = RCRollout(RCRLConfig(), {}, thinking=True)
+    engine, tok = object(), object()
+    trainer = SimpleNamespace(use_vllm=True, processing_class=tok,
+                              vllm_generation=SimpleNamespace(mode="colocate", enable_sleep_mode=False, llm=engine))
+    gen = rollout.policy_generator(trainer)
+    assert isinstance(gen, VLLMGenerator) and gen.llm is engine and gen.tokenizer is tok
+    trainer.vllm_generation.mode = "server"
+    with pytest.raises(ValueError, match="vllm_mode: colocate"):
+        rollout.policy_generator(trainer)
+    trainer.vllm_generation.mode, trainer.vllm_generation.enable_sleep_mode = "colocate", True
+    with pytest.raises(ValueError, match="sleep mode"):
+        rollout.policy_generator(trainer)
