@@ -281,7 +281,7 @@ def test_lora_adapter_without_merge_is_usable_by_later_stages(tmp_path):
 def test_padding_free_training_uses_varlen_attention_and_saves_a_plain_model(tmp_path):
     import subprocess
     import sys
-    run, params = make_run(tmp_path, max_steps=2, padding_free=True)
+    run, params = make_run(tmp_path, max_steps=2, padding_free=True, gradient_checkpointing=True)
     m = sft.train(load_config(params), run)
     assert m["steps"] == 2 and m["padding_free"]
     saved = json.loads((Path(m["model_dir"]) / "config.json").read_text())
