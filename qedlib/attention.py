@@ -18,7 +18,11 @@ NAME = "qed_varlen_sdpa"
 def _segments(cu_seq_lens, position_ids, length: int) -> list[int] | None:
     """Example boundaries [0, ..., length] of a single packed row, or None when the row holds one example."""
     if cu_seq_lens is not None:
-        bounds = [int(x) for x in cu_seq_lens.tolist()]
+        # every layer gets the same tensor: read it to the host once per forward, not once per layer
+        bounds = getattr(cu_seq_lens, "_qed_bounds", None)
+        if bounds is None:
+            bounds = [int(x) for x in cu_seq_lens.tolist()]
+            cu_seq_lens._qed_bounds = bounds
     elif position_ids is not None and position_ids.shape[0] == 1:
         starts = (position_ids[0] == 0).nonzero().flatten().tolist()
         if not starts or starts[0] != 0:

@@ -160,6 +160,13 @@ def test_padding_free_batch_gives_the_same_loss_as_padded():
         lw = model(input_ids=flat["input_ids"], labels=flat["labels"], use_cache=False).loss
     assert abs(lp.item() - lf.item()) < 1e-4
     assert abs(lp.item() - lw.item()) > 1e-3
+    # the varlen kernel with everything TRL's collator hands the model (cu_seq_lens_q, max_length_q, ...)
+    from qedlib import attention
+    varlen = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32,
+                                                  attn_implementation=attention.register()).eval()
+    with torch.no_grad():
+        lv = varlen(**flat, use_cache=False).loss
+    assert abs(lp.item() - lv.item()) < 1e-4
 
 
 def test_varlen_attention_matches_each_example_alone_and_falls_back_when_padded():
