@@ -152,7 +152,8 @@ class TransformersGenerator:
             enc = self.tokenizer(texts[start:start + bs], return_tensors="pt", padding=True,
                                  add_special_tokens=False).to(self.device)
             with torch.inference_mode():
-                logits = self.model(**enc).logits[:, -1, :].float()
+                # only the last position's logits: the full (batch, length, vocab) tensor is large and unused
+                logits = self.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
             probs = torch.softmax(logits, dim=-1)[:, cand_ids]
             for row in probs:
                 mass = float(row.sum())
