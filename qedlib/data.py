@@ -115,11 +115,38 @@ def read_rows(path: str | Path) -> list[dict]:
         return rows
     if suffix == ".json":
         return json.loads(p.read_text())
-    if suffix in (".csv", ".parquet"):
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(p).to_pylist()  # nested columns (messages, rubric lists) stay Python lists
+    if suffix == ".csv":
         import pandas as pd
-        df = pd.read_csv(p) if suffix == ".csv" else pd.read_parquet(p)
-        return df.to_dict(orient="records")
+        return pd.read_csv(p).to_dict(orient="records")
     raise DataError(f"{p}: unsupported format {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def read_records(source: str | Path, hub_config: str | None = None, hub_split: str = "train") -> tuple[list[dict], str]:
+    """Rows of a table wherever it lives: `hub:org/name` (Hugging Face hub), a `save_to_disk` folder,
+    or a .jsonl/.json/.csv/.parquet file. Returns (rows, a description of where they came from)."""
+    source = str(source)
+    if source.startswith("hub:"):
+        from datasets import load_dataset
+        name = source[4:]
+        ds = load_dataset(name, hub_config, split=hub_split)
+        return ds.to_list(), f"hub dataset {name} ({hub_config or 'default'}/{hub_split})"
+    p = Path(source).expanduser()
+    if p.is_dir():
+        from datasets import DatasetDict, load_from_disk
+        try:
+            ds = load_from_disk(str(p))
+        except FileNotFoundError as e:
+            raise DataError(f"{p}: a folder, but not one written by datasets' save_to_disk ({e})") from None
+        if isinstance(ds, DatasetDict):
+            ds = ds[hub_split if hub_split in ds else next(iter(ds))]
+        return ds.to_list(), str(p)
+    if not p.exists():
+        raise DataError(f"{p} does not exist (expected hub:org/name, a save_to_disk folder, or a "
+                        ".jsonl/.json/.csv/.parquet file)")
+    return read_rows(p), str(p)
 
 
 def load_problems(path: str = "shipped", split: str | None = None, columns: dict | None = None,
@@ -135,12 +162,8 @@ def load_problems(path: str = "shipped", split: str | None = None, columns: dict
             raise DataError(f"{path}: {f} not found; set QED_IMOBENCH to the folder holding {name}")
         where, rows = str(f), read_rows(f)
         columns = columns or (IMO_PROOFBENCH if path == "imo-proofbench" else IMO_ANSWERBENCH)
-    elif path.startswith("hub:"):
-        from datasets import load_dataset
-        where = path
-        rows = list(load_dataset(path[4:], hub_config, split=hub_split))
     else:
-        where, rows = path, read_rows(path)
+        rows, where = read_records(path, hub_config, hub_split)
     probs = records_to_problems(rows, columns, where)
     if path == "imo-proofbench":
         for p in probs:

@@ -483,29 +483,26 @@ def load_fineproofs_sft(hub_id: str = FINEPROOFS_SFT, config: str | None = None,
     `hub_id` may also be a local copy: a save_to_disk folder, or a .parquet/.jsonl file.
     `gemini-3-pro-grade` becomes `grade` (float); other extra columns are dropped.
     """
-    from datasets import load_dataset, load_from_disk
-    p = Path(hub_id)
-    if p.is_dir() and (p / "dataset_info.json").exists():
-        ds = load_from_disk(str(p))
-    elif p.is_file():
-        fmt = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(p.suffix)
-        if fmt is None:
-            raise ValueError(f"{p}: expected a .parquet or .jsonl file or a save_to_disk folder")
-        ds = load_dataset(fmt, data_files=str(p), split="train")
-    else:
-        ds = load_dataset(hub_id, config, split=split)
+    import datasets
+    from .data import read_records
+    local = Path(hub_id).expanduser().exists() or hub_id.startswith("hub:")
+    rows, where = read_records(hub_id if local else f"hub:{hub_id}", config, split)
     if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    if "grade" not in ds.column_names:
-        if FINEPROOFS_GRADE not in ds.column_names:
-            raise ValueError(f"{hub_id}: no {FINEPROOFS_GRADE!r} or 'grade' column (columns: {ds.column_names})")
-        ds = ds.rename_column(FINEPROOFS_GRADE, "grade")
-    missing = [c for c in SFT_COLUMNS if c not in ds.column_names]
+        rows = rows[:limit]
+    if not rows:
+        raise ValueError(f"{where}: no rows")
+    columns = set(rows[0])
+    if "grade" not in columns:
+        if FINEPROOFS_GRADE not in columns:
+            raise ValueError(f"{where}: no {FINEPROOFS_GRADE!r} or 'grade' column (columns: {sorted(columns)})")
+        rows = [{**{k: v for k, v in r.items() if k != FINEPROOFS_GRADE}, "grade": r.get(FINEPROOFS_GRADE)} for r in rows]
+        columns = set(rows[0])
+    missing = [c for c in SFT_COLUMNS if c not in columns]
     if missing:
-        raise ValueError(f"{hub_id}: missing columns {missing} (columns: {ds.column_names}); "
+        raise ValueError(f"{where}: missing columns {missing} (columns: {sorted(columns)}); "
                          f"expected the FineProofs-SFT schema {SFT_COLUMNS}")
-    ds = ds.remove_columns([c for c in ds.column_names if c not in SFT_COLUMNS])
-    return ds.select_columns(SFT_COLUMNS).cast(sft_features())
+    rows = [{c: r.get(c) for c in SFT_COLUMNS} for r in rows]
+    return datasets.Dataset.from_list(rows, features=sft_features())
 
 
 # ---------------------------------------------------------------- displays

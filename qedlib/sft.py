@@ -95,36 +95,18 @@ def sft_row(problem: str, reasoning: str, proof: str, **extra) -> dict:
 
 
 def _read_rows(source: str, cfg_sft, run_dir: str | Path) -> tuple[list[dict], str]:
-    import datasets
+    from .data import DataError, read_records
     if source == "distill":
         path = Path(run_dir) / "01_distill" / "dataset"
         if not path.exists():
             raise FileNotFoundError(f"sft.dataset = 'distill' but {path} does not exist: run 01_distill first "
                                     "(python -m qedlib run PARAMS --stages 01_distill), or point sft.dataset at "
                                     "hub:org/name or a .jsonl/.parquet file")
-        ds, where = datasets.load_from_disk(str(path)), str(path)
-    elif source.startswith("hub:"):
-        name = source[4:]
-        ds = datasets.load_dataset(name, cfg_sft.dataset_config, split=cfg_sft.dataset_split)
-        where = f"hub dataset {name} ({cfg_sft.dataset_config or 'default'}/{cfg_sft.dataset_split})"
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"sft.dataset {source!r}: no such file or folder (expected 'distill', "
-                                    "hub:org/name, a .jsonl/.json/.parquet file or a saved dataset folder)")
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-        elif path.suffix in (".jsonl", ".json"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        elif path.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        else:
-            raise SFTDataError(f"sft.dataset {path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet)")
-        where = str(path)
-    if isinstance(ds, datasets.DatasetDict):
-        split = cfg_sft.dataset_split if cfg_sft.dataset_split in ds else next(iter(ds))
-        ds = ds[split]
-    return ds.to_list(), where
+        source = str(path)
+    try:
+        return read_records(source, cfg_sft.dataset_config, cfg_sft.dataset_split)
+    except DataError as e:
+        raise SFTDataError(f"sft.dataset: {e}") from None
 
 
 def normalise_row(row: dict, i: int, where: str) -> dict:

@@ -39,6 +39,24 @@ def test_bad_json_line_is_named(tmp_path):
         load_problems(str(p))
 
 
+def test_read_records_from_parquet_folder_and_bad_paths(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from qedlib.data import read_records
+    rows = [{"problem": "P1", "messages": [{"role": "user", "content": "P1"}, {"role": "assistant", "content": "A"}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    got, where = read_records(tmp_path / "t.parquet")
+    assert got == rows and isinstance(got[0]["messages"], list) and where.endswith("t.parquet")
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    assert read_records(tmp_path / "dd", hub_split="test")[0] == rows
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="save_to_disk"):
+        read_records(tmp_path / "empty")
+    with pytest.raises(DataError, match="does not exist"):
+        read_records(tmp_path / "nope.parquet")
+
+
 def test_imobench_loads_or_skips():
     try:
         probs = load_problems("imo-proofbench")
