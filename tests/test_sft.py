@@ -300,6 +300,17 @@ def test_padding_free_training_uses_varlen_attention_and_saves_a_plain_model(tmp
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
+def test_packed_training_runs_through_the_stage(tmp_path):
+    from qedlib import attention
+    run, params = make_run(tmp_path, max_steps=2, packing=True, batch_size=1, max_length=256)
+    cfg = load_config(params)
+    assert sft.attention_for(cfg, "cpu") == attention.NAME
+    m = sft.train(cfg, run)
+    assert m["steps"] == 2 and m["packing"] and m["train_loss_last"] is not None
+    # bfd packing fills 256-token rows with several ~70-token examples: more tokens per step than one example
+    assert m["num_input_tokens_seen"] > 2 * m["tokens_max"]
+
+
 def test_report_to_tensorboard_writes_the_training_curves(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
