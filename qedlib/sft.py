@@ -293,8 +293,12 @@ def load_for_training(cfg: Config, model_ref: str):
     tok.padding_side = "right"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    kwargs: dict = {"dtype": _weights_dtype(cfg, choice.device),
-                    "attn_implementation": attention_for(cfg, choice.device)}
+    attn = attention_for(cfg, choice.device)
+    if _is_main_process():
+        print(f"[qedlib] attention: {attn or 'transformers default'}"
+              + (" (varlen: one causal attention per example in a row)" if attn in (attention.NAME, "flash_attention_2")
+                 else ""))
+    kwargs: dict = {"dtype": _weights_dtype(cfg, choice.device), "attn_implementation": attn}
     if cfg.sft.qlora:
         if not cfg.sft.lora.enabled or choice.device != "cuda":
             raise ValueError("sft.qlora needs sft.lora.enabled: true and a CUDA GPU (bitsandbytes 4-bit)")
