@@ -132,8 +132,12 @@ def merged_adapter(adapter: Path) -> Path:
     """
     import json
     out = adapter.with_name(adapter.name + "-merged")
+    newest = max(f.stat().st_mtime for f in adapter.iterdir())
     if (out / "config.json").exists():
-        return out
+        if (out / "config.json").stat().st_mtime >= newest:
+            return out
+        print(f"[qedlib] {adapter} changed since {out} was merged: merging again")
+        shutil.rmtree(out)
     cfg_file = adapter / "adapter_config.json"
     try:
         base = json.loads(cfg_file.read_text())["base_model_name_or_path"]

@@ -283,6 +283,11 @@ def test_lora_adapter_without_merge_is_usable_by_later_stages(tmp_path):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-4)
+    # a newer adapter (the stage ran again) is merged again, not served stale
+    first = (out.parent / "model-merged" / "config.json").stat().st_mtime
+    (out / "adapter_config.json").touch()
+    load_model(str(out), device="cpu", dtype="float32")
+    assert (out.parent / "model-merged" / "config.json").stat().st_mtime > first
 
 
 def test_padding_free_training_uses_varlen_attention_and_saves_a_plain_model(tmp_path):
