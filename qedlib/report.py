@@ -207,7 +207,8 @@ def refresh(run_dir, cfg) -> dict:
     metrics and wall time, which do not exist yet while 05_eval writes its first version.
     """
     from . import evaluation
-    rows = evaluation.read_results(Path(run_dir) / "05_eval") if (Path(run_dir) / "05_eval" / "results.jsonl").exists() else []
+    eval_dir = Path(run_dir) / "05_eval"
+    rows = evaluation.read_results(eval_dir) if (eval_dir / "results.jsonl").exists() else []  # no eval yet: stages only
     summary = evaluation.summary_table(rows, cfg) if rows else None
     return write_report(run_dir, rows, summary, cfg.eval.success_threshold, cfg.eval.bootstrap, cfg.seed)
 
