@@ -215,3 +215,47 @@ def load_model(ref: str, device: str = "auto", dtype: str = "auto", training: bo
     model = AutoModelForCausalLM.from_pretrained(path, dtype=choice.torch_dtype()).to(choice.device)
     model.eval()
     return tok, model
+
+
+
+class SavedWeights:
+    """A saved model folder's safetensors weights, read one tensor at a time (no full copy in memory)."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+        files = sorted(Path(folder).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no *.safetensors files (a saved model folder was expected)")
+        self._files = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {name: st for st in self._files for name in st.keys()}
+
+    def items(self):
+        return ((name, st.get_tensor(name)) for name, st in self._where.items())
+
+    def get(self, name: str):
+        st = self._where.get(name)
+        return None if st is None else st.get_tensor(name)
+
+
+def changed_fraction(before, after) -> float:
+    """Fraction of weight elements that differ between two weight maps (`.items()` / `.get(name)`).
+
+    Only names present in both with the same shape count; tensors are compared in fp32, so an
+    update smaller than bf16's spacing counts when the weights were kept in fp32 and not when it
+    was rounded away.
+    """
+    changed = total = 0
+    for name, a in before.items():
+        b = after.get(name)
+        if b is None or b.shape != a.shape:
+            continue
+        changed += int((a.float() != b.float()).sum())
+        total += a.numel()
+    if total == 0:
+        raise ValueError("changed_fraction: the two models share no weight of the same name and shape")
+    return changed / total
+
+
+def weights_changed_frac(model_dir: str | Path, init_dir: str | Path) -> float:
+    """Fraction of weights that a training stage changed: its saved model vs its starting model."""
+    return changed_fraction(SavedWeights(init_dir), SavedWeights(model_dir))
