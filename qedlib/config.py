@@ -156,7 +156,7 @@ class SFTConfig:
     sample_problems: int = 4  # held-out problems shown before/after
     sample_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=128))
     dataset_split: str = "train"  # split of a hub dataset (sft.dataset: hub:org/name)
-    weights_dtype: str = "auto"  # trained weights: auto = bfloat16 on GPU, float32 on CPU (bf16 autocast where the CPU has it)
+    weights_dtype: str = "auto"  # trained weights: auto = float32 master weights everywhere (bf16 autocast computes in bf16)
     qlora: bool = False  # load the base in 4-bit (bitsandbytes, CUDA only) and train the LoRA adapter (needs lora.enabled)
     eval_steps: Optional[int] = None  # eval loss every N steps (None: every save_steps); final eval always runs
     save_total_limit: Optional[int] = 2  # keep only the newest N checkpoints (workbook default)
@@ -181,13 +181,21 @@ class RLConfig:
     max_completion_length: int = 128  # new tokens per rollout (paper 49,152)
     lr: float = 1.0e-6  # constant AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1 (workbook default = torch's; the paper does not say)
+    adam_beta2: float = 0.999  # AdamW beta2 (workbook default = torch's; the paper does not say)
     max_grad_norm: float = 0.3  # gradient clipping
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"  # trained weights: fp32 master weights + bf16 autocast; bfloat16 only under DeepSpeed, whose optimizer keeps fp32 masters
     loss_type: str = "luspo"  # TRL loss aggregation: luspo = token sum / number of sequences (the paper's)
     scale_rewards: Literal["none", "group", "batch"] = "none"  # paper: no std normalisation
     epsilon: float = 4.0  # PPO clip (paper: very loose, 4)
     epsilon_high: Optional[float] = None  # asymmetric upper clip (DAPO)
     beta: float = 0.0  # KL coefficient (paper: no KL)
     entropy_coef: float = 1.0e-4  # entropy bonus (paper: 1e-4)
+    entropy_weighting: Literal["policy", "token_mean"] = "policy"  # bonus aggregated like the policy term (paper) or TRL's per-token mean
+    ratio_logprobs: Literal["sampler", "trainer"] = "sampler"  # PPO ratio = policy / sampler's logprobs (paper) or / the trainer's recomputed ones (TRL)
+    is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "none"  # TRL's vLLM importance-sampling correction (paper: none; the ratio already uses the sampler)
+    is_cap: float = 3.0  # upper bound of the IS ratio when is_correction is on (TRL's default 3)
+    steps_per_generation: int = 1  # optimizer steps per generated batch (paper: 1; >1 = off-policy lag, what epsilon bounds)
     mask_truncated_completions: bool = False  # DAPO-style: no loss on truncated rollouts
     overlong_penalty: Optional[int] = None  # soft penalty over the last N tokens of the budget
     micro_batch_size: Optional[int] = None  # completions per forward per device (None: whole batch at once)
@@ -197,6 +205,13 @@ class RLConfig:
     shuffle: bool = True  # shuffle problems between epochs
     use_vllm: bool = False  # vLLM generation on GPU
     vllm_mode: Literal["colocate", "server"] = "colocate"  # vLLM in-process or `trl vllm-serve`
+    vllm_gpu_memory_utilization: float = 0.3  # colocate: share of GPU memory vLLM takes (weights + KV cache)
+    vllm_max_model_length: Optional[int] = None  # vLLM context; None: longest prompt + completion budget, rounded up to 1024
+    vllm_enable_sleep_mode: bool = False  # colocate: vLLM frees its memory during the optimizer step (not with rc_rl)
+    vllm_tensor_parallel_size: int = 1  # colocate: GPUs per vLLM engine
+    vllm_server_host: str = "127.0.0.1"  # server mode: host of `trl vllm-serve`
+    vllm_server_port: int = 8000  # server mode: its port
+    vllm_server_timeout: float = 240.0  # server mode: seconds to wait for the server to come up
     lora: Lora = field(default_factory=Lora)
     save_steps: int = 50  # checkpoint every N steps
     resume: bool = False  # continue from the last checkpoint

@@ -30,6 +30,7 @@ class Completion:
     cost: float = 0.0  # USD, from the endpoint's price table
     error: Optional[str] = None  # set when the call failed after retries
     token_ids: list = field(default_factory=list)  # completion token ids incl. EOS when stopped (in-process)
+    logprobs: Optional[list] = None  # per-token sampler logprobs of token_ids at the sampling temperature (when asked)
 
 
 def split_thinking(text: str, thinking: bool, reasoning_field: str | None = None) -> tuple[str, str, bool]:
@@ -63,6 +64,18 @@ def cost_of(endpoint, prompt_tokens: int, completion_tokens: int) -> float:
 
 
 # ---------------------------------------------------------------- transformers
+def sampled_logprobs(step_logits, new_ids, temperature: float):
+    """(batch, new tokens) logprob of each generated token under log_softmax(logits / temperature).
+
+    `step_logits` are generate's raw per-step logits (output_logits=True): before top-p/top-k
+    filtering, as TRL's trainer computes its own logprobs, so the two are comparable.
+    """
+    import torch
+    t = temperature if temperature and temperature > 0 else 1.0
+    logits = torch.stack(step_logits, dim=1).float() / t
+    return torch.log_softmax(logits, dim=-1).gather(-1, new_ids[:, :logits.size(1), None]).squeeze(-1)
+
+
 class TransformersGenerator:
     """Batched in-process generation with left padding; stops at EOS."""
 
@@ -83,8 +96,10 @@ class TransformersGenerator:
         texts = [render_prompt(self.tokenizer, m, thinking) for m in prompts]
         return self.generate_text(texts, sampling, thinking)
 
-    def generate_text(self, texts: list[str], sampling, thinking: bool = False) -> list[list[Completion]]:
-        """n completions for each already-templated prompt string."""
+    def generate_text(self, texts: list[str], sampling, thinking: bool = False,
+                      logprobs: bool = False) -> list[list[Completion]]:
+        """n completions for each already-templated prompt string; `logprobs`: also each sampled token's
+        logprob under the model's logits / temperature (what an RL trainer's ratio compares against)."""
         import torch
         flat = [t for t in texts for _ in range(sampling.n)]
         out: list[Completion] = []
@@ -105,8 +120,14 @@ class TransformersGenerator:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if self.endpoint.static_cache:
                 kwargs["cache_implementation"] = "static"
+            if logprobs:
+                kwargs.update(output_logits=True, return_dict_in_generate=True)
             with torch.inference_mode():
                 gen = self.model.generate(**enc, **kwargs)
+            lps = None
+            if logprobs:
+                lps = sampled_logprobs(gen.logits, gen.sequences[:, enc["input_ids"].shape[1]:], sampling.temperature)
+                gen = gen.sequences
             new = gen[:, enc["input_ids"].shape[1]:]
             for row, i in enumerate(idx):
                 ids = new[row].tolist()
@@ -120,7 +141,8 @@ class TransformersGenerator:
                 reasoning, final, closed = split_thinking(text, thinking)
                 p_tok = int(enc["attention_mask"][row].sum())
                 results[i] = Completion(text, reasoning, final, closed, "stop" if stopped else "length",
-                                        p_tok, n_new, cost_of(self.endpoint, p_tok, n_new), token_ids=ids)
+                                        p_tok, n_new, cost_of(self.endpoint, p_tok, n_new), token_ids=ids,
+                                        logprobs=lps[row, :len(ids)].tolist() if lps is not None else None)
         out = [results[i] for i in range(len(flat))]
         return [out[k * sampling.n:(k + 1) * sampling.n] for k in range(len(texts))]
 
@@ -314,10 +336,11 @@ class VLLMGenerator:
         texts = [render_prompt(self.tokenizer, m, thinking) for m in prompts]
         return self.generate_text(texts, sampling, thinking)
 
-    def generate_text(self, texts: list[str], sampling, thinking: bool = False) -> list[list[Completion]]:
+    def generate_text(self, texts: list[str], sampling, thinking: bool = False,
+                      logprobs: bool = False) -> list[list[Completion]]:
         from vllm import SamplingParams
         sp = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                            max_tokens=sampling.max_new_tokens)
+                            max_tokens=sampling.max_new_tokens, logprobs=0 if logprobs else None)
         outs = self.llm.generate(texts, sp)
         res = []
         for o in outs:
@@ -327,9 +350,22 @@ class VLLMGenerator:
                 r, final, closed = split_thinking(c.text, thinking)
                 n = len(c.token_ids)
                 group.append(Completion(c.text, r, final, closed, "length" if c.finish_reason == "length" else "stop",
-                                        p, n, cost_of(self.endpoint, p, n), token_ids=list(c.token_ids)))
+                                        p, n, cost_of(self.endpoint, p, n), token_ids=list(c.token_ids),
+                                        logprobs=vllm_token_logprobs(c) if logprobs else None))
             res.append(group)
         return res
+
+
+def vllm_token_logprobs(output) -> list:
+    """The sampled tokens' logprobs from a vLLM CompletionOutput generated with logprobs=0: its
+    `logprobs` holds one {token_id: Logprob} dict per generated token (None where vLLM had none)."""
+    if output.logprobs is None:
+        raise ValueError("vLLM returned no logprobs: generate with SamplingParams(logprobs=0)")
+    out = []
+    for tok, d in zip(output.token_ids, output.logprobs):
+        lp = d.get(tok) if d else None
+        out.append(None if lp is None else float(lp.logprob))
+    return out
 
 
 def make_generator(endpoint, model=None, tokenizer=None):

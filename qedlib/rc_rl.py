@@ -58,7 +58,7 @@ class RCRollout:
             return VLLMGenerator(Endpoint(backend="vllm", model="policy"), llm=vg.llm,
                                  tokenizer=trainer.processing_class)
         model = trainer.accelerator.unwrap_model(trainer.model)
-        ep = Endpoint(batch_size=self.rl.rollout_batch_size)
+        ep = Endpoint(batch_size=self.rl.rollout_batch_size, static_cache=self.rl.static_cache)
         return TransformersGenerator(ep, model=model, tokenizer=trainer.processing_class)
 
     def __call__(self, prompts: list, trainer) -> dict:
@@ -94,21 +94,22 @@ class RCRollout:
                 texts.append(render_prompt(policy.tokenizer, msgs, self.thinking))
             outs = policy.generate_text(texts, Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p,
                                                         max_new_tokens=self.rl.max_completion_length, n=G),
-                                        self.thinking)
+                                        self.thinking, logprobs=True)
         finally:
             if model is not None:
                 model.train(was_training)
         self._record(step, probs, trajs)
         tok = policy.tokenizer
-        prompt_ids, completion_ids = [], []
+        prompt_ids, completion_ids, logprobs = [], [], []
         for text, group in zip(texts, outs):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             for c in group:
                 prompt_ids.append(ids)
                 completion_ids.append(c.token_ids)
+                logprobs.append(c.logprobs)  # the sampler's, for the PPO ratio (rl.ratio_logprobs: sampler)
         self.timing.append({"step": step, "trajectory_s": round(t_traj, 2),
                             "rollout_s": round(time.perf_counter() - t0 - t_traj, 2)})
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
 
     def _record(self, step: int, probs, trajs) -> None:
         finals = [[s.final for s in t] for t in trajs]
@@ -143,12 +144,15 @@ def problem_slots(tokenizer, problems, k: int, thinking: bool):
 
 
 def train(cfg, run_dir) -> dict:
-    """Train RC-RL in this process (one rank under accelerate); rank 0 saves model and metrics."""
+    """Train RC-RL in this process (one rank under accelerate); every rank saves through the trainer,
+    rank 0 writes the metrics."""
     from transformers import AutoTokenizer
-    from .rl import RewardFunction, grpo_args, last_checkpoint, make_trainer, save_policy, step_metrics, summarise_steps
+    from .rl import (RewardFunction, filter_by_difficulty, grpo_args, make_trainer, save_policy, step_metrics,
+                     summarise_steps, vllm_context)
+    from .training import last_checkpoint, weights_moved
     rl = cfg.rc_rl
     folder = stage_dir(run_dir, STAGE)
-    problems = load_source(rl.problems)
+    problems, counts = filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
     by_id = {p.id: p for p in problems}
     model_path = resolve_model(checkpoint(cfg, run_dir, rl.model))
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -165,8 +169,11 @@ def train(cfg, run_dir) -> dict:
     rollout = RCRollout(rl, by_id, cfg.thinking, summariser, grader, cfg.seed)
     rollout.prompt_to_id = {row["prompt"]: row["problem_id"] for row in dataset}
     reward_fn = RewardFunction(rl.reward, by_id, cfg.thinking, grader, rl.judge.invalid,
-                               rl.max_completion_length, rl.num_generations)
-    args = grpo_args(replace(rl, shuffle=False), folder / "checkpoints", cfg.seed, rl.launch.num_processes)
+                               rl.max_completion_length, rl.overlong_penalty)
+    # A cache-state prompt carries one summary (all of them when accumulating) on top of the turn-0 prompt.
+    grow = rl.rc.summary.max_new_tokens * (rl.rc.turns if rl.rc.accumulate else 1) + 256
+    context = vllm_context(tok, dataset["prompt"], rl, grow) if rl.use_vllm else None
+    args = grpo_args(replace(rl, shuffle=False), folder / "checkpoints", cfg.seed, None, cfg.device, context)
     if args.per_device_train_batch_size * args.gradient_accumulation_steps % (rl.states_per_trajectory * rl.num_generations):
         raise ValueError("rc_rl: prompts_per_step x num_generations must hold whole trajectories "
                          "(a multiple of states_per_trajectory x num_generations)")
@@ -176,11 +183,12 @@ def train(cfg, run_dir) -> dict:
     rows = step_metrics(trainer, reward_fn)
     for r, t in zip(rows, rollout.timing):
         r.update(t)
-    metrics = {**summarise_steps(rows), "problems": len(problems), "seconds": round(time.perf_counter() - t0, 1),
-               "model_dir": str(folder / "model"), "init_model": model_path,
-               "score_by_turn": score_by_turn(rollout.turn_rows)}
+    metrics = {**summarise_steps(rows), "problems": counts, "seconds": round(time.perf_counter() - t0, 1),
+               "model_dir": str(folder / "model"), "init_model": model_path, "loss_type": rl.loss_type,
+               "world_size": trainer.accelerator.num_processes, "score_by_turn": score_by_turn(rollout.turn_rows)}
+    save_policy(trainer, folder / "model", rl.lora.merge)
     if trainer.accelerator.is_main_process:
-        save_policy(trainer, folder / "model", rl.lora.merge)
+        metrics["weights_changed_frac"] = weights_moved(folder / "model", model_path)
         write_jsonl(folder / "steps.jsonl", rows)
         write_jsonl(folder / "turns.jsonl", rollout.turn_rows)
         write_json(folder / "trajectories_last_step.json", rollout.trajectories)

@@ -54,18 +54,24 @@ def answer_reward_value(final: str, answer: str | None) -> float | None:
         return 0.0
 
 
-def impute_dropped(rewards: list[float | None], groups: list[str]) -> list[float]:
-    """Replace dropped (None) rewards by their group's mean of valid rewards.
-
-    With advantage = reward - group mean, a dropped sample then gets advantage 0 and leaves the
-    others' advantages exactly as if it were absent. A group with no valid reward gets 0 for all.
-    """
-    sums, counts = defaultdict(float), Counter()
-    for r, g in zip(rewards, groups):
-        if r is not None:
-            sums[g] += r
-            counts[g] += 1
-    return [r if r is not None else (sums[g] / counts[g] if counts[g] else 0.0) for r, g in zip(rewards, groups)]
+def filter_by_difficulty(problems, min_reward_mean=None, max_reward_mean=None) -> tuple[list, dict]:
+    """Drop hopeless / too-easy problems by the base model's mean reward (FineProofs-RL `reward_mean`)."""
+    counts = {"loaded": len(problems), "too_easy": 0, "hopeless": 0, "no_reward_mean": 0}
+    if min_reward_mean is None and max_reward_mean is None:
+        return problems, {**counts, "kept": len(problems)}
+    kept = []
+    for p in problems:
+        rm = p.extra.get("reward_mean")
+        if rm is None:
+            counts["no_reward_mean"] += 1
+            kept.append(p)
+        elif max_reward_mean is not None and rm > max_reward_mean:
+            counts["too_easy"] += 1
+        elif min_reward_mean is not None and rm < min_reward_mean:
+            counts["hopeless"] += 1
+        else:
+            kept.append(p)
+    return kept, {**counts, "kept": len(kept)}
 
 
 class StepStats:
@@ -74,10 +80,12 @@ class StepStats:
     def __init__(self):
         self.rows: list[dict] = []
 
-    def add(self, step: int, scores: list, invalid: Counter, truncated: int, n: int, grading_s: float) -> dict:
+    def add(self, step: int, scores: list, invalid: Counter, truncated: int, n: int, grading_s: float,
+            empty_proof: int = 0) -> dict:
         valid = [s for s in scores if s is not None]
-        row = {"step": step, "n": n, "valid": len(valid), "truncated": truncated,
-               "truncation_rate": truncated / max(n, 1), "invalid_rate": sum(invalid.values()) / max(n, 1),
+        row = {"step": step, "n": n, "valid": len(valid), "truncated": truncated, "empty_proof": empty_proof,
+               "truncation_rate": truncated / max(n, 1), "empty_proof_rate": empty_proof / max(n, 1),
+               "invalid_rate": sum(invalid.values()) / max(n, 1),
                "score_mean": sum(valid) / len(valid) if valid else float("nan"),
                "score_hist": dict(Counter(round(s) for s in valid)), "grading_s": round(grading_s, 3),
                **{f"invalid_{k}": v for k, v in invalid.items()}}
@@ -89,15 +97,21 @@ class RewardFunction:
     """Reward for GRPO: the judge's score/7 (or a verifiable reward), async, whole batch at once.
 
     Completions are the text after the prompt; with thinking, the proof is what follows the last
-    `</think>` and no `</think>` means no proof: reward 0 without a judge call, counted as
-    truncated. Invalid grades follow `invalid`: "drop" (advantage 0, see impute_dropped),
-    "zero", or "retry" (done inside the Grader).
+    `</think>`. No proof (no `</think>`, or nothing after it) scores 0 without a judge call and is
+    counted (`truncated`, `empty_proof`). An invalid grade follows `invalid`: "drop" returns None,
+    which TRL 1.16 gathers across processes and leaves out of the group baseline (advantage 0);
+    "zero" counts it as 0; "retry" is done inside the Grader. `overlong_window` adds TRL's soft
+    overlong punishment (DAPO) to every reward that is not None.
     """
 
     def __init__(self, kind: str, problems: dict, thinking: bool, grader=None, invalid: str = "drop",
-                 max_tokens: int | None = None, group_size: int = 1):
-        self.kind, self.problems, self.thinking, self.group_size = kind, problems, thinking, group_size
+                 max_tokens: int | None = None, overlong_window: int | None = None):
+        self.kind, self.problems, self.thinking = kind, problems, thinking
         self.grader, self.invalid, self.max_tokens = grader, invalid, max_tokens
+        self.overlong = None
+        if overlong_window:
+            from trl.rewards import get_soft_overlong_punishment
+            self.overlong = get_soft_overlong_punishment(max_tokens, overlong_window)
         self.stats = StepStats()
         self.__name__ = f"{kind}_reward"  # TRL logs rewards under the function's name
 
@@ -109,12 +123,13 @@ class RewardFunction:
         splits = [split_thinking(t, self.thinking) for t in texts]
         probs = [self.problems[pid] for pid in problem_id]
         truncated = sum(1 for _, _, closed in splits if not closed)
+        has_proof = [closed and bool(final.strip()) for _, final, closed in splits]
         invalid: Counter = Counter()
         if self.kind == "judge":
-            grades = await self.grader.agrade(probs, [f for _, f, _ in splits], [c for _, _, c in splits])
-            # No </think>: no proof, score 0 (the grader made no judge call). Not an invalid grade.
-            scores = [0.0 if not c else (g.points if g.valid else None) for g, (_, _, c) in zip(grades, splits)]
-            invalid.update(g.reason for g, (_, _, c) in zip(grades, splits) if c and not g.valid)
+            grades = await self.grader.agrade(probs, [f for _, f, _ in splits], has_proof)
+            # No proof: score 0, no judge call (the grader skips it). Not an invalid grade.
+            scores = [0.0 if not ok else (g.points if g.valid else None) for g, ok in zip(grades, has_proof)]
+            invalid.update(g.reason for g, ok in zip(grades, has_proof) if ok and not g.valid)
             rewards = [None if s is None else s / 7 for s in scores]
             if self.invalid == "zero":
                 rewards = [0.0 if r is None else r for r in rewards]
@@ -122,17 +137,19 @@ class RewardFunction:
             rewards = [format_reward_value(t, s, self.thinking) for t, s in zip(texts, stopped)]
             scores = [7 * r for r in rewards]
         elif self.kind == "answer":
-            rewards = [answer_reward_value(f, p.answer) if c else 0.0 for (_, f, c), p in zip(splits, probs)]
+            rewards = [answer_reward_value(f, p.answer) if ok else 0.0
+                       for (_, f, _), ok, p in zip(splits, has_proof, probs)]
             invalid.update("no_reference_answer" for r in rewards if r is None)
             scores = [None if r is None else 7 * r for r in rewards]
         else:
             raise ValueError(f"unknown reward {self.kind!r}: use judge, format or answer")
-        # Groups are consecutive runs of group_size completions (TRL repeats each prompt in place).
-        rewards = impute_dropped(rewards, [str(i // self.group_size) for i in range(len(texts))])
+        if self.overlong is not None and completion_ids is not None:
+            rewards = [None if r is None else r + p for r, p in zip(rewards, self.overlong(completion_ids))]
         step = trainer_state.global_step if trainer_state is not None else len(self.stats.rows)
-        row = self.stats.add(step, scores, invalid, truncated, len(texts), time.perf_counter() - t0)
+        empty = sum(1 for (_, _, c), ok in zip(splits, has_proof) if c and not ok)
+        row = self.stats.add(step, scores, invalid, truncated, len(texts), time.perf_counter() - t0, empty)
         if log_metric is not None:
-            for k in ("truncation_rate", "invalid_rate", "grading_s"):
+            for k in ("truncation_rate", "empty_proof_rate", "invalid_rate", "grading_s"):
                 log_metric(k, row[k])
         return rewards
 
@@ -142,41 +159,100 @@ class RewardFunction:
         return len(ids) < self.max_tokens
 
 
-def overlong_penalty(max_tokens: int, window: int):
-    """DAPO's soft overlong penalty: 0 until max-window tokens, then linearly down to -1 at max."""
-    def overlong_reward(completion_ids, **kw):
-        return [max(-1.0, min(0.0, (max_tokens - window - len(ids)) / window)) for ids in completion_ids]
-    return overlong_reward
-
-
 # ---------------------------------------------------------------- TRL config and trainer
-def grpo_args(rl, out_dir: str | Path, seed: int, num_processes: int = 1, training_device: str = "auto"):
-    """Translate our RLConfig into TRL's GRPOConfig (one optimizer step per generated batch)."""
-    from trl import GRPOConfig
-    choice = pick_device(training_device, "auto", training=True)
+# Loss types whose policy term the entropy bonus can be aggregated like (entropy_weighting: policy):
+# the factor turns TRL's per-token mean of the entropy into the loss type's own aggregation.
+ENTROPY_AS_POLICY = {
+    "luspo": lambda tokens, seqs, max_len: tokens / seqs,  # token sum / number of sequences
+    "dr_grpo": lambda tokens, seqs, max_len: tokens / (seqs * max_len),  # token sum / (B x max length)
+    "bnpo": lambda tokens, seqs, max_len: 1.0,  # token sum / number of tokens: already a token mean
+}
+
+
+def world_size(default: int = 1) -> int:
+    """Processes in this training job: accelerate's real count once distributed is set up, else `default`."""
+    import os
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return default
+
+
+def batch_shape(rl, num_processes: int) -> tuple[int, int]:
+    """(completions per device per forward, accumulation steps) for one optimizer step of
+    prompts_per_step x num_generations completions over `num_processes` processes."""
     total = rl.prompts_per_step * rl.num_generations
+    if total % num_processes:
+        raise ValueError(f"prompts_per_step x num_generations = {total} must be divisible by the number of "
+                         f"processes ({num_processes})")
     micro = min(rl.micro_batch_size, total // num_processes) if rl.micro_batch_size else total // num_processes
     if total % (micro * num_processes):
         raise ValueError(f"prompts_per_step x num_generations = {total} must be divisible by micro_batch_size "
                          f"({micro}) x processes ({num_processes})")
-    accum = total // (micro * num_processes)
+    return micro, total // (micro * num_processes)
+
+
+def check_objective(rl) -> None:
+    """Refuse settings whose objective would not be the one the params label."""
+    if rl.entropy_coef and rl.entropy_weighting == "policy" and rl.loss_type not in ENTROPY_AS_POLICY:
+        raise ValueError(f"entropy_weighting: policy is defined for loss_type in {sorted(ENTROPY_AS_POLICY)}, "
+                         f"not {rl.loss_type!r}: set entropy_weighting: token_mean (TRL's per-token mean) or "
+                         "entropy_coef: 0.0")
+    if rl.ratio_logprobs == "sampler" and rl.is_correction != "none":
+        raise ValueError("ratio_logprobs: sampler already puts the sampler's logprobs in the PPO ratio; "
+                         "is_correction must be none (or use ratio_logprobs: trainer with TRL's IS correction)")
+    if rl.weights_dtype == "bfloat16" and not _deepspeed_launch(rl.launch):
+        raise ValueError("weights_dtype: bfloat16 lets AdamW round lr-1e-6 updates away; it is allowed only under "
+                         "DeepSpeed (launch.accelerate_config zero2/zero3/zero2-offload), whose optimizer keeps "
+                         "fp32 master weights. Use weights_dtype: float32 (bf16 autocast computes in bf16).")
+
+
+def _deepspeed_launch(launch) -> bool:
+    return bool(launch.accelerate_config) and "zero" in str(launch.accelerate_config)
+
+
+def grpo_args(rl, out_dir: str | Path, seed: int, num_processes: int | None = None, training_device: str = "auto",
+              vllm_max_model_length: int | None = None):
+    """Translate our RLConfig into TRL's GRPOConfig, every switch the method depends on set explicitly."""
+    from trl import GRPOConfig
+    check_objective(rl)
+    choice = pick_device(training_device, "auto", training=True)
+    micro, accum = batch_shape(rl, num_processes or world_size())
     return GRPOConfig(
         output_dir=str(out_dir), seed=seed, max_steps=rl.max_steps,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=accum, steps_per_generation=accum,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+        steps_per_generation=accum * rl.steps_per_generation, num_iterations=1,
         num_generations=rl.num_generations, max_completion_length=rl.max_completion_length,
-        temperature=rl.temperature, top_p=rl.top_p,
+        temperature=rl.temperature, top_p=rl.top_p, top_k=0, min_p=None, repetition_penalty=1.0,
         learning_rate=rl.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=rl.weight_decay,
-        max_grad_norm=rl.max_grad_norm, optim="adamw_torch",
-        loss_type=rl.loss_type, scale_rewards=rl.scale_rewards, epsilon=rl.epsilon,
-        epsilon_high=rl.epsilon_high, beta=rl.beta, entropy_coef=rl.entropy_coef,
+        adam_beta1=rl.adam_beta1, adam_beta2=rl.adam_beta2, max_grad_norm=rl.max_grad_norm, optim="adamw_torch",
+        loss_type=rl.loss_type, importance_sampling_level="token", scale_rewards=rl.scale_rewards,
+        epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, beta=rl.beta, entropy_coef=rl.entropy_coef,
         mask_truncated_completions=rl.mask_truncated_completions,
-        use_vllm=rl.use_vllm, vllm_mode=rl.vllm_mode,
+        use_vllm=rl.use_vllm, vllm_mode=rl.vllm_mode, use_transformers_continuous_batching=False,
+        vllm_gpu_memory_utilization=rl.vllm_gpu_memory_utilization, vllm_max_model_length=vllm_max_model_length,
+        vllm_enable_sleep_mode=rl.vllm_enable_sleep_mode, vllm_tensor_parallel_size=rl.vllm_tensor_parallel_size,
+        vllm_server_host=rl.vllm_server_host, vllm_server_port=rl.vllm_server_port,
+        vllm_server_timeout=rl.vllm_server_timeout,
+        vllm_importance_sampling_correction=rl.is_correction != "none",
+        vllm_importance_sampling_mode=rl.is_correction if rl.is_correction != "none" else "sequence_mask",
+        vllm_importance_sampling_clip_max=rl.is_cap,
         bf16=choice.dtype == "bfloat16", fp16=choice.dtype == "float16", use_cpu=choice.device == "cpu",
         gradient_checkpointing=rl.gradient_checkpointing,
         save_strategy="steps", save_steps=rl.save_steps, save_total_limit=2,
         logging_steps=rl.logging_steps, report_to=rl.report_to or "none", disable_tqdm=True,
         shuffle_dataset=rl.shuffle, dataloader_num_workers=0,
     )
+
+
+def vllm_context(tokenizer, prompts: list[str], rl, extra_prompt_tokens: int = 0) -> int:
+    """vLLM's max model length: the longest prompt (+ room the prompt may grow, e.g. an RC summary) plus the
+    completion budget, rounded up to 1024; rl.vllm_max_model_length wins when set. Never the model's own
+    context (262k for Qwen3-4B-Thinking-2507, which does not fit next to training)."""
+    if rl.vllm_max_model_length:
+        return rl.vllm_max_model_length
+    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    need = longest + extra_prompt_tokens + rl.max_completion_length
+    return -(-need // 1024) * 1024
 
 
 def lora_config(lora):
@@ -189,14 +265,43 @@ def lora_config(lora):
 
 
 def make_trainer(rl, model_path: str, dataset, reward_funcs: list, args, rollout_func=None):
-    """A GRPOTrainer that also times generation (time split in the metrics)."""
+    """A GRPOTrainer with the paper's ratio and entropy aggregation (see QedGRPOTrainer)."""
     import os
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # fp32 master weights: bf16 autocast computes in bf16, AdamW updates fp32 weights (an lr-1e-6 step is
+    # below bf16's spacing for most weights and would round away).
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=rl.weights_dtype)
+    cls = qed_grpo_trainer_class()
+    return cls(model=model, args=args, train_dataset=dataset, reward_funcs=reward_funcs, processing_class=tok,
+               peft_config=lora_config(rl.lora), rollout_func=rollout_func, qed_rl=rl)
+
+
+def qed_grpo_trainer_class():
+    """GRPOTrainer with the objective as QED-Nano runs it (built lazily: TRL imports torch).
+
+    - ratio_logprobs: sampler: the PPO ratio is policy / sampler (the per-token logprobs the rollout
+      returned), as in the paper's asynchronous trainer, instead of policy / the trainer's own
+      recomputation; epsilon then bounds the sampler lag and the sampler/trainer mismatch.
+    - entropy_weighting: policy: TRL subtracts coef x the *mean* token entropy; the bonus is rescaled
+      per micro-batch so that it is aggregated exactly like the policy term (for luspo: token sum /
+      number of sequences).
+    - generation time is recorded per generation call.
+    """
     from trl import GRPOTrainer
 
-    class TimedGRPOTrainer(GRPOTrainer):
-        generation_seconds: list = []
+    class QedGRPOTrainer(GRPOTrainer):
+        def __init__(self, *a, qed_rl=None, **kw):
+            super().__init__(*a, **kw)
+            self.qed_rl = qed_rl
+            self.base_entropy_coef = self.entropy_coef
+            self.generation_seconds: list[float] = []
+            self.ratio_stats: list[dict] = []
 
         def _generate(self, prompts):  # pinned trl==1.16: _generate is the generation entry point
             t0 = time.perf_counter()
@@ -204,15 +309,38 @@ def make_trainer(rl, model_path: str, dataset, reward_funcs: list, args, rollout
             self.generation_seconds.append(time.perf_counter() - t0)
             return out
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    dtype = "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    TimedGRPOTrainer.generation_seconds = []
-    return TimedGRPOTrainer(model=model, args=args, train_dataset=dataset, reward_funcs=reward_funcs,
-                            processing_class=tok, peft_config=lora_config(rl.lora), rollout_func=rollout_func)
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            if self.qed_rl is not None and self.qed_rl.ratio_logprobs == "sampler":
+                sampler = out.get("sampling_per_token_logps")
+                if sampler is None:
+                    raise ValueError("ratio_logprobs: sampler needs the sampler's per-token logprobs, but the rollout "
+                                     "returned none (logprobs: None): return them from the rollout function")
+                missing = torch_isnan(sampler) & out["completion_mask"].bool()
+                out["completion_mask"] = out["completion_mask"] * (~missing).long()  # unscored tokens: no loss
+                out["old_per_token_logps"] = sampler.nan_to_num(0.0)
+                self._metrics["train"]["sampler/unscored_token_frac"].append(
+                    float(missing.sum()) / max(float(out["completion_mask"].numel()), 1.0))
+            return out
+
+        def _compute_loss(self, model, inputs):
+            rl = self.qed_rl
+            if rl is None or not self.base_entropy_coef or rl.entropy_weighting != "policy":
+                return super()._compute_loss(model, inputs)
+            mask = inputs["completion_mask"]
+            factor = ENTROPY_AS_POLICY[rl.loss_type](float(mask.sum()), mask.size(0), self.max_completion_length)
+            self.entropy_coef = self.base_entropy_coef * factor
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self.entropy_coef = self.base_entropy_coef
+
+    return QedGRPOTrainer
+
+
+def torch_isnan(t):
+    import torch
+    return torch.isnan(t)
 
 
 def train_or_launch(stage: str, launch, train, cfg, run_dir, params_file: str, overrides: dict, result_file) -> dict:
@@ -225,21 +353,14 @@ def train_or_launch(stage: str, launch, train, cfg, run_dir, params_file: str, o
     return train(cfg, run_dir)
 
 
-def last_checkpoint(out_dir: str | Path) -> str | None:
-    """The newest checkpoint-N folder under out_dir, for resume."""
-    ckpts = sorted(Path(out_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
-
-
 def save_policy(trainer, out_dir: str | Path, merge: bool = True) -> Path:
-    """Save the trained policy (LoRA merged when asked) with its tokenizer for the next stage."""
-    out = Path(out_dir)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload") and merge:
-        model = model.merge_and_unload()
-    model.save_pretrained(out)
-    trainer.processing_class.save_pretrained(out)
-    return out
+    """Save the trained policy for the next stage through the trainer (gathers ZeRO-3 / FSDP shards), atomically.
+
+    Every process must call it. LoRA: the adapter is saved, then merged on the main process when `merge`.
+    """
+    from .training import save_trained
+    return save_trained(trainer, out_dir, lora=hasattr(trainer.accelerator.unwrap_model(trainer.model),
+                                                       "peft_config"), merge=merge)
 
 
 def step_metrics(trainer, reward_fn: RewardFunction) -> list[dict]:
@@ -342,16 +463,18 @@ class SingleTurnRollout:
                 idx = [i for i, (_, c) in enumerate(runs) if c == n]
                 sampling = Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p,
                                     max_new_tokens=self.rl.max_completion_length, n=n)
-                for i, group in zip(idx, gen.generate_text([runs[i][0] for i in idx], sampling, self.thinking)):
+                texts = [runs[i][0] for i in idx]
+                for i, group in zip(idx, gen.generate_text(texts, sampling, self.thinking, logprobs=True)):
                     outs[i] = group
         finally:
             model.train(was_training)
-        prompt_ids, completion_ids = [], []
+        prompt_ids, completion_ids, logprobs = [], [], []
         for i, (text, _) in enumerate(runs):
             ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
             prompt_ids += [ids] * len(outs[i])
             completion_ids += [c.token_ids for c in outs[i]]
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+            logprobs += [c.logprobs for c in outs[i]]
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
 
 
 def consecutive_runs(items: list) -> list[tuple]:
@@ -366,23 +489,23 @@ def consecutive_runs(items: list) -> list[tuple]:
 
 
 def train_on_problems(rl, model_path: str, problems, out_dir, thinking: bool, seed: int = 0, grader=None,
-                      resume: bool = False, num_processes: int = 1, extra_rewards: list | None = None,
-                      reward_weights: list | None = None):
+                      resume: bool = False, num_processes: int | None = None, extra_rewards: list | None = None,
+                      reward_weights: list | None = None, training_device: str = "auto"):
     """Single-turn GRPO on problems: the rubric-RL loop. Returns (step rows, trainer).
 
     `extra_rewards` are more TRL reward functions (summed with `reward_weights`), e.g. a custom
     verifiable reward in a learning test.
     """
     from transformers import AutoTokenizer
-    args = grpo_args(rl, out_dir, seed, num_processes)
-    args.reward_weights = reward_weights
+    from .training import last_checkpoint
     tok = AutoTokenizer.from_pretrained(model_path)
     dataset = problem_prompts(tok, problems, thinking)
+    context = vllm_context(tok, dataset["prompt"], rl) if rl.use_vllm else None
+    args = grpo_args(rl, out_dir, seed, num_processes, training_device, context)
+    args.reward_weights = reward_weights
     reward_fn = RewardFunction(rl.reward, {p.id: p for p in problems}, thinking, grader, rl.judge.invalid,
-                               rl.max_completion_length, rl.num_generations)
-    funcs = [reward_fn] + ([overlong_penalty(rl.max_completion_length, rl.overlong_penalty)] if rl.overlong_penalty else [])
-    funcs += extra_rewards or []
+                               rl.max_completion_length, rl.overlong_penalty)
     rollout = None if rl.use_vllm else SingleTurnRollout(rl, thinking)
-    trainer = make_trainer(rl, model_path, dataset, funcs, args, rollout_func=rollout)
+    trainer = make_trainer(rl, model_path, dataset, [reward_fn] + (extra_rewards or []), args, rollout_func=rollout)
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir) if resume else None)
     return step_metrics(trainer, reward_fn), trainer

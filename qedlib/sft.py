@@ -264,10 +264,12 @@ def _is_main_process() -> bool:
 
 
 def _weights_dtype(cfg: Config, device: str):
+    """fp32 master weights unless asked otherwise: bf16 autocast computes in bf16 while AdamW updates fp32
+    weights (updates below bf16's spacing would otherwise round away). DeepSpeed keeps its own fp32 masters."""
     import torch
     if cfg.sft.weights_dtype != "auto":
         return getattr(torch, cfg.sft.weights_dtype)
-    return torch.bfloat16 if device == "cuda" else torch.float32
+    return torch.float32
 
 
 def attention_for(cfg: Config, device: str) -> Optional[str]:
@@ -392,37 +394,11 @@ def build_trainer(cfg: Config, run_dir: str | Path, train_ds, eval_ds=None, call
     return trainer, extras
 
 
-def last_checkpoint(folder: str | Path) -> Optional[str]:
-    """The newest checkpoint-N folder under `folder`, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
-    folder = Path(folder)
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
-
-
 def save_model(trainer, cfg: Config, run_dir: str | Path) -> Path:
     """Save the trained model + tokenizer at <run>/02_sft/model (LoRA merged when lora.merge); atomic."""
+    from .training import save_trained
     folder = stage_dir(run_dir, STAGE)
-    final, tmp = folder / "model", folder / "model.tmp"
-    lora = cfg.sft.lora.enabled
-    target = folder / "adapter" if lora else tmp
-    if _is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(target))  # gathers ZeRO-3/FSDP shards; writes on the main process only
-    trainer.accelerator.wait_for_everyone()
-    if not _is_main_process():
-        return final
-    if lora and cfg.sft.lora.merge:
-        from peft import AutoPeftModelForCausalLM
-        import torch
-        dtype = _weights_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-        merged = AutoPeftModelForCausalLM.from_pretrained(str(target), dtype=dtype).merge_and_unload()
-        merged.save_pretrained(str(tmp))
-    elif lora:
-        shutil.copytree(target, tmp)  # an adapter folder; loads with peft on top of its base model
-    trainer.processing_class.save_pretrained(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
+    return save_trained(trainer, folder / "model", cfg.sft.lora.enabled, cfg.sft.lora.merge, folder / "adapter")
 
 
 def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None) -> dict:
@@ -439,6 +415,7 @@ def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None) ->
     train_tok, stats = build_tokenized(train_rows, tok, cfg.sft.max_length, cfg.sft.overlong, template)
     eval_tok = build_tokenized(eval_rows, tok, cfg.sft.max_length, cfg.sft.overlong, template)[0] if len(eval_rows) else None
     ckpt_dir = folder / "checkpoints"
+    from .training import last_checkpoint
     resume_from = last_checkpoint(ckpt_dir) if cfg.sft.resume else None
     if cfg.sft.resume and not resume_from:
         print(f"[qedlib] sft.resume: no checkpoint in {ckpt_dir}, starting from step 0")
@@ -469,6 +446,8 @@ def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None) ->
                "train_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 1),
                "seconds": round(time.perf_counter() - t0, 1)}
     if _is_main_process():
+        from .training import weights_moved
+        metrics["weights_changed_frac"] = weights_moved(model_dir, model_ref)
         write_json(folder / "log_history.json", history)
         write_json(folder / "train_metrics.json", metrics)
     return metrics

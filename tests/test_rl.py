@@ -1,12 +1,12 @@
-"""RL building blocks: rewards on literal strings, drop-imputation, the TRL config, a learning check."""
+"""RL building blocks: rewards on literal strings, the TRL config, the objective as labelled, a learning check."""
 import asyncio
 import math
+from dataclasses import replace
 
 import pytest
 
 from qedlib.config import RLConfig
-from qedlib.rl import (RewardFunction, answer_reward_value, format_reward_value, grpo_args, impute_dropped,
-                       overlong_penalty, summarise_steps, train_on_problems)
+from qedlib.rl import RewardFunction, answer_reward_value, format_reward_value, grpo_args, summarise_steps, train_on_problems
 
 
 def test_format_reward_on_literal_strings():
@@ -25,17 +25,15 @@ def test_answer_reward_uses_math_verify():
     assert answer_reward_value("anything", None) is None
 
 
-def test_dropped_rewards_get_their_group_mean():
-    r = impute_dropped([1.0, None, 0.0, None, None], ["a", "a", "a", "b", "b"])
-    assert r == [1.0, 0.5, 0.0, 0.0, 0.0]
-    # advantages of the valid samples are unchanged by the dropped one
-    mean_a = sum(r[:3]) / 3
-    assert [x - mean_a for x in (r[0], r[2])] == [0.5, -0.5]
-
-
-def test_overlong_penalty_is_soft():
-    f = overlong_penalty(100, 20)
-    assert f(completion_ids=[[0] * 50, [0] * 90, [0] * 100]) == [0.0, -0.5, -1.0]
+def test_overlong_penalty_is_trls_soft_punishment_added_to_valid_rewards():
+    from qedlib.data import Problem
+    p = Problem(id="p", problem="x")
+    fn = RewardFunction("format", {"p": p}, thinking=False, max_tokens=100, overlong_window=20)
+    texts = ["Proof. ok", "Proof. ok", "Proof. ok"]
+    ids = [[0] * 50, [0] * 90, [0] * 100]
+    rewards = asyncio.run(fn(prompts=["x"] * 3, completions=texts, completion_ids=ids, problem_id=["p"] * 3))
+    # format reward 1.0 / 1.0 / 0.5 (the last hit the budget) plus 0, -0.5, -1.0
+    assert rewards == [1.0, 0.5, -0.5]
 
 
 class FakeGrade:
@@ -53,27 +51,82 @@ class ScriptedGrader:
         return self.grades
 
 
-def test_judge_reward_truncated_is_zero_and_invalid_is_dropped(shipped_problems):
+def test_judge_reward_no_proof_is_zero_and_invalid_reaches_trl_as_none(shipped_problems):
     p = shipped_problems[0]
-    grades = [FakeGrade(7), FakeGrade(None, False, "no_tag"), FakeGrade(None, False, "unclosed_thinking"), FakeGrade(0)]
-    fn = RewardFunction("judge", {p.id: p}, thinking=True, grader=ScriptedGrader(grades), group_size=4)
-    texts = ["a</think>proof", "b</think>proof", "never closed", "c</think>wrong"]
-    rewards = asyncio.run(fn(prompts=["x"] * 4, completions=texts, problem_id=[p.id] * 4))
-    # valid: 1.0 and 0.0 and the truncated 0.0; the invalid one gets the mean of the valid ones
-    assert rewards == [1.0, pytest.approx(1 / 3), 0.0, 0.0]
+    grades = [FakeGrade(7), FakeGrade(None, False, "no_tag"), FakeGrade(None, False, "unclosed_thinking"),
+              FakeGrade(0), FakeGrade(None, False, "empty_proof")]
+    fn = RewardFunction("judge", {p.id: p}, thinking=True, grader=ScriptedGrader(grades))
+    texts = ["a</think>proof", "b</think>proof", "never closed", "c</think>wrong", "d</think>  \n"]
+    rewards = asyncio.run(fn(prompts=["x"] * 5, completions=texts, problem_id=[p.id] * 5))
+    # valid 1.0 and 0.0; no proof (never closed, or empty after </think>) 0.0; invalid None (TRL leaves it
+    # out of the group baseline and gives it advantage 0)
+    assert rewards == [1.0, None, 0.0, 0.0, 0.0]
     row = fn.stats.rows[-1]
-    assert row["truncated"] == 1 and row["invalid_no_tag"] == 1 and row["invalid_rate"] == 0.25
-    assert fn.grader.calls[0][2] == ("", False)
+    assert row["truncated"] == 1 and row["empty_proof"] == 1 and row["invalid_no_tag"] == 1
+    assert row["invalid_rate"] == 0.2
+    assert [ok for _, ok in fn.grader.calls[0]] == [True, True, False, True, False]  # no judge call without a proof
+    fn.invalid = "zero"
+    assert asyncio.run(fn(prompts=["x"] * 5, completions=texts, problem_id=[p.id] * 5))[1] == 0.0
+
+
+def test_trl_leaves_none_rewards_out_of_the_group_baseline():
+    """What `invalid: drop` relies on, checked on TRL 1.16's own advantage code path."""
+    import torch
+    from trl.trainer.utils import nanstd  # noqa: F401  (the helper TRL's baseline uses)
+    rewards = torch.tensor([1.0, float("nan"), 0.0, 0.5])
+    mean = torch.nanmean(rewards)
+    adv = torch.nan_to_num(rewards - mean, nan=0.0)
+    assert adv.tolist() == [0.5, 0.0, -0.5, 0.0]
 
 
 def test_grpo_args_match_the_paper_switches(tmp_path):
     rl = RLConfig(num_generations=16, prompts_per_step=4, micro_batch_size=8)
-    a = grpo_args(rl, tmp_path, seed=0)
+    a = grpo_args(rl, tmp_path, seed=0, num_processes=1)
     assert (a.per_device_train_batch_size, a.gradient_accumulation_steps, a.steps_per_generation) == (8, 8, 8)
     assert a.loss_type == "luspo" and a.scale_rewards == "none" and a.beta == 0.0 and a.epsilon == 4.0
     assert a.lr_scheduler_type == "constant" and a.max_grad_norm == 0.3 and a.entropy_coef == 1e-4
+    assert a.importance_sampling_level == "token" and a.num_iterations == 1 and a.top_k == 0
+    assert a.vllm_importance_sampling_correction is False  # TRL's default is on: never silently
+    assert (a.adam_beta1, a.adam_beta2, a.weight_decay) == (0.9, 0.999, 0.01)
     with pytest.raises(ValueError, match="divisible"):
-        grpo_args(RLConfig(num_generations=3, prompts_per_step=1, micro_batch_size=2), tmp_path, 0)
+        grpo_args(RLConfig(num_generations=3, prompts_per_step=1, micro_batch_size=2), tmp_path, 0, 1)
+    # the real world size, not launch.num_processes: 4 processes split 64 completions 16 each
+    four = grpo_args(rl, tmp_path, 0, num_processes=4)
+    assert (four.per_device_train_batch_size, four.gradient_accumulation_steps) == (8, 2)
+    # off-policy lag as a labelled switch: 3 optimizer steps per generated batch
+    lag = grpo_args(replace(rl, steps_per_generation=3), tmp_path, 0, 1)
+    assert (lag.gradient_accumulation_steps, lag.steps_per_generation) == (8, 24)
+
+
+def test_grpo_args_vllm_knobs_reach_trl(tmp_path):
+    rl = RLConfig(use_vllm=True, vllm_gpu_memory_utilization=0.45, vllm_enable_sleep_mode=True,
+                  vllm_server_host="10.0.0.7", vllm_server_port=8123, ratio_logprobs="trainer",
+                  is_correction="token_truncate", is_cap=2.0)
+    a = grpo_args(rl, tmp_path, 0, 1, vllm_max_model_length=12288)
+    assert (a.vllm_gpu_memory_utilization, a.vllm_max_model_length, a.vllm_enable_sleep_mode) == (0.45, 12288, True)
+    assert (a.vllm_server_host, a.vllm_server_port) == ("10.0.0.7", 8123)
+    assert a.vllm_importance_sampling_correction and a.vllm_importance_sampling_mode == "token_truncate"
+    assert a.vllm_importance_sampling_clip_max == 2.0
+
+
+def test_objective_refuses_mislabelled_settings(tmp_path):
+    with pytest.raises(ValueError, match="entropy_weighting"):
+        grpo_args(RLConfig(loss_type="grpo"), tmp_path, 0, 1)
+    with pytest.raises(ValueError, match="is_correction must be none"):
+        grpo_args(RLConfig(is_correction="sequence_mask"), tmp_path, 0, 1)
+    with pytest.raises(ValueError, match="fp32 master"):
+        grpo_args(RLConfig(weights_dtype="bfloat16"), tmp_path, 0, 1)
+
+
+def test_vllm_context_is_prompt_plus_budget_never_the_models_own(tiny_model_path):
+    from transformers import AutoTokenizer
+    from qedlib.rl import vllm_context
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    rl = RLConfig(max_completion_length=8192)
+    n = len(tok("word " * 300, add_special_tokens=False)["input_ids"])
+    assert vllm_context(tok, ["word " * 300, "short"], rl) == -(-(n + 8192) // 1024) * 1024
+    assert vllm_context(tok, ["short"], rl, extra_prompt_tokens=2304) == 11264
+    assert vllm_context(tok, ["short"], replace(rl, vllm_max_model_length=40960)) == 40960
 
 
 def test_grpo_learns_a_reward_the_tiny_model_can_move(tiny_model_path, shipped_problems, tmp_path):

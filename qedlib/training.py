@@ -1,0 +1,55 @@
+"""Pieces every training stage shares (SFT and both RL stages): checkpoints, saving, did the weights move.
+
+A building block below the stage modules (qedlib.sft, qedlib.rubric_rl, qedlib.rc_rl): it imports
+no stage.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+
+def last_checkpoint(folder: str | Path) -> Optional[str]:
+    """The newest checkpoint-N folder under `folder` (transformers' own rule), or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+    folder = Path(folder)
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_dir: str | Path | None = None) -> Path:
+    """Save a trained model for the next stage, atomically; every process must call it.
+
+    `trainer.save_model` gathers ZeRO-3 / FSDP shards and writes on the main process only (a
+    rank-0 `save_pretrained` would write ZeRO-3's empty partitions, or hang under FSDP2). A LoRA
+    adapter is saved to `adapter_dir` (default `<out_dir>-adapter`) and, with `merge`, merged in
+    fp32 on the main process, so updates far below bf16's spacing survive the merge.
+    """
+    import torch
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    adapter = Path(adapter_dir) if adapter_dir else out.with_name(out.name + "-adapter")
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    trainer.save_model(str(adapter if lora else tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if lora and merge:
+            from peft import AutoPeftModelForCausalLM
+            merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32).merge_and_unload()
+            merged.save_pretrained(str(tmp))
+        elif lora:
+            shutil.copytree(adapter, tmp)  # an adapter folder; later stages merge it once on use
+        trainer.processing_class.save_pretrained(str(tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    acc.wait_for_everyone()
+    return out
+
+
+def weights_moved(model_dir: str | Path, init_ref: str) -> Optional[float]:
+    """`weights_changed_frac` of a saved stage model vs the model it started from (adapters merged first)."""
+    from .models import resolve_model, weights_changed_frac
+    return round(weights_changed_frac(resolve_model(str(model_dir)), resolve_model(init_ref)), 6)
