@@ -178,6 +178,17 @@ class Evaluation:
         self.generations = JsonlLog(self.folder / "generations.jsonl", key="key")
         self.judge_generator = judge_generator
         self._graders: dict[str, object] = {}
+        self._summariser = None
+
+    def summariser(self):
+        """The RC scaffold's summariser: None (the policy summarises itself, the paper's test-time choice), or
+        eval.rc.summariser_endpoint loaded once when eval.rc.summariser is "frozen"."""
+        if self.cfg.eval.rc.summariser != "frozen":
+            return None
+        if self._summariser is None:
+            from .generation import make_generator
+            self._summariser = make_generator(self.cfg.eval.rc.summariser_endpoint)
+        return self._summariser
 
     def grader(self, prompt: str):
         """The Grader for one judge prompt (the judge model is loaded once and shared)."""
@@ -207,7 +218,8 @@ class Evaluation:
             for s in sorted({s for _, s in missing}):
                 probs = [p for p, t in missing if t == s]
                 seed = self.cfg.seed * 100_003 + s * 1009 + start
-                for p, res in zip(probs, scaffold_lib.run_scaffold(scaffold, probs, policy, ev.sampling, settings, seed=seed)):
+                for p, res in zip(probs, scaffold_lib.run_scaffold(scaffold, probs, policy, ev.sampling, settings, seed=seed,
+                                                                        summariser=self.summariser())):
                     rec = {k: v for k, v in res.to_dict().items() if k != "reasoning"}
                     self.generations.append({"key": result_key(name, bench.name, scaffold, p.id, s), **rec})
             gens = [self.generations.records[k] for k in keys]

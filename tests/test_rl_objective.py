@@ -224,3 +224,47 @@ def test_rc_rl_on_a_fake_colocated_vllm_engine_runs_trls_loss_with_sampler_logpr
     assert all(c[3] == 0 for c in llm.calls[-1:])  # the final rollouts asked vLLM for logprobs=0
     assert captured["old_per_token_logps"].shape == captured["completion_ids"].shape
     assert torch.isfinite(captured["old_per_token_logps"]).all()
+
+
+class FakeTRLVLLMGeneration:
+    """TRL's VLLMGeneration.generate() shapes: (prompt_ids, completion_ids, logprobs (B, T, 1), token ids)."""
+
+    def __init__(self, model, tokenizer, temperature):
+        from qedlib.config import Endpoint
+        from qedlib.generation import TransformersGenerator
+        self.gen = TransformersGenerator(Endpoint(batch_size=16), model=model, tokenizer=tokenizer)
+        self.temperature, self.mode, self.enable_sleep_mode, self.synced = temperature, "colocate", False, 0
+
+    def sync_weights(self):
+        self.synced += 1
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        from qedlib.config import Sampling
+        texts = [self.gen.tokenizer.decode(p) for p in prompts[::num_generations]]
+        groups = self.gen.generate_text(texts, Sampling(temperature=self.temperature, max_new_tokens=6,
+                                                        n=num_generations), logprobs=True)
+        comps = [c for g in groups for c in g]
+        return (prompts, [c.token_ids for c in comps], [[[lp] for lp in c.logprobs] for c in comps],
+                [[[t] for t in c.token_ids] for c in comps])
+
+
+def test_rubric_rl_on_trls_own_vllm_path_trains_with_sampler_logprobs(tiny_model_path, shipped_problems, tmp_path):
+    """use_vllm without a rollout function: TRL's _generate_single_turn takes the engine's (B, T, 1)
+    logprobs; with ratio_logprobs: sampler they become the ratio's denominator, and a step trains."""
+    rl = RLConfig(num_generations=2, prompts_per_step=2, max_steps=1, max_completion_length=6, temperature=1.0,
+                  save_steps=1000)
+    trainer = _trainer(tiny_model_path, shipped_problems[:2], tmp_path, rl, rollout=None)
+    fake = FakeTRLVLLMGeneration(trainer.model, trainer.processing_class, 1.0)
+    trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, fake, -1
+    trainer.vllm_importance_sampling_correction = False
+    captured = {}
+    original = trainer._compute_loss
+
+    def spy(model, inputs):
+        captured.update(inputs)
+        return original(model, inputs)
+    trainer._compute_loss = spy
+    trainer.train()
+    assert trainer.state.global_step == 1 and fake.synced == 1
+    old, mask = captured["old_per_token_logps"], captured["completion_mask"].bool()
+    assert torch.isfinite(old).all() and (old[mask] < 0).all()  # real log-probabilities, not zeros or None
