@@ -86,6 +86,7 @@ class TransformersGenerator:
             tokenizer, model = load_model(endpoint.model, endpoint.device, endpoint.dtype)
         self.tokenizer, self.model = tokenizer, model
         self.tokenizer.padding_side = "left"
+        self.synced_gpus = False  # sharded training (FSDP / ZeRO-3): every rank decodes until all ranks are done
 
     @property
     def device(self):
@@ -113,7 +114,7 @@ class TransformersGenerator:
             enc = self.tokenizer([flat[i] for i in idx], return_tensors="pt", padding=True,
                                  add_special_tokens=False).to(self.device)
             kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                          eos_token_id=eos, use_cache=True)
+                          eos_token_id=eos, use_cache=True, synced_gpus=self.synced_gpus)
             if sampling.temperature > 0:
                 kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
             else:

@@ -22,6 +22,7 @@ from .generation import TransformersGenerator, VLLMGenerator, make_generator, re
 from .io import stage_dir, write_json, write_jsonl
 from .models import resolve_model
 from .reasoning_cache import cache_state_prompts, rc_rollout
+from .rl import sharded
 from .runner import checkpoint
 
 STAGE = "04_reasoning_cache_rl"
@@ -59,7 +60,9 @@ class RCRollout:
                                  tokenizer=trainer.processing_class)
         model = trainer.accelerator.unwrap_model(trainer.model)
         ep = Endpoint(batch_size=self.rl.rollout_batch_size, static_cache=self.rl.static_cache)
-        return TransformersGenerator(ep, model=model, tokenizer=trainer.processing_class)
+        gen = TransformersGenerator(ep, model=model, tokenizer=trainer.processing_class)
+        gen.synced_gpus = sharded(trainer)
+        return gen
 
     def __call__(self, prompts: list, trainer) -> dict:
         t0 = time.perf_counter()

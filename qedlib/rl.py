@@ -455,6 +455,7 @@ class SingleTurnRollout:
         model = trainer.accelerator.unwrap_model(trainer.model)
         gen = TransformersGenerator(Endpoint(batch_size=self.rl.rollout_batch_size, static_cache=self.rl.static_cache),
                                     model=model, tokenizer=trainer.processing_class)
+        gen.synced_gpus = sharded(trainer)
         was_training = model.training
         model.eval()
         outs: dict[int, list] = {}
@@ -475,6 +476,18 @@ class SingleTurnRollout:
             completion_ids += [c.token_ids for c in outs[i]]
             logprobs += [c.logprobs for c in outs[i]]
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
+
+
+def sharded(trainer) -> bool:
+    """Whether the trained weights are sharded over processes (FSDP, ZeRO-3): generation must then run in
+    lockstep on every rank (`synced_gpus`), or ranks that finish early stop answering the all-gathers."""
+    acc = trainer.accelerator
+    if acc.num_processes < 2:
+        return False
+    if getattr(acc, "is_fsdp2", False) or acc.distributed_type.value == "FSDP":
+        return True
+    ds = getattr(acc.state, "deepspeed_plugin", None)
+    return bool(ds and ds.zero_stage == 3)
 
 
 def consecutive_runs(items: list) -> list[tuple]:

@@ -201,3 +201,35 @@ def test_lora_policy_is_merged_for_the_next_stage(tiny_model_path, shipped_probl
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_rubric_rl_with_the_shipped_fsdp2_config_saves_the_trained_weights_and_resumes(tmp_path):
+    """The shipped FSDP v2 config moved to 2 CPU processes: RL trains 2 steps, every rank saves through the
+    trainer (gathered full state dict), the saved model equals the trainer's own checkpoint of the last step
+    and differs from the start; resume continues the step count."""
+    import json
+
+    import yaml
+
+    from qedlib.config import Launch
+    from qedlib.launch import accelerate_config_path, accelerate_train
+    from qedlib.models import SavedWeights, changed_fraction, resolve_model
+    shipped = yaml.safe_load(accelerate_config_path("fsdp").read_text())
+    config = tmp_path / "fsdp-cpu.yaml"
+    config.write_text(yaml.safe_dump({**shipped, "use_cpu": True, "mixed_precision": "no", "num_processes": 2}))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"base_model": "tiny-qwen3", "device": "cpu", "rubric_rl": {
+        "model": "base", "reward": "format", "problems": {"limit": 4}, "num_generations": 2, "lr": 1.0e-3,
+        "prompts_per_step": 2, "max_steps": 2, "max_completion_length": 6, "save_steps": 2}}))
+    run = tmp_path / "run"
+    launch = Launch(num_processes=2, accelerate_config=str(config))
+    assert accelerate_train("rubric_rl", params, run, {}, launch) == 0
+    folder = run / "03_rubric_rl"
+    saved, ckpt = SavedWeights(folder / "model"), SavedWeights(folder / "checkpoints" / "checkpoint-2")
+    assert changed_fraction(ckpt, saved) == 0.0  # what was saved is what was trained
+    result = json.loads((folder / "train_result.json").read_text())
+    assert result["world_size"] == 2 and result["weights_changed_frac"] > 0.5
+    assert result["weights_changed_frac"] == pytest.approx(
+        changed_fraction(SavedWeights(resolve_model("tiny-qwen3")), saved), abs=1e-6)
+    assert accelerate_train("rubric_rl", params, run, {"rubric_rl.resume": True, "rubric_rl.max_steps": 3}, launch) == 0
+    assert json.loads((folder / "train_result.json").read_text())["steps"] == 3
