@@ -1,4 +1,4 @@
-"""Command line: `python -m qedlib {prepare,run,bench}`."""
+"""Command line: `python -m qedlib {prepare,run,plan,bench,train}`."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a params key, e.g. --set sft.lr=1.0e-5 (repeatable)")
     r.add_argument("--outputs", default=None, help="outputs folder (default: ./outputs)")
+    pl = sub.add_parser("plan", help="dry run: per-stage model, batch and GPU memory estimate (loads no weights)")
+    pl.add_argument("params", help="params YAML, e.g. params/gpu-1.yaml")
+    pl.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a params key, e.g. --set rubric_rl.micro_batch_size=1 (repeatable)")
+    pl.add_argument("--prompt-tokens", type=int, default=None,
+                    help="assumed longest prompt in tokens for the RL sequence length (default 1024)")
     b = sub.add_parser("bench", help="run a benchmark and print its table")
     b.add_argument("name", help="benchmark name (see --list)", nargs="?")
     b.add_argument("--list", action="store_true", help="list benchmarks")
@@ -38,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = run_pipeline(args.params, args.run_name, args.stages, overrides,
                                    args.outputs or REPO / "outputs")
             print(f"[qedlib] done: {run_dir}")
+        elif args.cmd == "plan":
+            from .plan import PROMPT_TOKENS, PlanError, main as plan_main
+            try:
+                return plan_main(args.params, args.sets, args.prompt_tokens or PROMPT_TOKENS)
+            except PlanError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         elif args.cmd == "bench":
             from .bench import BENCHMARKS, run_benchmark
             if args.list or not args.name:

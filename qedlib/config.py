@@ -279,6 +279,7 @@ class Config:
     base_model: str = "smollm2-135m"  # the student before any training
     thinking: bool = True  # the policy reasons in <think>...</think> before its proof
     device: str = "auto"  # device for in-process models
+    gpu_memory_gib: Optional[float] = None  # memory of one GPU the recipe is planned for (`python -m qedlib plan`); null = no GPU planned
     generation: Endpoint = field(default_factory=Endpoint)  # how the policy generates (backend, batch)
     distill: DistillConfig = field(default_factory=DistillConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

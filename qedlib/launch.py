@@ -7,7 +7,8 @@ or `launch.accelerate_config` is set: the notebook runs exactly what you would t
         -m qedlib train sft --params params/qed-nano.yaml --run-dir outputs/qed-nano
 
 and prints the log line by line as it arrives. Shipped configs (qedlib/accelerate/, give the name
-or a path): `ddp` (plain data parallel), `zero2`, `zero3` (DeepSpeed), `fsdp` (PyTorch FSDP2),
+or a path): `ddp` (plain data parallel), `zero2`, `zero2-offload` (optimizer on the CPU), `zero3`
+(DeepSpeed), `fsdp` (PyTorch FSDP2),
 `cpu-gloo` (2 CPU processes with the gloo backend, used by the tests).
 
 Multi-node (SLURM): start one `accelerate launch` per node with the node's rank and the first
