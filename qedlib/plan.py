@@ -406,8 +406,10 @@ def plan_sft(cfg: Config, models: dict, prompt_tokens: int) -> tuple[StagePlan, 
     info = _info(ref, models)
     adapters = info.lora_params(s.lora) if s.lora.enabled else 0
     p.add("model", _model_line(info, how, adapters))
-    rows = f"this run's distilled data (<= {cfg.distill.problems.limit} problems)" if s.dataset == "distill" and \
-        cfg.distill.problems.limit else s.dataset
+    rows = s.dataset
+    if s.dataset == "distill":
+        limit = cfg.distill.problems.limit
+        rows = "this run's distilled data" + (f" (<= {limit} problems)" if limit else "")
     p.add("data", f"{rows}{', one sample per problem' if s.one_per_problem else ''}; {s.eval_fraction:.0%} held out")
     reg = regime(s.launch)
     p.add("processes", reg.describe)
@@ -427,6 +429,16 @@ def plan_sft(cfg: Config, models: dict, prompt_tokens: int) -> tuple[StagePlan, 
         p.notes.append(f"host RAM for offloaded state: {_gib(st['host']):.1f} GiB per process")
     p.total = st["weights"] + st["grads"] + st["optimizer"] + act
     return p, ref
+
+
+class _AssumedPrompts:
+    """A stand-in tokenizer for rl.vllm_context: every prompt is `n` tokens (no tokenizer is loaded)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, text, add_special_tokens=False) -> dict:
+        return {"input_ids": [0] * self.n}
 
 
 def plan_rl(cfg: Config, stage: str, previous: str, models: dict, prompt_tokens: int) -> tuple[StagePlan, str]:
@@ -452,9 +464,7 @@ def plan_rl(cfg: Config, stage: str, previous: str, models: dict, prompt_tokens:
     # Longest trained sequence: prompt (+ one RC summary per kept turn) + completion budget, as vLLM is told.
     grow = rl.rc.summary.max_new_tokens * (rl.rc.turns if rl.rc.accumulate else 1) + 256 if rc else 0
     seq = prompt_tokens + grow + rl.max_completion_length
-    assumed = type("AssumedTokenizer", (), {"__call__": lambda self, text, add_special_tokens=False:
-                                            {"input_ids": [0] * prompt_tokens}})()
-    ctx = vllm_context(assumed, ["prompt"], rl, grow)
+    ctx = vllm_context(_AssumedPrompts(prompt_tokens), ["prompt"], rl, grow)  # the context the run would give vLLM
     seq = min(seq, ctx)
     what = "cache-state prompts" if rc else "problems"
     p.add("batch", f"{rl.prompts_per_step} {what} x {rl.num_generations} rollouts = {total} completions per optimizer "
