@@ -157,7 +157,7 @@ def train(cfg, run_dir) -> dict:
     folder = stage_dir(run_dir, STAGE)
     problems, counts = filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
     by_id = {p.id: p for p in problems}
-    model_path = resolve_model(checkpoint(cfg, run_dir, rl.model))
+    model_path = resolve_model(checkpoint(cfg, run_dir, rl.model, "rc_rl"))
     tok = AutoTokenizer.from_pretrained(model_path)
     # Shuffle problems ourselves (seeded); TRL must not shuffle, so a problem's K slots stay together.
     random.Random(cfg.seed).shuffle(problems)

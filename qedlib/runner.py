@@ -49,12 +49,17 @@ def _is_model(path: Path) -> bool:
     return (path / "config.json").exists() or (path / "adapter_config.json").exists()
 
 
-def checkpoint(cfg: Config, run_dir: str | Path, ref: str) -> str:
+PIPELINE = ("sft", "rubric_rl", "rc_rl")  # the trained stages, in pipeline order
+
+
+def checkpoint(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = None) -> str:
     """Resolve a model reference that may name a stage of this run.
 
     "base" -> cfg.base_model; "sft" / "rubric_rl" / "rc_rl" -> that stage's saved model;
-    "previous" -> the latest trained model of the run (rc_rl > rubric_rl > sft > base); anything
-    else is a model reference (embedded name, folder or hub id).
+    "previous" -> the model of the stage before `stage` in the pipeline (rubric_rl: sft; rc_rl:
+    rubric_rl), falling back to earlier stages and then the base model when it was not run, so that
+    rerunning a stage in a finished run starts where the pipeline says, not from a later stage's
+    model; anything else is a model reference (embedded name, folder or hub id).
     """
     if ref == "base":
         return cfg.base_model
@@ -65,9 +70,16 @@ def checkpoint(cfg: Config, run_dir: str | Path, ref: str) -> str:
                                     f"(python -m qedlib run PARAMS --stages ...)")
         return str(path)
     if ref == "previous":
-        for name in ("rc_rl", "rubric_rl", "sft"):
+        if stage not in PIPELINE:
+            raise ValueError(f"model 'previous' is relative to a training stage ({', '.join(PIPELINE)}), "
+                             f"got stage={stage!r}")
+        before = PIPELINE[:PIPELINE.index(stage)]
+        for name in reversed(before):
             path = Path(run_dir) / MODEL_DIRS[name]
             if _is_model(path):
+                if name != before[-1]:
+                    print(f"[qedlib] {stage}: 'previous' is {before[-1]}, which has no model in {run_dir}; "
+                          f"starting from {name}")
                 return str(path)
         return cfg.base_model
     return ref
