@@ -133,13 +133,16 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
     for stage in wanted:
         src = NOTEBOOKS / f"{stage}.ipynb"
         out = stage_dir(run_dir, stage) / f"{stage}.ipynb"
-        print(f"[qedlib] running {stage} -> {out}", flush=True)
+        before = f" (last time {timings[stage]:.0f} s)" if stage in timings else ""
+        print(f"[qedlib] running {stage}{before} -> {out}", flush=True)
         t0 = time.perf_counter()
         try:
+            # papermill's bar: cells done / cells, elapsed and remaining time of this stage
             pm.execute_notebook(str(src), str(out), kernel_name=KERNEL, cwd=str(NOTEBOOKS),
                                 parameters={"params_file": str(Path(params_file).resolve()),
                                             "run_dir": str(run_dir), "overrides": overrides},
-                                progress_bar=False, log_output=False)
+                                progress_bar={"desc": f"  {stage} cells", "mininterval": 5.0, "ncols": 90},
+                                log_output=False)
         except pm.PapermillExecutionError as e:
             raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
                                f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
@@ -150,7 +153,13 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
     from . import report
     written = report.refresh(run_dir, cfg)  # now with every finished stage's metrics and wall time
     print(f"[qedlib] report: {written['md']} and {written['html']}", flush=True)
+    print(f"[qedlib] run folder {run_dir}: {folder_size(run_dir) / 2**30:.2f} GiB", flush=True)
     return run_dir
+
+
+def folder_size(folder: str | Path) -> int:
+    """Bytes under a folder (files only, links not followed)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _select_stages(stages: list[str] | None) -> list[str]:
