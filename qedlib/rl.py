@@ -277,9 +277,23 @@ def make_trainer(rl, model_path: str, dataset, reward_funcs: list, args, rollout
     # fp32 master weights: bf16 autocast computes in bf16, AdamW updates fp32 weights (an lr-1e-6 step is
     # below bf16's spacing for most weights and would round away).
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=rl.weights_dtype)
+    silence_token_level_luspo_warning()
     cls = qed_grpo_trainer_class()
     return cls(model=model, args=args, train_dataset=dataset, reward_funcs=reward_funcs, processing_class=tok,
                peft_config=lora_config(rl.lora), rollout_func=rollout_func, qed_rl=rl)
+
+
+def silence_token_level_luspo_warning() -> None:
+    """TRL warns that LUSPO's own paper uses sequence-level ratios; QED-Nano's trainer uses token-level
+    ratios with the luspo aggregation (token sum / sequences), which is what we run on purpose."""
+    import logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record):
+            return "importance_sampling_level` should be set to `'sequence'`" not in record.getMessage()
+    log = logging.getLogger("trl.trainer.grpo_trainer")
+    if not any(isinstance(f, _Filter) or type(f).__name__ == "_Filter" for f in log.filters):
+        log.addFilter(_Filter())
 
 
 def qed_grpo_trainer_class():
