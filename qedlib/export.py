@@ -26,12 +26,6 @@ from .evaluation import load_benchmarks, read_results, result_key
 from .io import JsonlLog, read_jsonl, write_jsonl
 from .prompts import parse_rubric
 
-OFFICIAL_FIELDS = ("problem_id", "problem", "model_solution", "score", "grade", "schema_0", "cost_run", "grade_cost")
-COST_KEYS = ("input_tokens", "output_tokens", "cost", "time")
-# the columns the official re-grading reads, by our judge prompt kind (answer benchmarks: by task)
-REGRADE_FIELDS = {"proofbench": ("solution", "grading_guidelines"), "answer": ("answer",),
-                  "rubric": ("solution", "grading_scheme")}
-META_FIELDS = ("checkpoint", "benchmark", "scaffold", "run", "split", "evaluated", "truncated", "invalid_reason", "tokens")
 ANSWER_SCHEMA = [{"title": "Final answer", "desc": "1 point when the final answer is equivalent to the reference "
                   "answer, 0 otherwise.", "points": 1}]
 
@@ -101,11 +95,11 @@ def _number(x):
     return None if x is None else (int(x) if float(x).is_integer() else float(x))
 
 
-def _cost(block, time=None) -> dict:
+def _cost(block) -> dict:
     """An official cost block from ours (missing numbers are 0: nothing was recorded as spent)."""
     block = block if isinstance(block, dict) else {}
     return {"input_tokens": int(block.get("input_tokens") or 0), "output_tokens": int(block.get("output_tokens") or 0),
-            "cost": float(block.get("cost") or 0.0), "time": time}  # seconds; eval rows do not time each problem
+            "cost": float(block.get("cost") or 0.0), "time": None}  # seconds there; our eval does not time each problem
 
 
 def _row_desc(row: dict) -> str:
