@@ -81,6 +81,8 @@ def test_eval_metrics_and_report(run_dir):
         for scaffold, row in by_scaffold.items():
             assert 0.0 <= row["mean_score_pct"] <= 100.0 and 0.0 <= row["truncation_rate"] <= 1.0, (ckpt, scaffold)
     assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
+    from qedlib.export import export_official  # the official-format export runs on the smoke run folder
+    assert len(export_official(run_dir)) == n_ckpt * len(cfg.eval.benchmarks) * n_scaff * cfg.eval.samples
 
 
 def test_report_lists_every_stage_with_wall_time_including_eval(run_dir):
