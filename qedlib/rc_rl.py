@@ -21,7 +21,7 @@ from .data import load_source
 from .generation import TransformersGenerator, VLLMGenerator, make_generator, render_prompt, run_sync
 from .io import stage_dir, write_json, write_jsonl
 from .models import resolve_model
-from .reasoning_cache import cache_state_prompts, rc_rollout
+from .reasoning_cache import cache_state_prompts, rc_rollout, summary_unclosed_rate
 from .runner import checkpoint
 
 STAGE = "04_reasoning_cache_rl"
@@ -127,7 +127,7 @@ class RCRollout:
                 self.turn_rows.append({"step": step, "problem_id": p.id, "turn": s.turn,
                                        "score": g.points if g is not None and g.valid else None,
                                        "truncated": not s.think_closed, "reasoning_tokens": s.completion_tokens,
-                                       "summary_tokens": s.summary_tokens})
+                                       "summary_tokens": s.summary_tokens, "summary_status": s.summary_status})
             self.trajectories.append({"problem_id": p.id, "turns": [s.to_dict() for s in t]})
 
 
@@ -176,9 +176,12 @@ def train(cfg, run_dir) -> dict:
     rows = step_metrics(trainer, reward_fn)
     for r, t in zip(rows, rollout.timing):
         r.update(t)
+        r["summary_unclosed_rate"] = summary_unclosed_rate(x["summary_status"] for x in rollout.turn_rows
+                                                           if x["step"] == t["step"])
     metrics = {**summarise_steps(rows), "problems": len(problems), "seconds": round(time.perf_counter() - t0, 1),
                "model_dir": str(folder / "model"), "init_model": model_path,
-               "score_by_turn": score_by_turn(rollout.turn_rows)}
+               "score_by_turn": score_by_turn(rollout.turn_rows),
+               "summary_unclosed_rate": summary_unclosed_rate(r["summary_status"] for r in rollout.turn_rows)}
     if trainer.accelerator.is_main_process:
         save_policy(trainer, folder / "model", rl.lora.merge)
         write_jsonl(folder / "steps.jsonl", rows)
@@ -196,7 +199,8 @@ def score_by_turn(turn_rows: list[dict]) -> dict:
         scores = [r["score"] for r in rows if r["score"] is not None]
         out[str(t)] = {"score_mean": sum(scores) / len(scores) if scores else None,
                        "truncation_rate": sum(r["truncated"] for r in rows) / len(rows),
-                       "summary_tokens": sum(r["summary_tokens"] for r in rows) / len(rows), "n": len(rows)}
+                       "summary_tokens": sum(r["summary_tokens"] for r in rows) / len(rows), "n": len(rows),
+                       "summary_unclosed_rate": summary_unclosed_rate(r.get("summary_status", "") for r in rows)}
     return out
 
 

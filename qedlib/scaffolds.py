@@ -185,7 +185,7 @@ def reasoning_cache(problems, policy, sampling, settings: ScaffoldSettings, seed
             calls=len(traj) + sum(1 for s in traj if s.summary_out), prompt_tokens=p_tok, completion_tokens=c_tok,
             cost=cost_of(endpoint, p_tok, c_tok) if endpoint is not None else 0.0,
             trace=[{"turn": s.turn, "closed": s.think_closed, "tokens": s.completion_tokens,
-                    "summary": s.summary_out[:500]} for s in traj]))
+                    "summary": s.summary_out[:500], "summary_status": s.summary_status} for s in traj]))
     return results
 
 
