@@ -35,10 +35,10 @@ class CacheState:
     think_closed: bool = False
     finish_reason: str = ""  # stop | length | error
     summary_out: str = ""  # the cache after this turn: the summary the next turn starts from ("" if none)
-    summary_status: str = ""  # ok | unclosed | empty (not used: the previous summary is kept) | "" no summary made
     prompt_tokens: int = 0
     completion_tokens: int = 0
     summary_tokens: int = 0
+    summary_status: str = ""  # ok | unclosed | empty (not used: the previous summary is kept) | "" no summary made
 
     def to_dict(self) -> dict:
         return asdict(self)
