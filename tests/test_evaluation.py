@@ -197,6 +197,23 @@ def test_answer_benchmark_rows_are_binary_without_a_judge_call(tmp_path, tiny_ge
     assert judge.prompts == 0
 
 
+def test_bad_rows_are_skipped_and_counted_and_missing_benchmarks_fail(tmp_path):
+    from qedlib.data import DataError
+    f = tmp_path / "b.jsonl"
+    f.write_text('{"problem": "Prove A.", "rubric": "x"}\n{"problem": "Prove B.", "rubric": ["x"]}\n{"problem": ""}\n')
+    [bench] = evaluation.load_benchmarks([{"name": "b", "path": str(f), "on_bad_row": "skip"}])
+    assert len(bench.problems) == 1 and [s["row"] for s in bench.skipped] == [1, 2]
+    m = evaluation.eval_metrics([], tiny_cfg(tmp_path), [bench])
+    assert m["skipped_rows"]["b"] == {"skipped_rows": 2, "skipped_reasons": {
+        "column 'rubric' is not text": 1, "no problem text in column 'problem'": 1}}
+    with pytest.raises(DataError, match="row 1: column 'rubric'"):
+        evaluation.load_benchmarks([{"name": "b", "path": str(f)}])
+    with pytest.raises(DataError, match="nope.jsonl does not exist"):
+        evaluation.load_benchmarks(["shipped", str(tmp_path / "nope.jsonl")])
+    with pytest.raises(DataError, match="unknown.*'colums'"):
+        evaluation.load_benchmark({"path": str(f), "colums": {}})
+
+
 def test_extract_boxed():
     assert evaluation.extract_boxed(r"so \boxed{\frac{1}{2}} and finally \boxed{3}") == "3"
     assert evaluation.extract_boxed(r"x = \boxed{\{1, 2\}}") == r"\{1, 2\}"
