@@ -204,29 +204,39 @@ _SPACING = re.compile(r"\\(?:left|right|displaystyle|[,;:! ])|\s+")
 _SIMPLE = re.compile(r"^(?:[0-9a-zA-Z.+\-*/^(){}]|\\(?:frac|sqrt|pi|cdot|times))+$")
 
 
-def normalise_answer(s: str) -> str:
-    """A short answer reduced to compare as text: no $ or \\( \\), spacing, \\left/\\right, text wrappers or final period."""
+def _bare_answer(s: str) -> str:
+    """The answer itself: the content of a \\boxed{} if any, without $ / \\( \\) delimiters or a final period."""
     s = (s or "").strip()
     b = extract_boxed(s)
     s = b if b is not None else s
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\(", "").replace("\\)", "").replace("$", "")
+    return s.replace("\\(", "").replace("\\)", "").replace("$", "").strip().rstrip(".").strip()
+
+
+def normalise_answer(s: str) -> str:
+    """A short answer reduced to compare as text: no $ or \\( \\), spacing, \\left/\\right, text wrappers or final period."""
+    s = _bare_answer(s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     for _ in range(3):
         s = _TEXT_CMD.sub(r"\1", s)
     s = _SPACING.sub("", s)
     return s.rstrip(".")
 
 
+# Towers and huge exponents (2^{2^{100}}): sympy would try to evaluate them, with no timeout here.
+_HUGE_POWER = re.compile(r"\^\{?[^}]*\^|\^\{?\d{4,}")
+
+
 def is_simple_answer(s: str) -> bool:
     """True for a plain number or a simple expression (what exact match / math-verify judge reliably)."""
     n = normalise_answer(s)
-    return bool(n) and bool(_SIMPLE.match(n)) and not re.search(r"[a-zA-Z]{2,}", re.sub(r"\\[a-z]+", "", n))
+    return bool(n) and bool(_SIMPLE.match(n)) and not re.search(r"[a-zA-Z]{2,}", re.sub(r"\\[a-z]+", "", n)) \
+        and not _HUGE_POWER.search(n)
 
 
 def _math_verify(reference: str, answer: str) -> bool | None:
     from math_verify import parse, verify
     try:
-        gold = parse(f"${normalise_answer(reference)}$", parsing_timeout=None)
-        pred = parse(f"${normalise_answer(answer)}$", parsing_timeout=None)
+        gold = parse(f"${_bare_answer(reference)}$", parsing_timeout=None)
+        pred = parse(f"${_bare_answer(answer)}$", parsing_timeout=None)
         if not gold or not pred:
             return None
         return bool(verify(gold, pred, timeout_seconds=None))
