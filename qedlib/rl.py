@@ -43,20 +43,20 @@ def format_reward_value(text: str, stopped: bool, thinking: bool) -> float:
     return 0.5 * bool(PROOF_OPENING.match(final)) + 0.5 * (stopped and bool(final))
 
 
-def answer_reward_value(final: str, answer: str | None) -> float | None:
-    """1.0 when the last \\boxed{} (or last line) of the answer matches the reference (math-verify)."""
-    if answer is None:
-        return None
-    from math_verify import parse, verify
-    try:
-        return 1.0 if verify(parse(f"${answer}$"), parse(final)) else 0.0
-    except Exception:  # math-verify raises on unparsable input: that answer earns nothing
-        return 0.0
+def answer_reward_value(final: str, answer: str | None) -> tuple[float | None, str]:
+    """(1.0 / 0.0 / None, how): the final boxed answer checked against the reference by
+    `grading.check_answer` (exact or math-verify only where reliable); None when it cannot decide
+    without a judge (dropped from the group, counted as invalid with that reason)."""
+    from .grading import check_answer
+    verdict, how = check_answer(answer, final)
+    return (None if verdict is None else float(verdict)), how
 
 
 def filter_by_difficulty(problems, min_reward_mean=None, max_reward_mean=None) -> tuple[list, dict]:
-    """Drop hopeless / too-easy problems by the base model's mean reward (FineProofs-RL `reward_mean`)."""
-    counts = {"loaded": len(problems), "too_easy": 0, "hopeless": 0, "no_reward_mean": 0}
+    """Drop hopeless / too-easy problems by the base model's mean reward (FineProofs-RL `reward_mean`);
+    the counts include the source's skipped bad rows."""
+    from .data import skipped_metrics
+    counts = {"loaded": len(problems), "too_easy": 0, "hopeless": 0, "no_reward_mean": 0, **skipped_metrics(problems)}
     if min_reward_mean is None and max_reward_mean is None:
         return problems, {**counts, "kept": len(problems)}
     kept = []
@@ -137,9 +137,10 @@ class RewardFunction:
             rewards = [format_reward_value(t, s, self.thinking) for t, s in zip(texts, stopped)]
             scores = [7 * r for r in rewards]
         elif self.kind == "answer":
-            rewards = [answer_reward_value(f, p.answer) if ok else 0.0
+            checked = [answer_reward_value(f, p.answer) if ok else (0.0, "no_proof")
                        for (_, f, _), ok, p in zip(splits, has_proof, probs)]
-            invalid.update("no_reference_answer" for r in rewards if r is None)
+            rewards = [r for r, _ in checked]
+            invalid.update(how for r, how in checked if r is None)
             scores = [None if r is None else 7 * r for r in rewards]
         else:
             raise ValueError(f"unknown reward {self.kind!r}: use judge, format or answer")
