@@ -11,7 +11,7 @@ import pytest
 from qedlib import evaluation, export
 from qedlib.config import load_config, save_config
 from qedlib.data import imobench_dir
-from qedlib.grading import Grade, Grader, build_prompt, invalid_grade
+from qedlib.grading import Grade, Grader, build_prompt, invalid_grade, no_proof_grade
 from qedlib.io import JsonlLog
 
 RUBRIC = ("Checkpoints (7 points total):\n- [2 pts] Writes n = 2k.\n- [5 pts] Concludes n + n = 2(2k).\n"
@@ -86,9 +86,9 @@ def build_run(tmp_path, cfg, answer_scale=7):
                     else:
                         grade = Grade(True, float((i + 3 * s + c) % 8), judge_text=f"The proof of {p.id} earns points.")
                     if where == TRUNCATED:
-                        g, grade = gen("", closed=False), invalid_grade("unclosed_thinking", "no </think>")
+                        g, grade = gen("", closed=False), no_proof_grade("truncated")
                     elif where == EMPTY:
-                        g, grade = gen(""), invalid_grade("empty_proof", "the proof is empty")
+                        g, grade = gen(""), no_proof_grade("empty")
                     elif where == JUDGE_FAILED:
                         grade = invalid_grade("judge_error", "HTTP 503")
                     row = evaluation.make_row(ck, bench, "single", p, s, g, grade)
