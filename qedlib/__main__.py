@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--params", required=True)
     t.add_argument("--run-dir", required=True)
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    x = sub.add_parser("export-official", help="write 05_eval results as the official QED-Nano files: "
+                       "DIR/<checkpoint>/<benchmark>/<scaffold>/run-<k>.jsonl")
+    x.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding 05_eval/results.jsonl, e.g. outputs/cpu")
+    x.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/05_eval/official)")
     args = ap.parse_args(argv)
 
     from .config import ConfigError, parse_override
@@ -65,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.params, overrides)
             module = {"sft": "qedlib.sft", "rubric_rl": "qedlib.rubric_rl", "rc_rl": "qedlib.rc_rl"}[args.stage]
             importlib.import_module(module).train(cfg, args.run_dir)
+        elif args.cmd == "export-official":
+            from .export import default_out, export_official
+            files = export_official(args.run_dir, args.out)
+            groups = sorted({f.parent for f in files})
+            print(f"[export] {len(files)} run files in {len(groups)} checkpoint/benchmark/scaffold folders under "
+                  f"{(args.out or default_out(args.run_dir))}; official aggregate of one: scripts/stats.py {groups[0]}")
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

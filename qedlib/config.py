@@ -70,6 +70,7 @@ class Judge:
     retries_on_invalid: int = 1  # extra judge calls when invalid == "retry"
     cache: bool = True  # cache grades on disk by hash of (judge settings, filled prompt)
     panel: list = field(default_factory=list)  # more judges (Endpoint fields each); grades combined with `combine`
+    answer_judge: bool = True  # answer prompt: ask this judge when exact match / math-verify cannot decide (false: undecided = invalid)
 
 
 @dataclass
@@ -81,6 +82,8 @@ class ProblemSource:
     hub_config: Optional[str] = None  # config name of a hub dataset
     columns: dict = field(default_factory=dict)  # our field -> the file's column
     limit: Optional[int] = None  # keep the first N problems (smoke runs)
+    on_bad_row: Literal["error", "skip"] = "error"  # a row with no problem text or a non-text problem/rubric: stop, or skip it (counted with its reason)
+    duplicates: Literal["error", "first"] = "error"  # rows sharing an id: an error, or keep the first (ProofBench: 3 graded solutions per problem)
 
 
 @dataclass
@@ -117,6 +120,7 @@ class DistillConfig:
     drop_truncated: bool = True  # drop samples whose generation hit the token budget
     max_sft_tokens: Optional[int] = None  # drop samples longer than this (SFT max length)
     decontaminate: list = field(default_factory=list)  # benchmark files/names to decontaminate against
+    decontaminate_missing: Literal["error", "skip"] = "skip"  # a listed benchmark that cannot be loaded: fail the stage, or skip it with a note
     ngram: int = 8  # n-gram size for decontamination
     overlap_threshold: float = 0.5  # fraction of problem n-grams found in a benchmark -> removed
     screen: bool = False  # screen problems with the screening prompt first
@@ -229,6 +233,8 @@ class RCSettings:
     summariser: str = "policy"  # "policy" (test time) or "frozen" (training, a separate model)
     summariser_endpoint: Endpoint = field(default_factory=Endpoint)  # the frozen summariser
     accumulate: bool = False  # append summaries instead of replacing (paper: replace)
+    summary_thinking: Optional[bool] = None  # summariser reasons in <think> first; None: when the policy summarises itself with thinking, or its template opens <think>
+    summary_thinking_budget: int = 0  # extra summariser tokens for that thinking (added to summary.max_new_tokens; workbook default)
 
 
 @dataclass

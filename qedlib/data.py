@@ -1,12 +1,24 @@
 """Problem records and loaders: the shipped set, local files, hub datasets, the IMO benchmarks.
 
 Used by every stage notebook. A `Problem` is the one record all stages share; loaders map a
-source's columns onto it and name the file, row and column of anything wrong.
+source's columns onto it and name the file, row and column of anything wrong. CSV cells are read
+as text (an id or answer `6` stays "6", never "6.0"). A row without problem text, or whose
+problem / rubric / reference solution is not text, is an error, or with `on_bad_row: skip` is
+skipped and listed in the returned `Problems.skipped` (row, reason) for the stage's metrics.
+
+Built-in benchmarks: `imo-proofbench` and `imo-answerbench` are the official IMO-Bench CSVs
+(google-deepmind/superhuman, `imobench/`, pinned commit, sha256-checked). They are read from
+`QED_IMOBENCH` (a folder) when set, else from a development copy at `../shared/data/imobench`,
+else from the download cache (`QED_CACHE`/imobench/<commit>/), downloading them there once when
+missing. `proofbench` is the hub dataset wenjiema02/ProofBench, one problem per problem_id.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import urllib.request
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -40,16 +52,85 @@ def shipped_path(name: str = "problems.jsonl") -> Path:
     return Path(str(resources.files("qedlib") / "data" / name))
 
 
+# The official IMO-Bench release: google-deepmind/superhuman, folder imobench/, at this commit.
+# The sha256 values are of the files at that commit (checked against a clone of the repository:
+# `git show a02069e:imobench/<file> | sha256sum`); any other bytes are refused.
+IMOBENCH_REPO = "google-deepmind/superhuman"
+IMOBENCH_REVISION = "a02069ef66dbae4c5b0713ba0dc144a35375558f"
+IMOBENCH_FILES = {
+    "proofbench_v2.csv": "aa8b813dbd4068137e3d165e5da228f6e0e1cc85a91c37883e1791b954e43af0",
+    "answerbench_v2.csv": "275877a9d988d85278fad3a5f8a41d7f83393a60bf259531ec0a5161e6b21cf9",
+}
+IMOBENCH_FILE_OF = {"imo-proofbench": "proofbench_v2.csv", "imo-answerbench": "answerbench_v2.csv"}
+
+
 def imobench_dir() -> Path:
-    """Folder of the IMO-Bench CSVs (QED_IMOBENCH, default ../shared/data/imobench)."""
+    """Local folder of the IMO-Bench CSVs: QED_IMOBENCH, else a ../shared/data/imobench development copy."""
     env = os.environ.get("QED_IMOBENCH")
     if env:
         return Path(env)
+    return local_imobench_dir() or Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imobench"
+
+
+def local_imobench_dir() -> Path | None:
+    """A ../shared/data/imobench folder above the working directory or the package (development setups), or None."""
     for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent.parent):
         cand = base / ".." / "shared" / "data" / "imobench"
         if cand.exists():
             return cand.resolve()
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imobench"
+    return None
+
+
+def imobench_url(name: str) -> str:
+    """Where the official file is downloaded from (QED_IMOBENCH_URL replaces the base, e.g. a mirror)."""
+    base = os.environ.get("QED_IMOBENCH_URL") or \
+        f"https://raw.githubusercontent.com/{IMOBENCH_REPO}/{IMOBENCH_REVISION}/imobench"
+    return f"{base.rstrip('/')}/{name}"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def imobench_file(name: str, timeout_s: float = 60.0) -> Path:
+    """Path of one official IMO-Bench CSV: the local override or copy, else the cache (downloaded once, sha256-checked)."""
+    if name not in IMOBENCH_FILES:
+        raise DataError(f"unknown IMO-Bench file {name!r}; known: {sorted(IMOBENCH_FILES)}")
+    if os.environ.get("QED_IMOBENCH"):  # an explicit folder wins, and is trusted as given
+        f = Path(os.environ["QED_IMOBENCH"]) / name
+        if not f.exists():
+            raise DataError(f"QED_IMOBENCH={os.environ['QED_IMOBENCH']} has no {name}; put the file there or unset "
+                            f"QED_IMOBENCH to download the official copy")
+        return f
+    local = local_imobench_dir()
+    if local is not None and (local / name).exists():
+        return local / name
+    from .models import cache_dir
+    f = cache_dir() / "imobench" / IMOBENCH_REVISION / name
+    if f.exists() and _sha256(f) == IMOBENCH_FILES[name]:
+        return f
+    url = imobench_url(name)
+    tmp = f.with_suffix(".part")
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            tmp.write_bytes(r.read())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"IMO-Bench file {name} is not available here and could not be downloaded from {url} ({e}). "
+            f"On a machine with network it is fetched once into {f.parent}; offline, copy it there yourself "
+            f"(from https://github.com/{IMOBENCH_REPO}/tree/{IMOBENCH_REVISION}/imobench, sha256 "
+            f"{IMOBENCH_FILES[name]}) or set QED_IMOBENCH to a folder holding {name}") from None
+    got = _sha256(tmp)
+    if got != IMOBENCH_FILES[name]:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{url}: sha256 {got} is not the pinned {IMOBENCH_FILES[name]} of {name} at commit "
+                        f"{IMOBENCH_REVISION}; refusing it (a changed or truncated file). Check the URL "
+                        f"(QED_IMOBENCH_URL) or set QED_IMOBENCH to a folder with the official file")
+    tmp.replace(f)
+    print(f"[data] downloaded {name} ({f.stat().st_size} bytes, sha256 verified) to {f}")
+    return f
 
 
 # Column mappings of known sources: our field -> their column.
@@ -59,6 +140,34 @@ IMO_PROOFBENCH = {"id": "Problem ID", "problem": "Problem", "reference_solution"
 IMO_ANSWERBENCH = {"id": "Problem ID", "problem": "Problem", "answer": "Short Answer",
                    "category": "Category", "source": "Source"}
 FINEPROOFS_RL = {"problem": "problem", "rubric": "rubrics", "source": "source", "category": "category"}
+PROOFBENCH_HUB = "hub:wenjiema02/ProofBench"  # 435 rows: 145 problems x 3 graded model solutions
+PROOFBENCH = {"id": "problem_id", "problem": "problem", "reference_solution": "reference_solution",
+              "rubric": "marking_scheme", "source": "metadata.contest"}
+TEXT_FIELDS = ("problem", "rubric", "reference_solution")  # must be text when present
+
+
+class Problems(list):
+    """A list of Problems that also says which rows were skipped (`skipped`: [{row, reason}])."""
+    skipped: list
+
+    def __init__(self, items=(), skipped=None):
+        super().__init__(items)
+        self.skipped = list(skipped or [])
+
+
+def skipped_metrics(problems) -> dict:
+    """{"skipped_rows": n, "skipped_reasons": {reason: n}} of a loaded problem list (for a stage's metrics.json)."""
+    skipped = getattr(problems, "skipped", [])
+    return {"skipped_rows": len(skipped), "skipped_reasons": dict(Counter(s["reason"] for s in skipped))}
+
+
+def _column(row: dict, col: str):
+    """A row's value for a column name; "a.b" reads key b of a nested mapping column a."""
+    if col in row or "." not in col:
+        return row.get(col)
+    head, _, rest = col.partition(".")
+    inner = row.get(head)
+    return _column(inner, rest) if isinstance(inner, dict) else None
 
 
 def _clean(v):
@@ -73,29 +182,56 @@ def _clean(v):
     return v
 
 
-def records_to_problems(rows: list[dict], columns: dict | None, where: str) -> list[Problem]:
-    """Map raw rows onto Problems; every row needs a non-empty problem text."""
+def _row_problem(row: dict, columns: dict) -> tuple[dict | None, tuple[str, str] | None]:
+    """The row's fields, or (None, (short reason, full explanation)) when it is unusable."""
+    get = {f: _clean(_column(row, columns.get(f, f))) for f in FIELDS}
+    col = lambda f: columns.get(f, f)
+    text = get["problem"]
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None, (f"no problem text in column {col('problem')!r}",
+                      f"column {col('problem')!r} is missing or empty (columns present: {sorted(row)}); "
+                      f"map it with `columns: {{problem: <column>}}`")
+    for f in TEXT_FIELDS:
+        if get[f] is not None and not isinstance(get[f], str):
+            return None, (f"column {col(f)!r} is not text",
+                          f"column {col(f)!r} ({f}) holds {type(get[f]).__name__} {str(get[f])[:60]!r}, not text; "
+                          f"map a text column or convert it")
+    ans = get["answer"]
+    if ans is not None and (isinstance(ans, bool) or not isinstance(ans, (str, int, float))):
+        return None, (f"column {col('answer')!r} is not a value",
+                      f"column {col('answer')!r} (answer) holds {type(ans).__name__} {str(ans)[:60]!r}, not text or a number")
+    return get, None
+
+
+def records_to_problems(rows: list[dict], columns: dict | None, where: str, on_bad_row: str = "error",
+                        duplicates: str = "error") -> Problems:
+    """Map raw rows onto Problems; a bad row (no problem text, non-text problem/rubric) is an error or skipped."""
     columns = columns or {}
-    out, seen = [], set()
+    out, seen, skipped = [], set(), []
+    used = set(columns.get(f, f).partition(".")[0] for f in FIELDS)
     for i, row in enumerate(rows):
-        get = {f: _clean(row.get(columns.get(f, f))) for f in FIELDS}
-        text = get["problem"]
-        if not isinstance(text, str) or not text.strip():
-            col = columns.get("problem", "problem")
-            raise DataError(f"{where}: row {i}: column {col!r} is missing or empty (columns present: "
-                            f"{sorted(row)}); map it with `columns: {{problem: <column>}}`")
-        pid = str(get["id"]) if get["id"] is not None else f"row-{i:05d}"
-        if pid in seen:
-            raise DataError(f"{where}: row {i}: duplicate id {pid!r}")
+        get, why = _row_problem(row, columns)
+        pid = None if get is None else (str(get["id"]) if get["id"] is not None else f"row-{i:05d}")
+        if why is None and pid in seen:
+            if duplicates == "first":
+                continue
+            why = ("duplicate id", f"duplicate id {pid!r}; set duplicates: first to keep the first row of each id")
+        if why is not None:
+            if on_bad_row != "skip":
+                raise DataError(f"{where}: row {i}: {why[1]} (or set on_bad_row: skip to skip such rows)")
+            skipped.append({"row": i, "reason": why[0]})
+            continue
         seen.add(pid)
-        used = set(columns.get(f, f) for f in FIELDS)
         extra = {k: _clean(v) for k, v in row.items() if k not in used}
         out.append(Problem(
-            id=pid, problem=text.strip(),
+            id=pid, problem=get["problem"].strip(),
             reference_solution=get["reference_solution"], rubric=get["rubric"],
             answer=None if get["answer"] is None else str(get["answer"]),
             source=str(get["source"] or ""), category=str(get["category"] or ""), extra=extra))
-    return out
+    if skipped:
+        print(f"[data] {where}: skipped {len(skipped)} bad row(s): "
+              + "; ".join(f"{r} x{n}" for r, n in Counter(s["reason"] for s in skipped).most_common(3)))
+    return Problems(out, skipped)
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -120,7 +256,9 @@ def read_rows(path: str | Path) -> list[dict]:
         return pq.read_table(p).to_pylist()  # nested columns (messages, rubric lists) stay Python lists
     if suffix == ".csv":
         import pandas as pd
-        return pd.read_csv(p).to_dict(orient="records")
+        # every cell as text: ids and answers keep their spelling ("6", "007"); an empty cell is None
+        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+        return [{k: (v if v != "" else None) for k, v in r.items()} for r in df.to_dict(orient="records")]
     raise DataError(f"{p}: unsupported format {suffix!r} (use .jsonl, .json, .csv or .parquet)")
 
 
@@ -150,31 +288,48 @@ def read_records(source: str | Path, hub_config: str | None = None, hub_split: s
 
 
 def load_problems(path: str = "shipped", split: str | None = None, columns: dict | None = None,
-                  limit: int | None = None, hub_split: str = "train",
-                  hub_config: str | None = None) -> list[Problem]:
-    """Load problems from "shipped", "imo-proofbench", "imo-answerbench", a file, or hub:org/name."""
+                  limit: int | None = None, hub_split: str = "train", hub_config: str | None = None,
+                  on_bad_row: str = "error", duplicates: str = "error") -> Problems:
+    """Load problems from "shipped", "imo-proofbench", "imo-answerbench", "proofbench", a file, or hub:org/name."""
     if path == "shipped":
         where, rows = "shipped problems.jsonl", read_rows(shipped_path())
-    elif path in ("imo-proofbench", "imo-answerbench"):
-        name = "proofbench_v2.csv" if path == "imo-proofbench" else "answerbench_v2.csv"
-        f = imobench_dir() / name
-        if not f.exists():
-            raise DataError(f"{path}: {f} not found; set QED_IMOBENCH to the folder holding {name}")
+    elif path in IMOBENCH_FILE_OF:
+        f = imobench_file(IMOBENCH_FILE_OF[path])
         where, rows = str(f), read_rows(f)
         columns = columns or (IMO_PROOFBENCH if path == "imo-proofbench" else IMO_ANSWERBENCH)
+    elif path == "proofbench":  # the hub dataset, one problem per problem_id
+        rows, where = read_records(PROOFBENCH_HUB, hub_config, hub_split)
+        columns, duplicates = columns or PROOFBENCH, "first"
     else:
         rows, where = read_records(path, hub_config, hub_split)
-    probs = records_to_problems(rows, columns, where)
+    probs = records_to_problems(rows, columns, where, on_bad_row, duplicates)
     if path == "imo-proofbench":
         for p in probs:
             p.extra["split"] = "basic" if "Basic" in p.id else "advanced"
     if split is not None:
-        probs = [p for p in probs if p.extra.get("split") == split]
+        probs = Problems([p for p in probs if p.extra.get("split") == split], probs.skipped)
         if not probs:
             raise DataError(f"{where}: no problems with split == {split!r}")
-    return probs[:limit] if limit else probs
+    return Problems(probs[:limit], probs.skipped) if limit else probs
 
 
-def load_source(src) -> list[Problem]:
+SOURCE_KEYS = ("path", "split", "columns", "limit", "hub_split", "hub_config", "on_bad_row", "duplicates")
+
+
+def problem_source(spec: dict, where: str, extra: tuple = ("name",)):
+    """A config.ProblemSource from a mapping in params (a benchmark entry); keys in `extra` are allowed and ignored."""
+    from .config import ConfigError, ProblemSource, build
+    unknown = set(spec) - {*extra, *SOURCE_KEYS}
+    if unknown or "path" not in spec:
+        raise DataError(f"{where} entry {spec!r}: needs 'path' and may have {', '.join(extra)}, "
+                        f"{', '.join(k for k in SOURCE_KEYS if k != 'path')} (unknown: {sorted(unknown)})")
+    try:
+        return build(ProblemSource, {k: v for k, v in spec.items() if k in SOURCE_KEYS}, where)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+
+
+def load_source(src) -> Problems:
     """Load problems for a `config.ProblemSource`."""
-    return load_problems(src.path, src.split, src.columns, src.limit, src.hub_split, src.hub_config)
+    return load_problems(src.path, src.split, src.columns, src.limit, src.hub_split, src.hub_config,
+                         src.on_bad_row, src.duplicates)

@@ -88,28 +88,33 @@ def find_contaminated(problems: list, index: BenchmarkIndex, threshold: float = 
     return [r for r in overlap_rows(problems, index) if r["benchmark_item"] and r["overlap"] >= threshold]
 
 
-def load_benchmarks(specs: list) -> tuple[dict[str, list], list[str]]:
+def load_benchmarks(specs: list, missing: str = "skip") -> tuple[dict[str, list], list[str]]:
     """Load the benchmark problem lists named in params; return ({name: problems}, notes).
 
-    A spec is "imo-proofbench", "imo-answerbench", "shipped:eval" (a split of the shipped set),
-    a file path, "hub:org/name", or a mapping with ProblemSource keys (path, split, columns, ...).
-    A benchmark that is not available here (e.g. no IMO-Bench copy) is skipped with a note.
+    A spec is "imo-proofbench", "imo-answerbench", "proofbench", "shipped:eval" (a split of the
+    shipped set), a file path, "hub:org/name", or a mapping like an eval.benchmarks entry (name,
+    path and ProblemSource keys such as columns and duplicates; prompt/task are ignored here).
+    A benchmark that cannot be loaded is an error with `missing: error` (a publishable run must
+    not train on what it evaluates), or skipped with a note with `missing: skip`.
     """
-    from .data import DataError, load_problems
+    from .data import DataError, load_problems, load_source, problem_source
     out, notes = {}, []
     for spec in specs:
         if isinstance(spec, dict):
             name = spec.get("name") or f"{spec.get('path')}:{spec.get('split')}"
-            kwargs = {k: v for k, v in spec.items() if k in ("path", "split", "columns", "hub_split", "hub_config")}
+            load = lambda: load_source(problem_source(spec, "distill.decontaminate", ("name", "prompt", "task")))
         elif isinstance(spec, str):
             name = spec
             path, _, split = spec.partition(":") if spec.startswith("shipped:") else (spec, "", "")
-            kwargs = {"path": path, "split": split or None}
+            load = lambda: load_problems(path, split or None)
         else:
             raise ValueError(f"distill.decontaminate: entry {spec!r} must be a string or a mapping "
                              "(e.g. imo-proofbench, shipped:eval, path/to/file.jsonl)")
         try:
-            out[name] = load_problems(**kwargs)
+            out[name] = load()
         except (DataError, FileNotFoundError, OSError) as e:
+            if missing == "error":
+                raise DataError(f"distill.decontaminate: benchmark {name!r} could not be loaded, so training "
+                                f"data cannot be checked against it: {e}") from None
             notes.append(f"skipped benchmark {name!r}: {e}")
     return out, notes

@@ -54,7 +54,7 @@ def decontaminate(problems: list, dc) -> tuple[list, list[dict], list[str]]:
     from .decontam import build_index, find_contaminated, load_benchmarks
     if not dc.decontaminate:
         return problems, [], ["decontamination off (distill.decontaminate is empty)"]
-    benchmarks, notes = load_benchmarks(dc.decontaminate)
+    benchmarks, notes = load_benchmarks(dc.decontaminate, dc.decontaminate_missing)
     if not benchmarks:
         return problems, [], notes + ["no benchmark available: nothing decontaminated"]
     index = build_index(benchmarks, dc.ngram)
@@ -176,7 +176,8 @@ def sample_record(problem, index: int, completion, dc) -> dict:
     `truncated` is true when the budget ran out (finish_reason "length") or, with thinking on,
     when the thinking never closed: such a sample has no proof.
     """
-    no_proof = dc.thinking and not completion.think_closed
+    from .grading import no_proof_reason
+    no_proof = no_proof_reason(completion.final, completion.think_closed or not dc.thinking) == "truncated"
     return {"key": sample_key(problem.id, index), "problem_id": problem.id, "sample_index": index,
             "teacher": dc.teacher.model, "thinking": dc.thinking, "text": completion.text,
             "reasoning": completion.reasoning, "proof": "" if no_proof else completion.final,
@@ -362,7 +363,8 @@ def select_samples(samples: list[dict], grades: list[dict], dc, problems: list,
                    token_counts: dict[str, int] | None = None) -> list[dict]:
     """Apply the selection rules; return one row per sample with `status` "kept" or why it was dropped.
 
-    Order: truncated (when `drop_truncated`), invalid grade ("invalid:<reason>"; with
+    Order: truncated (when `drop_truncated`), no proof ("no_proof": nothing after </think>, or
+    unclosed thinking when truncated samples are not dropped; graded 0), invalid grade ("invalid:<reason>"; with
     `judge.invalid: zero` an invalid grade counts as 0 points instead), longer than
     `max_sft_tokens` ("too_long"; tokens from `token_counts`, else the teacher's prompt +
     completion tokens), below `min_grade`, and with `per_problem: best` every sample but the
@@ -381,6 +383,8 @@ def select_samples(samples: list[dict], grades: list[dict], dc, problems: list,
             status = "ungraded"
         elif dc.drop_truncated and s["truncated"]:
             status = "truncated"
+        elif g.get("no_proof"):  # nothing to train on (graded 0 without a judge call): never kept
+            status = "no_proof"
         elif points is None:
             status = f"invalid:{g.get('reason') or 'unknown'}"
         elif dc.max_sft_tokens is not None and tokens > dc.max_sft_tokens:
@@ -423,7 +427,7 @@ def funnel(n_loaded: int, removed: dict[str, int], rows: list[dict], n_expected:
     out.append({"step": "samples graded", "count": graded, "dropped": status["ungraded"],
                 "why": "ungraded (judge call failed; rerun to retry)" if status["ungraded"] else ""})
     left = graded
-    for label in ["truncated", *sorted(k for k in status if k.startswith("invalid:")), "too_long", "below_min_grade", "not_best"]:
+    for label in ["truncated", "no_proof", *sorted(k for k in status if k.startswith("invalid:")), "too_long", "below_min_grade", "not_best"]:
         if status[label]:
             left -= status[label]
             out.append({"step": f"after dropping {label}", "count": left, "dropped": status[label], "why": label})
@@ -602,7 +606,7 @@ def stage_metrics(rows: list[dict], samples: list[dict], grades: list[dict], n_p
             "samples": len(rows), "graded": len(rows) - status["ungraded"],
             "invalid": sum(v for k, v in status.items() if k.startswith("invalid:")),
             "invalid_reasons": dict(Counter(r["invalid_reason"] for r in rows if r["valid"] is False)),
-            "truncated": sum(r["truncated"] for r in rows), "too_long": status["too_long"],
+            "truncated": sum(r["truncated"] for r in rows), "no_proof": status["no_proof"], "too_long": status["too_long"],
             "below_min_grade": status["below_min_grade"], "not_best": status["not_best"],
             "kept": len(kept), "kept_problems": len({r["problem_id"] for r in kept}),
             "mean_grade": round(sum(valid) / len(valid), 4) if valid else None,

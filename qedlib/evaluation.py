@@ -7,6 +7,11 @@ official IMO-ProofBench columns (`model_solution`, `score`, `grade`, `cost_run`,
 plus ours. Generations are logged first (`generations.jsonl`), so a killed run resumes without
 regenerating or regrading anything finished. Statistics are in qedlib.stats, the report in
 qedlib.report.
+
+Scoring: a missing proof (truncated thinking, nothing after `</think>`) or a missing final answer
+is a valid 0 (grading.no_proof_reason); answer benchmarks score 7 (equivalent) or 0 through
+grading.check_answer. An invalid grade (the judge failed, or an answer nobody could decide) has
+no score; summaries show the mean with invalid grades dropped AND with them counted as 0.
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from typing import Optional
 
 from . import scaffolds as scaffold_lib
 from . import stats
-from .data import DataError, Problem, imobench_dir, load_problems
+from .data import DataError, Problem, load_problems
+from .grading import extract_boxed  # noqa: F401  (kept importable from here)
 from .io import JsonlLog, read_jsonl
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
@@ -28,8 +34,6 @@ BENCHMARK_KINDS = {
     "imo-answerbench": ("answer", "answer"),  # 400 short-answer problems, equivalence of the boxed answer
     "proofbench": ("rubric", "proof"),  # 145 problems, 0-7 marking schemes (hub: wenjiema02/ProofBench)
 }
-PROOFBENCH_HUB = "wenjiema02/ProofBench"
-NO_PROOF = ("unclosed_thinking", "empty_proof")  # invalid grades that mean "no proof": score 0
 KEY_FIELDS = ("checkpoint", "benchmark", "scaffold", "problem_id", "sample")
 
 
@@ -40,55 +44,29 @@ class Benchmark:
     problems: list
     judge_prompt: str  # rubric | proofbench | answer
     task: str = "proof"  # proof | answer (final boxed answer)
-
-
-def load_proofbench_hub(limit: Optional[int] = None) -> list[Problem]:
-    """ProofBench from the hub: one problem per problem_id (the 435 rows hold 3 graded solutions each)."""
-    from datasets import load_dataset
-    seen, out = set(), []
-    for row in load_dataset(PROOFBENCH_HUB, split="train"):
-        if row["problem_id"] in seen:
-            continue
-        seen.add(row["problem_id"])
-        meta = row.get("metadata") or {}
-        out.append(Problem(id=row["problem_id"], problem=row["problem"], reference_solution=row.get("reference_solution"),
-                           rubric=row.get("marking_scheme"), source=str(meta.get("contest", "")),
-                           extra={"split": str(meta.get("contest", "")), "year": meta.get("contest_year")}))
-    return out[:limit] if limit else out
+    skipped: list = dataclasses.field(default_factory=list)  # bad rows skipped while loading ({row, reason})
 
 
 def load_benchmark(spec, limit: Optional[int] = None, default_prompt: str = "rubric") -> Benchmark:
     """A Benchmark from a name ("shipped", "imo-proofbench", "imo-answerbench", "proofbench"), a path,
-    hub:org/name, or a mapping {name, path, split, columns, prompt, task, hub_split, hub_config}."""
+    hub:org/name, or a mapping {name, path, prompt, task, + ProblemSource keys (columns, duplicates, ...)}."""
+    from .data import load_source, problem_source
     if isinstance(spec, dict):
-        unknown = set(spec) - {"name", "path", "split", "columns", "prompt", "task", "hub_split", "hub_config", "limit"}
-        if unknown or "path" not in spec:
-            raise DataError(f"eval.benchmarks entry {spec!r}: needs 'path' and may have name, split, columns, prompt, "
-                            f"task, hub_split, hub_config, limit (unknown: {sorted(unknown)})")
-        probs = load_problems(spec["path"], spec.get("split"), spec.get("columns"), spec.get("limit", limit),
-                              spec.get("hub_split", "train"), spec.get("hub_config"))
+        src = problem_source(spec, "eval.benchmarks", extra=("name", "prompt", "task"))
+        if src.limit is None:
+            src = dataclasses.replace(src, limit=limit)
+        probs = load_source(src)
         return Benchmark(spec.get("name", Path(str(spec["path"])).stem), probs, spec.get("prompt", default_prompt),
-                         spec.get("task", "proof"))
+                         spec.get("task", "proof"), list(getattr(probs, "skipped", [])))
     name = str(spec)
     prompt, task = BENCHMARK_KINDS.get(name, (default_prompt, "proof"))
-    if name == "shipped":
-        probs = load_problems("shipped", split="eval", limit=limit)
-    elif name == "proofbench":
-        probs = load_proofbench_hub(limit)
-    else:
-        probs = load_problems(name, limit=limit)
-    return Benchmark(name, probs, prompt or default_prompt, task)
+    probs = load_problems("shipped", split="eval", limit=limit) if name == "shipped" else load_problems(name, limit=limit)
+    return Benchmark(name, probs, prompt or default_prompt, task, list(getattr(probs, "skipped", [])))
 
 
 def load_benchmarks(specs: list, limit: Optional[int] = None, default_prompt: str = "rubric") -> list[Benchmark]:
-    """Load every benchmark that is available; print a note and skip the IMO-Bench ones when their CSVs are absent."""
-    out = []
-    for spec in specs:
-        if spec in ("imo-proofbench", "imo-answerbench") and not imobench_dir().exists():
-            print(f"[eval] skipping {spec}: {imobench_dir()} not found (set QED_IMOBENCH to the IMO-Bench CSV folder)")
-            continue
-        out.append(load_benchmark(spec, limit, default_prompt))
-    return out
+    """Load every listed benchmark; a missing one is an error that says how to get it (never silently skipped)."""
+    return [load_benchmark(spec, limit, default_prompt) for spec in specs]
 
 
 def models_under_test(cfg, run_dir) -> list[tuple[str, object]]:
@@ -110,29 +88,13 @@ def result_key(checkpoint: str, benchmark: str, scaffold: str, problem_id: str, 
     return "|".join(str(x) for x in (checkpoint, benchmark, scaffold, problem_id, sample))
 
 
-def extract_boxed(text: str) -> Optional[str]:
-    """Content of the last \\boxed{...} in text (nested braces allowed), None when absent."""
-    start = (text or "").rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j].strip()
-    return None
-
-
 def make_row(name: str, bench: Benchmark, scaffold: str, problem: Problem, sample: int, gen: dict, grade) -> dict:
     """One result row: the official columns plus ours."""
     truncated = not gen["think_closed"]
     valid = bool(grade.valid)
     scale = getattr(grade, "scale", 7) or 7
-    if valid:
-        score = float(grade.points) * 7.0 / scale
-    else:
-        # no final proof scores 0; a failed judge call is missing, not 0
-        score = 0.0 if truncated or getattr(grade, "reason", None) in NO_PROOF else None
+    # no proof / no final answer is a valid 0 (the Grader's rule); a failed judge call is missing, not 0
+    score = float(grade.points) * 7.0 / scale if valid else None
     desc = getattr(grade, "judge_text", "") or getattr(grade, "reason", "") or ""
     row = {
         "key": result_key(name, bench.name, scaffold, problem.id, sample),
@@ -149,10 +111,16 @@ def make_row(name: str, bench: Benchmark, scaffold: str, problem: Problem, sampl
         "calls": gen["calls"], "budget_hit": gen["budget_hit"],
         "valid": valid, "invalid_reason": None if valid else getattr(grade, "reason", "invalid"),
         "judge_text": getattr(grade, "judge_text", None), "judge_cached": getattr(grade, "cached", False),
+        "no_proof": getattr(grade, "no_proof", "") or None, "graded_by": getattr(grade, "method", ""),
     }
+    statuses = [t.get("summary_status", "") for t in gen.get("trace") or [] if isinstance(t, dict)]
+    if any(statuses):  # RC: how many summaries were written, and how many never closed their thinking
+        row["summaries"] = sum(1 for x in statuses if x)
+        row["summaries_unclosed"] = statuses.count("unclosed")
     if bench.task == "answer":
         row["extracted_answer"] = extract_boxed(gen["final"])
         row["reference_answer"] = problem.answer
+        row["p_correct"] = getattr(grade, "p_correct", None)  # the judge's P(equivalent), when a judge decided
     return row
 
 
@@ -299,20 +267,49 @@ def write_parquet(rows: list[dict], path) -> Path:
     return path
 
 
+def both_means(rows: list[dict]) -> dict:
+    """Mean score % of 7 with invalid grades dropped, and with invalid grades counted as 0 (side by side)."""
+    return {"mean_pct_invalid_dropped": stats.score_pct(stats.effective_score(r, "drop") for r in rows),
+            "mean_pct_invalid_as_0": stats.score_pct(stats.effective_score(r, "zero") for r in rows)}
+
+
+def summary_unclosed_rate(rows: list[dict]):
+    """Share of RC summaries whose thinking never closed (None when no row has summaries)."""
+    n = sum(r.get("summaries", 0) for r in rows)
+    return sum(r.get("summaries_unclosed", 0) for r in rows) / n if n else None
+
+
 def summary_table(rows: list[dict], cfg) -> "object":
-    """stats.summarise over (checkpoint, benchmark, scaffold) with the config's k, threshold and bootstrap."""
+    """stats.summarise over (checkpoint, benchmark, scaffold) with the config's k, threshold and bootstrap,
+    plus the two means (invalid dropped / invalid as 0) and the RC summary-unclosed rate."""
     ev = cfg.eval
     ks = [k for k in ev.pass_k if k <= ev.samples]
-    return stats.summarise(rows, ("checkpoint", "benchmark", "scaffold"), ks, ev.success_threshold, ev.bootstrap,
-                           cfg.seed, "zero" if ev.judge.invalid == "zero" else "drop")
+    by = ("checkpoint", "benchmark", "scaffold")
+    table = stats.summarise(rows, by, ks, ev.success_threshold, ev.bootstrap, cfg.seed,
+                            "zero" if ev.judge.invalid == "zero" else "drop")
+    if len(table):
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(tuple(r.get(b) for b in by), []).append(r)
+        extra = [{**both_means(groups[key]), "summary_unclosed_rate": summary_unclosed_rate(groups[key])}
+                 for key in zip(*(table[b] for b in by))]
+        for col in extra[0]:
+            table[col] = [e[col] for e in extra]
+        cols = [c for c in table.columns if c not in extra[0]]
+        at = cols.index("mean_score_pct") + 1  # the two means right after the headline mean
+        table = table[cols[:at] + ["mean_pct_invalid_dropped", "mean_pct_invalid_as_0"] + cols[at:] + ["summary_unclosed_rate"]]
+    return table
 
 
 def _num(x):
     return None if stats.is_nan(x) else (round(float(x), 4) if isinstance(x, float) else x)
 
 
-def eval_metrics(rows: list[dict], cfg) -> dict:
-    """metrics.json of stage 5: counts, and per checkpoint and scaffold (all benchmarks pooled, and per benchmark)."""
+def eval_metrics(rows: list[dict], cfg, benchmarks: Optional[list] = None) -> dict:
+    """metrics.json of stage 5: counts, and per checkpoint and scaffold (all benchmarks pooled, and per benchmark).
+
+    `mean_score_pct` follows eval.judge.invalid; `mean_pct_invalid_dropped` / `mean_pct_invalid_as_0`
+    show both readings; `skipped_rows` counts benchmark rows skipped while loading, with reasons."""
     ev = cfg.eval
     invalid = "zero" if ev.judge.invalid == "zero" else "drop"
     metrics = {"rows": len(rows), "problems": len({(r["benchmark"], r["problem_id"]) for r in rows}),
@@ -321,12 +318,15 @@ def eval_metrics(rows: list[dict], cfg) -> dict:
                "scores": {}, "by_benchmark": {}}
     cost = stats.total_cost(rows)
     metrics["cost_usd"] = round(cost["total_usd"], 6)
+    if benchmarks is not None:
+        from .data import skipped_metrics
+        metrics["skipped_rows"] = {b.name: skipped_metrics(b) for b in benchmarks}
 
     def block(grp):
         ci = stats.score_with_ci(grp, ev.bootstrap, cfg.seed, invalid)
         mean, std = stats.runs_mean_std(grp, invalid)
-        out = {"mean_score_pct": ci["mean_score_pct"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
-               "run_std_pct": std, "truncation_rate": stats.truncation_rate(grp), "tokens_per_problem": stats.tokens_per_problem(grp),
+        out = {"mean_score_pct": ci["mean_score_pct"], **both_means(grp), "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
+               "summary_unclosed_rate": summary_unclosed_rate(grp), "run_std_pct": std, "truncation_rate": stats.truncation_rate(grp), "tokens_per_problem": stats.tokens_per_problem(grp),
                "invalid_rate": stats.invalid_rate(grp), "rows": len(grp)}
         for k in ev.pass_k:
             if k <= ev.samples:

@@ -10,6 +10,19 @@ answer; "score_prob" ends the prompt at the opening score tag and takes the expe
 the judge's next-token distribution over the allowed values (in-process logits, or `logprobs`
 of an OpenAI-compatible server such as vLLM). Grades are cached on disk by a sha256 of (judge
 settings, filled prompt), so a rerun never pays twice.
+
+Only the judge's own text decides: the verdict is the LAST numeric score tag of its answer
+(after its thinking); a verbatim echo of the whole prompt is ignored, placeholder tags such as
+`<score>N</score>` never count, and several different numeric tags are counted
+(`stats["conflicting_tags"]`) and logged as a warning, not made invalid.
+
+No proof, no grade call: a completion whose thinking never closed, or with nothing after
+`</think>` (`no_proof_reason`), gets a VALID grade of 0 with `no_proof` saying why, so RL,
+distillation and evaluation treat it alike. Short answers (`judge.prompt: answer`) go through
+`check_answer`: no final \boxed{} answer is a valid 0; exact match and math-verify decide where
+they are reliable; otherwise the judge sees the extracted answer and the reference, and its
+verdict is binary in every mode (points 7 or 0; in score_prob mode P(equivalent) >= 0.5, the
+probability kept in `p_correct`).
 """
 from __future__ import annotations
 
@@ -17,6 +30,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import re
 import statistics
@@ -31,8 +45,9 @@ from .data import Problem
 from .generation import Completion, OpenAIGenerator, make_generator, render_prompt, run_sync
 from .io import JsonlLog
 
-INVALID_REASONS = ("no_tag", "out_of_range", "conflicting_tags", "judge_error", "empty_proof", "unclosed_thinking")
-RETRYABLE = ("no_tag", "out_of_range", "conflicting_tags", "judge_error")  # a new judge call may fix these
+INVALID_REASONS = ("no_tag", "out_of_range", "judge_error", "answer_undecided")
+RETRYABLE = ("no_tag", "out_of_range", "judge_error")  # a new judge call may fix these
+PARSER_VERSION = 2  # part of the grade cache key: grades parsed by older rules are not read back
 SCALE = 7
 
 
@@ -53,7 +68,9 @@ class Grade:
     detail: str = ""  # why invalid, in words (e.g. the HTTP error), or how it was graded
     mass: float | None = None  # score_prob: raw probability mass the judge put on the allowed values
     probs: dict = field(default_factory=dict)  # score_prob: value -> probability renormalised over allowed values
-    method: str = ""  # judge-text | judge-prob | math-verify | none
+    method: str = ""  # judge-text | judge-prob | exact | math-verify | no-proof
+    no_proof: str = ""  # truncated | empty | no_answer: nothing to grade, a valid 0 with no judge call
+    p_correct: float | None = None  # answer prompt: the judge's P(equivalent) (score_prob) or share of "yes" samples
 
     @property
     def reward(self) -> float | None:
@@ -81,6 +98,7 @@ def invalid_grade(reason: str, detail: str = "", **kw) -> Grade:
 # ---------------------------------------------------------------- score parsing
 TAG = re.compile(r"<\s*(score|points)\s*>(.*?)<\s*/\s*\1\s*>", re.S | re.I)
 NUMBER = re.compile(r"^([+-]?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?$", re.I)
+log = logging.getLogger(__name__)
 
 
 def _tag_value(raw: str) -> tuple[str, float | None, float | None]:
@@ -92,18 +110,27 @@ def _tag_value(raw: str) -> tuple[str, float | None, float | None]:
     return "number", float(m.group(1)), float(m.group(2)) if m.group(2) else None
 
 
-def strip_prompt_echo(answer: str, prompt: str) -> str:
-    """Blank out of the judge's answer every line it copied verbatim from the prompt that holds a tag.
+def judge_own_text(answer: str, prompt: str = "") -> str:
+    """The judge's answer without a verbatim copy of the WHOLE prompt (an echo is not the judge's text).
 
-    This is how a fake `<score>7</score>` inside the proof, or an instruction line the judge
-    repeats, can never be read as the judge's own score.
+    Only the complete filled prompt is removed, never single lines: a proof that contains the
+    same tag line as the judge's verdict cannot blank that verdict out.
     """
-    if not prompt:
-        return answer
-    for line in {ln.strip() for ln in prompt.splitlines() if TAG.search(ln)}:
-        if line:
-            answer = answer.replace(line, " ")
+    if prompt and prompt.strip() and prompt.strip() in answer:
+        return answer.replace(prompt.strip(), " ")
     return answer
+
+
+def numeric_tags(text: str, tag: str | None = None) -> list[tuple[float, float | None]]:
+    """(value, denominator) of every `<score>`/`<points>` tag (or just `tag`) holding a number, in order."""
+    out = []
+    for m in TAG.finditer(text or ""):
+        if tag and m.group(1).lower() != tag:
+            continue
+        kind, v, denom = _tag_value(m.group(2))
+        if kind == "number":
+            out.append((v, denom))
+    return out
 
 
 def parse_score(text: str, scale: int = SCALE, allowed: tuple | None = None, tag: str | None = None,
@@ -112,28 +139,135 @@ def parse_score(text: str, scale: int = SCALE, allowed: tuple | None = None, tag
 
     Rules: only `<score>` / `<points>` tags (or just `tag`) count; whitespace inside the tag, markdown
     around the number, "N out of 7" and "N/7" are accepted; tags whose content is not a number (an
-    echoed format example) are ignored; lines copied from `prompt` (fake tags in the proof) are
-    ignored; every numeric tag must agree (several different values -> "conflicting_tags");
-    a value that is not an allowed integer (0..scale, or `allowed`) or a denominator other than
-    `scale` -> "out_of_range"; nothing -> "no_tag".
+    echoed format example such as `<score>N</score>`) are ignored; a verbatim echo of the whole
+    `prompt` is not the judge's text (`judge_own_text`). The LAST numeric tag is the verdict: the
+    instructions ask for it once, at the end, so an earlier tag is the judge quoting the proof or
+    changing its mind (the Grader counts such conflicts and logs a warning; see `tag_conflict`).
+    A verdict that is not an allowed integer (0..scale, or `allowed`) or has a denominator other
+    than `scale` -> "out_of_range"; no numeric tag -> "no_tag".
     """
-    answer = strip_prompt_echo(text or "", prompt)
-    values: list[tuple[float, float | None]] = []
-    for m in TAG.finditer(answer):
-        if tag and m.group(1).lower() != tag:
-            continue
-        kind, v, denom = _tag_value(m.group(2))
-        if kind == "number":
-            values.append((v, denom))
+    values = numeric_tags(judge_own_text(text or "", prompt), tag)
     if not values:
         return None, "no_tag"
-    if len({v for v, _ in values}) > 1:
-        return None, "conflicting_tags"
     v, denom = values[-1]
     ok = set(allowed) if allowed is not None else set(range(scale + 1))
-    if any(d is not None and d != scale for _, d in values) or v != int(v) or int(v) not in ok:
+    if (denom is not None and denom != scale) or v != int(v) or int(v) not in ok:
         return None, "out_of_range"
     return float(int(v)), None
+
+
+def tag_conflict(text: str, tag: str | None = None, prompt: str = "") -> list[float]:
+    """The distinct numeric tag values of the judge's answer when there is more than one ([] otherwise)."""
+    values = list(dict.fromkeys(v for v, _ in numeric_tags(judge_own_text(text or "", prompt), tag)))
+    return values if len(values) > 1 else []
+
+
+# ---------------------------------------------------------------- no proof, no answer
+def no_proof_reason(final: str, think_closed: bool = True) -> str | None:
+    """Why a completion has no proof to grade: "truncated" (its thinking never closed), "empty"
+    (nothing after `</think>`), or None when there is one. The one rule RL, distillation and
+    evaluation share (through the Grader): no proof scores 0, with no judge call."""
+    if not think_closed:
+        return "truncated"
+    if not (final or "").strip():
+        return "empty"
+    return None
+
+
+def no_proof_grade(why: str) -> Grade:
+    """A VALID grade of 0 for a completion with nothing to grade (`no_proof_reason`, or no final answer)."""
+    text = {"truncated": "no </think>: the thinking never closed, so there is no proof",
+            "empty": "nothing after </think>: the proof is empty",
+            "no_answer": "no final \\boxed{} answer"}[why]
+    return Grade(True, 0.0, method="no-proof", no_proof=why, detail=f"scored 0 without a judge call: {text}")
+
+
+# ---------------------------------------------------------------- short answers
+def extract_boxed(text: str) -> Optional[str]:
+    """Content of the last \\boxed{...} (or \\fbox{...}) in text (nested braces allowed), None when absent."""
+    text = text or ""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    depth, i = 0, text.index("{", start)
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j].strip()
+    return None
+
+
+_TEXT_CMD = re.compile(r"\\(?:text|mathrm|textbf|mathbf|textit|operatorname)\s*\{([^{}]*)\}")
+_SPACING = re.compile(r"\\(?:left|right|displaystyle|[,;:! ])|\s+")
+# What math-verify decides reliably: numbers and arithmetic in numbers or single-letter variables,
+# with no relation (=, <), no list/tuple/interval punctuation, and no text.
+_SIMPLE = re.compile(r"^(?:[0-9a-zA-Z.+\-*/^(){}]|\\(?:frac|sqrt|pi|cdot|times))+$")
+
+
+def _bare_answer(s: str) -> str:
+    """The answer itself: the content of a \\boxed{} if any, without $ / \\( \\) delimiters or a final period."""
+    s = (s or "").strip()
+    b = extract_boxed(s)
+    s = b if b is not None else s
+    return s.replace("\\(", "").replace("\\)", "").replace("$", "").strip().rstrip(".").strip()
+
+
+def normalise_answer(s: str) -> str:
+    """A short answer reduced to compare as text: no $ or \\( \\), spacing, \\left/\\right, text wrappers or final period."""
+    s = _bare_answer(s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    for _ in range(3):
+        s = _TEXT_CMD.sub(r"\1", s)
+    s = _SPACING.sub("", s)
+    return s.rstrip(".")
+
+
+# Towers and huge exponents (2^{2^{100}}): sympy would try to evaluate them, with no timeout here.
+_HUGE_POWER = re.compile(r"\^\{?[^}]*\^|\^\{?\d{4,}")
+
+
+def is_simple_answer(s: str) -> bool:
+    """True for a plain number or a simple expression (what exact match / math-verify judge reliably)."""
+    n = normalise_answer(s)
+    return bool(n) and bool(_SIMPLE.match(n)) and not re.search(r"[a-zA-Z]{2,}", re.sub(r"\\[a-z]+", "", n)) \
+        and not _HUGE_POWER.search(n)
+
+
+def _math_verify(reference: str, answer: str) -> bool | None:
+    from math_verify import parse, verify
+    try:
+        gold = parse(f"${_bare_answer(reference)}$", parsing_timeout=None)
+        pred = parse(f"${_bare_answer(answer)}$", parsing_timeout=None)
+        if not gold or not pred:
+            return None
+        return bool(verify(gold, pred, timeout_seconds=None))
+    except Exception:  # an unparsable expression is undecided, not wrong
+        return None
+
+
+def check_answer(reference: str | None, response: str, judge=None) -> tuple[bool | None, str]:
+    """Is the response's final answer equivalent to the reference? -> (True/False/None, how).
+
+    The final answer is the last \\boxed{} after the last `</think>`; none -> (False, "no_answer").
+    Decided without a model only where that is reliable: equal after `normalise_answer`
+    ("exact"), or math-verify when BOTH sides are plain numbers / simple expressions
+    ("math-verify"). Otherwise `judge(reference, answer) -> bool | None` decides ("judge");
+    with no judge the result is (None, "undecided"): never a guess.
+    """
+    if reference is None or not str(reference).strip():
+        return None, "no_reference"
+    final = (response or "").rpartition("</think>")[2]
+    answer = extract_boxed(final)
+    if answer is None or not answer.strip():
+        return False, "no_answer"
+    if normalise_answer(answer) == normalise_answer(reference):
+        return True, "exact"
+    if is_simple_answer(reference) and is_simple_answer(answer):
+        verdict = _math_verify(reference, answer)
+        if verdict is not None:
+            return verdict, "math-verify"
+    if judge is None:
+        return None, "undecided"
+    return judge(reference, answer), "judge"
 
 
 def invalid_table(grades: list[Grade]) -> dict[str, int]:
@@ -203,18 +337,6 @@ def build_prompt(kind: str, mode: str, problem: Problem, proof: str) -> GradingP
     except P.PromptError as e:
         raise P.PromptError(f"problem {problem.id!r}, judge prompt {kind!r}: {e}") from None
     raise ValueError(f"unknown judge prompt {kind!r}: use rubric, proofbench or answer")
-
-
-def answer_by_math_verify(reference: str | None, response: str) -> bool | None:
-    """Deterministic short-answer check: True/False when both answers parse, None when one does not."""
-    if not reference or not response.strip():
-        return None
-    from math_verify import parse, verify
-    gold = parse(reference if "$" in reference or "\\boxed" in reference else f"${reference}$", parsing_timeout=None)
-    pred = parse(response, parsing_timeout=None)
-    if not gold or not pred:
-        return None
-    return bool(verify(gold, pred, timeout_seconds=None))
 
 
 def expected_from_probs(probs: dict, allowed: tuple, factor: float) -> tuple[float, dict, float]:
@@ -289,7 +411,9 @@ class Grader:
         self.cache = JsonlLog(Path(cache_dir) / "grades.jsonl", key="key") if cache_dir and judge.cache else None
         # A panel of judges: each extra endpoint is a Grader of its own (own cache key space via settings).
         self.panel = [Grader(replace(judge, endpoint=_endpoint_of(e), panel=[]), cache_dir) for e in judge.panel]
-        self.stats = {"calls": 0, "cache_hits": 0, "math_verify": 0, "grades": 0,
+        self.stats = {"calls": 0, "cache_hits": 0, "grades": 0, "conflicting_tags": 0,
+                      "no_proof": {"truncated": 0, "empty": 0, "no_answer": 0},
+                      "answers": {"exact": 0, "math-verify": 0, "judge": 0, "undecided": 0},
                       "invalid": {r: 0 for r in INVALID_REASONS}, "prompt_tokens": 0, "completion_tokens": 0,
                       "cost": 0.0}
 
@@ -298,7 +422,7 @@ class Grader:
         """What a cached grade depends on besides the filled prompt."""
         j, ep = self.judge, self.judge.endpoint
         return {"model": ep.model, "backend": ep.backend, "api": ep.api, "reasoning_effort": ep.reasoning_effort,
-                "extra_body": ep.extra_body, "prompt": j.prompt, "mode": j.mode,
+                "extra_body": ep.extra_body, "prompt": j.prompt, "mode": j.mode, "parser": PARSER_VERSION,
                 "sampling": {"temperature": j.sampling.temperature, "top_p": j.sampling.top_p,
                              "max_new_tokens": j.sampling.max_new_tokens}}
 
@@ -336,7 +460,14 @@ class Grader:
         if reason:
             detail = "the judge's thinking never closed" if not c.think_closed else f"could not read a {gp.tag} tag"
             return invalid_grade(reason, detail, judge_text=c.text, method="judge-text", **usage)
-        return Grade(True, pts * gp.factor, judge_text=c.text, method="judge-text", **usage)
+        detail = ""
+        conflict = tag_conflict(answer, gp.tag, gp.text)
+        if conflict:  # the last tag is the verdict; earlier ones are quotes or second thoughts
+            with self._lock:
+                self.stats["conflicting_tags"] += 1
+            detail = f"several {gp.tag} values {conflict}: the last one counts"
+            log.warning("judge answer with %s; graded %s", detail, pts)
+        return Grade(True, pts * gp.factor, judge_text=c.text, method="judge-text", detail=detail, **usage)
 
     def _grade_probs(self, probs: dict | None, gp: GradingPrompt, usage: dict, detail_if_none: str) -> Grade:
         if probs is None:
@@ -436,10 +567,12 @@ class Grader:
         per proof (`judge.combine`), the spread recorded.
         """
         if not self.panel:
-            return await self._agrade_one_judge(problems, proofs, closed)
-        per_judge = await asyncio.gather(self._agrade_one_judge(problems, proofs, closed),
-                                         *[g.agrade(problems, proofs, closed) for g in self.panel])
-        return [self._combine(list(gs)) for gs in zip(*per_judge)]
+            grades = await self._agrade_one_judge(problems, proofs, closed)
+        else:
+            per_judge = await asyncio.gather(self._agrade_one_judge(problems, proofs, closed),
+                                             *[g.agrade(problems, proofs, closed) for g in self.panel])
+            grades = [self._combine(list(gs)) for gs in zip(*per_judge)]
+        return [binary_answer_grade(g) for g in grades] if self.judge.prompt == "answer" else grades
 
     async def _agrade_one_judge(self, problems: list[Problem], proofs: list[str],
                                 closed: list[bool] | None = None) -> list[Grade]:
@@ -453,19 +586,28 @@ class Grader:
         samples = 1 if j.mode == "score_prob" else max(1, j.samples)  # score_prob is deterministic
         for i, (prob, proof) in enumerate(zip(problems, proofs)):
             proof = proof or ""
-            if closed is not None and not closed[i]:
-                final[i] = invalid_grade("unclosed_thinking", "no </think>: there is no proof to grade", method="none")
-                continue
-            if not proof.strip():
-                final[i] = invalid_grade("empty_proof", "the proof is empty", method="none")
-                continue
-            if j.prompt == "answer":
-                verdict = answer_by_math_verify(prob.answer, proof)
-                if verdict is not None:
-                    self.stats["math_verify"] += 1
-                    final[i] = Grade(True, float(SCALE if verdict else 0), method="math-verify",
-                                     detail=f"math-verify: {'equivalent' if verdict else 'not equivalent'} to {prob.answer!r}")
+            why = no_proof_reason(proof, closed is None or closed[i])
+            if why is None and j.prompt == "answer" and prob.answer:
+                verdict, how = check_answer(prob.answer, proof)
+                if how == "no_answer":
+                    why = how
+                elif verdict is not None:
+                    self.stats["answers"][how] += 1
+                    final[i] = Grade(True, float(SCALE if verdict else 0), method=how,
+                                     detail=f"{how}: {'equivalent' if verdict else 'not equivalent'} to {prob.answer!r}")
                     continue
+                elif not j.answer_judge:
+                    self.stats["answers"]["undecided"] += 1
+                    final[i] = invalid_grade("answer_undecided", "exact match and math-verify cannot decide this "
+                                             "answer and judge.answer_judge is off", method="none")
+                    continue
+                else:
+                    self.stats["answers"]["judge"] += 1
+                    proof = f"\\boxed{{{extract_boxed(proof.rpartition('</think>')[2])}}}"  # the judge sees the answer only
+            if why is not None:
+                self.stats["no_proof"][why] += 1
+                final[i] = no_proof_grade(why)
+                continue
             gp = build_prompt(j.prompt, j.mode, prob, proof)  # raises before any judge call on a bad problem
             per_proof[i] = [_Job(i, s, 0, gp) for s in range(samples)]
             pending += per_proof[i]
@@ -547,6 +689,20 @@ def _vllm_next_token_probs(gen, texts: list[str], candidates: list[str]) -> list
         mass = sum(probs.values())
         res.append({"probs": {c: (p / mass if mass else 0.0) for c, p in probs.items()}, "mass": mass})
     return res
+
+
+def binary_answer_grade(g: Grade) -> Grade:
+    """A judge's answer verdict made binary: P(equivalent) >= 0.5 -> 7 points, else 0 (P kept in `p_correct`).
+
+    P is the score-probability judge's probability, or the share of samples / panel judges that
+    said "equivalent". Deterministic grades (exact, math-verify, no answer) are binary already.
+    """
+    if not g.valid or g.method not in ("judge-text", "judge-prob"):
+        return g
+    p = g.points / SCALE
+    verdict = p >= 0.5
+    why = f"binary verdict: P(equivalent) = {p:.3f} {'>=' if verdict else '<'} 0.5"
+    return replace(g, points=float(SCALE if verdict else 0), p_correct=p, detail=f"{g.detail}; {why}" if g.detail else why)
 
 
 def grade_completions(grader: Grader, problems: list[Problem], completions: list[Completion]) -> list[Grade]:

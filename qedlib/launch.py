@@ -49,6 +49,9 @@ def accelerate_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path.resolve()
+    in_repo = CONFIG_DIR.parent.parent / path  # a repo-relative path in params, run from notebooks/
+    if not path.is_absolute() and in_repo.exists():
+        return in_repo.resolve()
     names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise FileNotFoundError(f"launch.accelerate_config {name_or_path!r}: no such file and not a shipped config "
                             f"(shipped: {names})")

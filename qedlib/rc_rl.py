@@ -21,7 +21,7 @@ from .data import load_source
 from .generation import TransformersGenerator, VLLMGenerator, make_generator, render_prompt, run_sync
 from .io import stage_dir, write_json, write_jsonl
 from .models import resolve_model
-from .reasoning_cache import cache_state_prompts, rc_rollout
+from .reasoning_cache import cache_state_prompts, rc_rollout, summary_unclosed_rate
 from .rl import sharded
 from .runner import checkpoint
 
@@ -131,7 +131,7 @@ class RCRollout:
                 self.turn_rows.append({"step": step, "problem_id": p.id, "turn": s.turn,
                                        "score": g.points if g is not None and g.valid else None,
                                        "truncated": not s.think_closed, "reasoning_tokens": s.completion_tokens,
-                                       "summary_tokens": s.summary_tokens})
+                                       "summary_tokens": s.summary_tokens, "summary_status": s.summary_status})
             self.trajectories.append({"problem_id": p.id, "turns": [s.to_dict() for s in t]})
 
 
@@ -157,7 +157,7 @@ def train(cfg, run_dir) -> dict:
     folder = stage_dir(run_dir, STAGE)
     problems, counts = filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
     by_id = {p.id: p for p in problems}
-    model_path = resolve_model(checkpoint(cfg, run_dir, rl.model))
+    model_path = resolve_model(checkpoint(cfg, run_dir, rl.model, "rc_rl"))
     tok = AutoTokenizer.from_pretrained(model_path)
     # Shuffle problems ourselves (seeded); TRL must not shuffle, so a problem's K slots stay together.
     random.Random(cfg.seed).shuffle(problems)
@@ -186,9 +186,12 @@ def train(cfg, run_dir) -> dict:
     rows = step_metrics(trainer, reward_fn)
     for r, t in zip(rows, rollout.timing):
         r.update(t)
+        r["summary_unclosed_rate"] = summary_unclosed_rate(x["summary_status"] for x in rollout.turn_rows
+                                                           if x["step"] == t["step"])
     metrics = {**summarise_steps(rows), "problems": counts, "seconds": round(time.perf_counter() - t0, 1),
                "model_dir": str(folder / "model"), "init_model": model_path, "loss_type": rl.loss_type,
-               "world_size": trainer.accelerator.num_processes, "score_by_turn": score_by_turn(rollout.turn_rows)}
+               "world_size": trainer.accelerator.num_processes, "score_by_turn": score_by_turn(rollout.turn_rows),
+               "summary_unclosed_rate": summary_unclosed_rate(r["summary_status"] for r in rollout.turn_rows)}
     save_policy(trainer, folder / "model", rl.lora.merge)
     if trainer.accelerator.is_main_process:
         metrics["weights_changed_frac"] = weights_moved(folder / "model", model_path)
@@ -207,7 +210,8 @@ def score_by_turn(turn_rows: list[dict]) -> dict:
         scores = [r["score"] for r in rows if r["score"] is not None]
         out[str(t)] = {"score_mean": sum(scores) / len(scores) if scores else None,
                        "truncation_rate": sum(r["truncated"] for r in rows) / len(rows),
-                       "summary_tokens": sum(r["summary_tokens"] for r in rows) / len(rows), "n": len(rows)}
+                       "summary_tokens": sum(r["summary_tokens"] for r in rows) / len(rows), "n": len(rows),
+                       "summary_unclosed_rate": summary_unclosed_rate(r.get("summary_status", "") for r in rows)}
     return out
 
 

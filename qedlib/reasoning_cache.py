@@ -7,6 +7,14 @@ summary replaces the old one (or accumulates, as an option); the trace is discar
 First turn, documented once: turn 0 uses the `rc_reason_first` prompt (no summary block at
 all, never an empty summary). All problems' turn k are generated in one batch, then all
 summaries in one batch.
+
+Summaries of thinking models: a thinking template (Qwen3-4B-Thinking-2507's always opens
+`<think>`) makes the summariser reason first, so it runs with thinking on
+(`summary_thinking`) and a budget of `summary.max_new_tokens + summary_thinking_budget`, and the
+summary is the text after `</think>`. The rule for a summary that never closed its thinking (or
+is empty after it): it is NOT used; the cache keeps the previous summary (none at turn 0, so the
+next turn starts from scratch), and the turn records `summary_status = "unclosed"` / "empty"
+(counted as `summary_unclosed_rate` by RC-RL and by the eval's rc scaffold).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ class CacheState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     summary_tokens: int = 0
+    summary_status: str = ""  # ok | unclosed | empty (not used: the previous summary is kept) | "" no summary made
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +64,30 @@ def _attempt_text(c) -> str:
     return (c.reasoning or c.text).strip()
 
 
+def summary_thinking(rc, policy, summariser, thinking: bool) -> bool:
+    """Whether the summariser reasons in <think> first: `rc.summary_thinking` when set; else on when the
+    policy summarises itself with thinking on, or when the summariser's chat template opens <think> by itself."""
+    if getattr(rc, "summary_thinking", None) is not None:
+        return bool(rc.summary_thinking)
+    if summariser is policy and thinking:
+        return True
+    return template_opens_think(getattr(summariser, "tokenizer", None))
+
+
+def template_opens_think(tokenizer) -> bool:
+    """True when the tokenizer's chat template ends its generation prompt with <think> (a thinking-only template)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return False
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    return text.rstrip().endswith("<think>")
+
+
+def summary_unclosed_rate(statuses) -> float | None:
+    """Share of written summaries whose thinking never closed ("" = no summary made, not counted); None if none."""
+    made = [s for s in statuses if s]
+    return sum(s == "unclosed" for s in made) / len(made) if made else None
+
+
 def _seed(seed: int | None, turn: int, role: int) -> None:
     if seed is None:
         return
@@ -72,7 +105,9 @@ def rc_rollout(problems, policy, summariser, rc, sampling, thinking: bool = True
     needs it: N turns give N+1 cache states; evaluation can skip it).
     """
     reason_sampling = replace(sampling, n=1, max_new_tokens=rc.reasoning_budget)
-    summ_sampling = replace(rc.summary, n=1)
+    summ_thinking = summary_thinking(rc, policy, summariser, thinking)
+    summ_sampling = replace(rc.summary, n=1, max_new_tokens=rc.summary.max_new_tokens
+                            + (getattr(rc, "summary_thinking_budget", 0) if summ_thinking else 0))
     summaries = [""] * len(problems)
     trajs: list[list[CacheState]] = [[] for _ in problems]
     for turn in range(rc.turns):
@@ -87,11 +122,15 @@ def rc_rollout(problems, policy, summariser, rc, sampling, thinking: bool = True
             break
         sprompts = [summary_messages(p.problem, summaries[i], _attempt_text(outs[i][0])) for i, p in enumerate(problems)]
         _seed(seed, turn, 1)
-        souts = summariser.generate(sprompts, summ_sampling, thinking=False)
+        souts = summariser.generate(sprompts, summ_sampling, thinking=summ_thinking)
         for i, group in enumerate(souts):
-            new = (group[0].final or group[0].text).strip()
-            summaries[i] = (summaries[i] + "\n\n" + new).strip() if rc.accumulate else new
-            trajs[i][-1].summary_out, trajs[i][-1].summary_tokens = summaries[i], group[0].completion_tokens
+            c = group[0]
+            new = c.final.strip() if c.think_closed else ""
+            status = "ok" if new else ("unclosed" if not c.think_closed else "empty")
+            if new:  # an unclosed or empty summary is never used: the previous summary stays the cache
+                summaries[i] = (summaries[i] + "\n\n" + new).strip() if rc.accumulate else new
+            trajs[i][-1].summary_out, trajs[i][-1].summary_tokens = summaries[i], c.completion_tokens
+            trajs[i][-1].summary_status = status
     return trajs
 
 

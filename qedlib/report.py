@@ -149,8 +149,27 @@ def _md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(v).replace("|", "/") for v in r) + " |" for r in rows])
 
 
-SUMMARY_COLUMNS = ["checkpoint", "benchmark", "scaffold", "mean_score_pct", "ci_low", "ci_high", "run_std_pct", "samples",
-                   "truncation_rate", "invalid_rate", "tokens_per_problem", "cost_usd"]
+SUMMARY_COLUMNS = ["checkpoint", "benchmark", "scaffold", "mean_score_pct", "mean_pct_invalid_dropped", "mean_pct_invalid_as_0",
+                   "ci_low", "ci_high", "run_std_pct", "samples", "truncation_rate", "invalid_rate", "tokens_per_problem",
+                   "cost_usd", "summary_unclosed_rate"]
+SCORES_NOTE = ("A missing proof or final answer scores 0; an invalid grade (the judge failed, or nobody could decide an "
+               "answer) has no score: `mean_pct_invalid_dropped` leaves those rows out, `mean_pct_invalid_as_0` counts "
+               "them as 0, and `mean_score_pct` (with the interval) follows eval.judge.invalid.")
+
+
+def with_both_means(summary, rows: list[dict], by: tuple = ("checkpoint", "benchmark", "scaffold")):
+    """The summary with the two means (invalid dropped / invalid as 0) added where it lacks them."""
+    if summary is None or not len(summary) or "mean_pct_invalid_as_0" in summary.columns:
+        return summary
+    from .evaluation import both_means
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(b) for b in by), []).append(r)
+    means = [both_means(groups.get(key, [])) for key in zip(*(summary[b] for b in by))]
+    summary = summary.copy()
+    for col in ("mean_pct_invalid_dropped", "mean_pct_invalid_as_0"):
+        summary[col] = [m[col] for m in means]
+    return summary
 
 
 def _sections(run_dir, rows, summary) -> list[tuple[str, str]]:
@@ -162,7 +181,8 @@ def _sections(run_dir, rows, summary) -> list[tuple[str, str]]:
     sec.append(("Stages", _md_table(["stage", "wall time (s)", "metrics.json"], stage_rows) if stage_rows else "No stage has written metrics.json yet."))
     if summary is not None and len(summary):
         cols = [c for c in SUMMARY_COLUMNS if c in summary.columns] + [c for c in summary.columns if c.startswith(("pass@", "score_pct_"))]
-        sec.append(("Scores (mean % of 7, 95% bootstrap CI over problems)", _md_table(cols, summary[cols].values.tolist())))
+        sec.append(("Scores (mean % of 7, 95% bootstrap CI over problems)",
+                    SCORES_NOTE + "\n\n" + _md_table(cols, summary[cols].values.tolist())))
         comp = paper_comparison(summary)
         if comp:
             sec.append(("Paper comparison (RECIPE headline results; the paper used Qwen3-4B at full budgets)",
@@ -186,6 +206,7 @@ def write_report(run_dir, rows: Optional[list[dict]] = None, summary=None, thres
     rows = rows or []
     if summary is None and rows:
         summary = stats.summarise(rows, ks=(1,), threshold=threshold, n_boot=n_boot, seed=seed)
+    summary = with_both_means(summary, rows)
     sections = _sections(run_dir, rows, summary)
     figs = report_figures(rows, summary, threshold, n_boot, seed)
     md = ["# QED Workbook run report", ""]

@@ -43,20 +43,20 @@ def format_reward_value(text: str, stopped: bool, thinking: bool) -> float:
     return 0.5 * bool(PROOF_OPENING.match(final)) + 0.5 * (stopped and bool(final))
 
 
-def answer_reward_value(final: str, answer: str | None) -> float | None:
-    """1.0 when the last \\boxed{} (or last line) of the answer matches the reference (math-verify)."""
-    if answer is None:
-        return None
-    from math_verify import parse, verify
-    try:
-        return 1.0 if verify(parse(f"${answer}$"), parse(final)) else 0.0
-    except Exception:  # math-verify raises on unparsable input: that answer earns nothing
-        return 0.0
+def answer_reward_value(final: str, answer: str | None) -> tuple[float | None, str]:
+    """(1.0 / 0.0 / None, how): the final boxed answer checked against the reference by
+    `grading.check_answer` (exact or math-verify only where reliable); None when it cannot decide
+    without a judge (dropped from the group, counted as invalid with that reason)."""
+    from .grading import check_answer
+    verdict, how = check_answer(answer, final)
+    return (None if verdict is None else float(verdict)), how
 
 
 def filter_by_difficulty(problems, min_reward_mean=None, max_reward_mean=None) -> tuple[list, dict]:
-    """Drop hopeless / too-easy problems by the base model's mean reward (FineProofs-RL `reward_mean`)."""
-    counts = {"loaded": len(problems), "too_easy": 0, "hopeless": 0, "no_reward_mean": 0}
+    """Drop hopeless / too-easy problems by the base model's mean reward (FineProofs-RL `reward_mean`);
+    the counts include the source's skipped bad rows."""
+    from .data import skipped_metrics
+    counts = {"loaded": len(problems), "too_easy": 0, "hopeless": 0, "no_reward_mean": 0, **skipped_metrics(problems)}
     if min_reward_mean is None and max_reward_mean is None:
         return problems, {**counts, "kept": len(problems)}
     kept = []
@@ -137,9 +137,10 @@ class RewardFunction:
             rewards = [format_reward_value(t, s, self.thinking) for t, s in zip(texts, stopped)]
             scores = [7 * r for r in rewards]
         elif self.kind == "answer":
-            rewards = [answer_reward_value(f, p.answer) if ok else 0.0
+            checked = [answer_reward_value(f, p.answer) if ok else (0.0, "no_proof")
                        for (_, f, _), ok, p in zip(splits, has_proof, probs)]
-            invalid.update("no_reference_answer" for r in rewards if r is None)
+            rewards = [r for r, _ in checked]
+            invalid.update(how for r, how in checked if r is None)
             scores = [None if r is None else 7 * r for r in rewards]
         else:
             raise ValueError(f"unknown reward {self.kind!r}: use judge, format or answer")
@@ -277,9 +278,23 @@ def make_trainer(rl, model_path: str, dataset, reward_funcs: list, args, rollout
     # fp32 master weights: bf16 autocast computes in bf16, AdamW updates fp32 weights (an lr-1e-6 step is
     # below bf16's spacing for most weights and would round away).
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=rl.weights_dtype)
+    silence_token_level_luspo_warning()
     cls = qed_grpo_trainer_class()
     return cls(model=model, args=args, train_dataset=dataset, reward_funcs=reward_funcs, processing_class=tok,
                peft_config=lora_config(rl.lora), rollout_func=rollout_func, qed_rl=rl)
+
+
+def silence_token_level_luspo_warning() -> None:
+    """TRL warns that LUSPO's own paper uses sequence-level ratios; QED-Nano's trainer uses token-level
+    ratios with the luspo aggregation (token sum / sequences), which is what we run on purpose."""
+    import logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record):
+            return "importance_sampling_level` should be set to `'sequence'`" not in record.getMessage()
+    log = logging.getLogger("trl.trainer.grpo_trainer")
+    if not any(isinstance(f, _Filter) or type(f).__name__ == "_Filter" for f in log.filters):
+        log.addFilter(_Filter())
 
 
 def qed_grpo_trainer_class():
@@ -375,7 +390,11 @@ def step_metrics(trainer, reward_fn: RewardFunction) -> list[dict]:
         rows.append({"step": step, "reward": h.get("reward"), "reward_std": h.get("reward_std"),
                      "frac_zero_std": h.get("frac_reward_zero_std"), "loss": h.get("loss"),
                      "length": h.get("completions/mean_length"), "clipped_ratio": h.get("completions/clipped_ratio"),
-                     "clip_ratio": h.get("clip_ratio/region_mean"), "entropy": h.get("entropy"),
+                     "clip_ratio": h.get("clip_ratio/region_mean"), "clip_ratio_low": h.get("clip_ratio/low_mean"),
+                     "clip_ratio_high": h.get("clip_ratio/high_mean"),
+                     "is_ratio_mean": h.get("sampling/importance_sampling_ratio/mean"),
+                     "unscored_token_frac": h.get("sampler/unscored_token_frac"),
+                     "empty_proof_rate": r.get("empty_proof_rate"), "entropy": h.get("entropy"),
                      "grad_norm": h.get("grad_norm"), "generation_s": gen[i] if i < len(gen) else None,
                      "grading_s": r.get("grading_s"), "step_s": h.get("step_time"),
                      "truncation_rate": r.get("truncation_rate"), "invalid_rate": r.get("invalid_rate"),

@@ -33,7 +33,7 @@ def train(cfg, run_dir) -> dict:
     rl = cfg.rubric_rl
     folder = stage_dir(run_dir, STAGE)
     problems, counts = filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
-    model_path = resolve_model(checkpoint(cfg, run_dir, rl.model))
+    model_path = resolve_model(checkpoint(cfg, run_dir, rl.model, "rubric_rl"))
     t0 = time.perf_counter()
     rows, trainer = train_on_problems(rl, model_path, problems, folder / "checkpoints", cfg.thinking, cfg.seed,
                                       make_grader(rl, folder), rl.resume, training_device=cfg.device)

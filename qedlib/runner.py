@@ -49,12 +49,17 @@ def _is_model(path: Path) -> bool:
     return (path / "config.json").exists() or (path / "adapter_config.json").exists()
 
 
-def checkpoint(cfg: Config, run_dir: str | Path, ref: str) -> str:
+PIPELINE = ("sft", "rubric_rl", "rc_rl")  # the trained stages, in pipeline order
+
+
+def checkpoint(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = None) -> str:
     """Resolve a model reference that may name a stage of this run.
 
     "base" -> cfg.base_model; "sft" / "rubric_rl" / "rc_rl" -> that stage's saved model;
-    "previous" -> the latest trained model of the run (rc_rl > rubric_rl > sft > base); anything
-    else is a model reference (embedded name, folder or hub id).
+    "previous" -> the model of the stage before `stage` in the pipeline (rubric_rl: sft; rc_rl:
+    rubric_rl), falling back to earlier stages and then the base model when it was not run, so that
+    rerunning a stage in a finished run starts where the pipeline says, not from a later stage's
+    model; anything else is a model reference (embedded name, folder or hub id).
     """
     if ref == "base":
         return cfg.base_model
@@ -65,9 +70,16 @@ def checkpoint(cfg: Config, run_dir: str | Path, ref: str) -> str:
                                     f"(python -m qedlib run PARAMS --stages ...)")
         return str(path)
     if ref == "previous":
-        for name in ("rc_rl", "rubric_rl", "sft"):
+        if stage not in PIPELINE:
+            raise ValueError(f"model 'previous' is relative to a training stage ({', '.join(PIPELINE)}), "
+                             f"got stage={stage!r}")
+        before = PIPELINE[:PIPELINE.index(stage)]
+        for name in reversed(before):
             path = Path(run_dir) / MODEL_DIRS[name]
             if _is_model(path):
+                if name != before[-1]:
+                    print(f"[qedlib] {stage}: 'previous' is {before[-1]}, which has no model in {run_dir}; "
+                          f"starting from {name}")
                 return str(path)
         return cfg.base_model
     return ref
@@ -121,13 +133,16 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
     for stage in wanted:
         src = NOTEBOOKS / f"{stage}.ipynb"
         out = stage_dir(run_dir, stage) / f"{stage}.ipynb"
-        print(f"[qedlib] running {stage} -> {out}", flush=True)
+        before = f" (last time {timings[stage]:.0f} s)" if stage in timings else ""
+        print(f"[qedlib] running {stage}{before} -> {out}", flush=True)
         t0 = time.perf_counter()
         try:
+            # papermill's bar: cells done / cells, elapsed and remaining time of this stage
             pm.execute_notebook(str(src), str(out), kernel_name=KERNEL, cwd=str(NOTEBOOKS),
                                 parameters={"params_file": str(Path(params_file).resolve()),
                                             "run_dir": str(run_dir), "overrides": overrides},
-                                progress_bar=False, log_output=False)
+                                progress_bar={"desc": f"  {stage} cells", "mininterval": 5.0, "ncols": 90},
+                                log_output=False)
         except pm.PapermillExecutionError as e:
             raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
                                f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
@@ -138,7 +153,13 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
     from . import report
     written = report.refresh(run_dir, cfg)  # now with every finished stage's metrics and wall time
     print(f"[qedlib] report: {written['md']} and {written['html']}", flush=True)
+    print(f"[qedlib] run folder {run_dir}: {folder_size(run_dir) / 2**30:.2f} GiB", flush=True)
     return run_dir
+
+
+def folder_size(folder: str | Path) -> int:
+    """Bytes under a folder (files only, links not followed)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _select_stages(stages: list[str] | None) -> list[str]:

@@ -182,10 +182,10 @@ def reasoning_cache(problems, policy, sampling, settings: ScaffoldSettings, seed
         c_tok = sum(s.completion_tokens + s.summary_tokens for s in traj)
         results.append(ScaffoldResult(
             final=last.final, think_closed=last.think_closed, finish_reason=last.finish_reason, reasoning=last.reasoning,
-            calls=len(traj) + sum(1 for s in traj if s.summary_out), prompt_tokens=p_tok, completion_tokens=c_tok,
+            calls=len(traj) + sum(1 for s in traj if s.summary_status), prompt_tokens=p_tok, completion_tokens=c_tok,
             cost=cost_of(endpoint, p_tok, c_tok) if endpoint is not None else 0.0,
             trace=[{"turn": s.turn, "closed": s.think_closed, "tokens": s.completion_tokens,
-                    "summary": s.summary_out[:500]} for s in traj]))
+                    "summary": s.summary_out[:500], "summary_status": s.summary_status} for s in traj]))
     return results
 
 

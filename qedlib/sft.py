@@ -384,7 +384,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, train_ds, eval_ds=None, call
     from trl import SFTTrainer
     from .runner import checkpoint
     folder = stage_dir(run_dir, STAGE)
-    tok, model, choice = load_for_training(cfg, model_ref or checkpoint(cfg, run_dir, cfg.sft.model))
+    tok, model, choice = load_for_training(cfg, model_ref or checkpoint(cfg, run_dir, cfg.sft.model, "sft"))
     has_eval = eval_ds is not None and len(eval_ds) > 0
     args = trl_args(cfg, folder / "checkpoints", choice.device, has_eval)
     extras = LogExtras()
@@ -408,7 +408,7 @@ def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None) ->
     folder = stage_dir(run_dir, STAGE)
     data, counts = load_sft_data(cfg, run_dir)
     train_rows, eval_rows = split_by_problem(data, cfg.sft.eval_fraction, cfg.seed)
-    model_ref = checkpoint(cfg, run_dir, cfg.sft.model)
+    model_ref = checkpoint(cfg, run_dir, cfg.sft.model, "sft")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(resolve_model(model_ref))
     template = training_chat_template(tok, cfg.sft.chat_template)
@@ -491,7 +491,7 @@ def sample_before_after(cfg: Config, run_dir: str | Path, model_dir: str | Path,
         problems = load_problems("shipped", split="eval", limit=cfg.sft.sample_problems)
     prompts = [[{"role": "user", "content": p.problem}] for p in problems]
     out: dict[str, list] = {}
-    for label, ref in (("base", checkpoint(cfg, run_dir, cfg.sft.model)), ("sft", str(model_dir))):
+    for label, ref in (("base", checkpoint(cfg, run_dir, cfg.sft.model, "sft")), ("sft", str(model_dir))):
         endpoint = copy.deepcopy(cfg.generation)
         endpoint.backend, endpoint.model, endpoint.device = "transformers", ref, cfg.device
         gen = make_generator(endpoint)

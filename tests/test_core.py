@@ -128,3 +128,22 @@ def test_cli_reports_a_bad_params_file(tmp_path, capsys):
     bad.write_text("sft:\n  lrr: 1\n")
     assert main(["run", str(bad)]) == 2
     assert "unknown key 'sft.lrr'" in capsys.readouterr().err
+
+
+def test_previous_is_the_stage_before_in_the_pipeline(tmp_path, capsys):
+    from qedlib.config import Config
+    from qedlib.runner import MODEL_DIRS, checkpoint
+    cfg = Config(base_model="base-model")
+    assert checkpoint(cfg, tmp_path, "previous", "rubric_rl") == "base-model"  # nothing trained yet
+    for name in ("sft", "rubric_rl", "rc_rl"):  # a finished run
+        (tmp_path / MODEL_DIRS[name]).mkdir(parents=True)
+        (tmp_path / MODEL_DIRS[name] / "config.json").write_text("{}")
+    # rerunning 03 in a finished run starts from SFT, not from the newer RC-RL model
+    assert checkpoint(cfg, tmp_path, "previous", "rubric_rl") == str(tmp_path / MODEL_DIRS["sft"])
+    assert checkpoint(cfg, tmp_path, "previous", "rc_rl") == str(tmp_path / MODEL_DIRS["rubric_rl"])
+    (tmp_path / MODEL_DIRS["rubric_rl"] / "config.json").unlink()  # rubric RL skipped: RC-RL falls back, says so
+    assert checkpoint(cfg, tmp_path, "previous", "rc_rl") == str(tmp_path / MODEL_DIRS["sft"])
+    assert "'previous' is rubric_rl" in capsys.readouterr().out
+    import pytest
+    with pytest.raises(ValueError, match="training stage"):
+        checkpoint(cfg, tmp_path, "previous")

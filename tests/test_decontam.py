@@ -52,3 +52,17 @@ def test_shipped_train_is_clean_against_shipped_eval():
     assert find_contaminated(load_problems("shipped", split="train"), index, 0.5) == []
     # and the eval split against itself is fully contaminated (the check can fire)
     assert len(find_contaminated(bench["shipped:eval"], index, 0.5)) == len(bench["shipped:eval"])
+
+
+def test_a_missing_benchmark_fails_when_asked(tmp_path):
+    """distill.decontaminate_missing: error stops instead of noting (the paper recipe's setting)."""
+    import pytest
+    from qedlib.data import DataError
+    with pytest.raises(DataError, match=r"benchmark '.*nope.jsonl' could not be loaded.*does not exist"):
+        load_benchmarks(["shipped:eval", str(tmp_path / "nope.jsonl")], missing="error")
+    # a mapping entry (like eval.benchmarks) with ProblemSource keys; prompt/task are ignored here
+    f = tmp_path / "b.jsonl"
+    f.write_text('{"pid": "x", "q": "Prove that 2 is even."}\n{"pid": "x", "q": "Prove that 2 is even."}\n')
+    found, notes = load_benchmarks([{"name": "b", "path": str(f), "columns": {"id": "pid", "problem": "q"},
+                                     "duplicates": "first", "prompt": "rubric"}], missing="error")
+    assert [p.id for p in found["b"]] == ["x"] and notes == []

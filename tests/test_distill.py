@@ -387,8 +387,11 @@ def test_grade_samples_http_judge_logs_grades_and_retries_judge_errors(tmp_path,
     got = {g["key"]: g for g in distill.read_grades(tmp_path)}
     assert got["p1#0"]["valid"] and got["p1#0"]["points"] == 5.0 and got["p1#0"]["cost"] == pytest.approx(100 / 1e6)
     assert (got["p1#1"]["valid"], got["p1#1"]["reason"]) == (False, "no_tag")
-    assert got["p2#1"]["reason"] == "empty_proof" and "p2#0" not in got
+    # an empty proof is a valid 0 graded without a judge call (the same rule as RL and eval) ...
+    assert (got["p2#1"]["valid"], got["p2#1"]["points"], got["p2#1"]["no_proof"]) == (True, 0.0, "empty") and "p2#0" not in got
     rows = {r["key"]: r["status"] for r in distill.select_samples(samples, list(got.values()), cfg.distill, probs)}
-    assert rows == {"p1#0": "kept", "p1#1": "invalid:no_tag", "p2#0": "ungraded", "p2#1": "invalid:empty_proof"}
+    # ... and never kept for SFT, even with min_grade 0
+    assert cfg.distill.min_grade == 0.0
+    assert rows == {"p1#0": "kept", "p1#1": "invalid:no_tag", "p2#0": "ungraded", "p2#1": "no_proof"}
     again = distill.grade_samples(probs, samples, grader, tmp_path, progress=False)
     assert again["skipped"] == 3 and again["judge_errors"] == 1  # only the failed call is retried

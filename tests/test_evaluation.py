@@ -62,13 +62,14 @@ def test_rows_have_official_columns_and_metrics(tmp_path, tiny_gen):
         assert set(r["cost_run"]) == {"input_tokens", "output_tokens", "cost"} and set(r["grade_cost"]) == set(r["cost_run"])
         assert 0 < r["tokens"] <= 8
         if r["truncated"]:  # a random model seldom closes </think>: no proof, score 0, and no judge call
-            assert r["score"] == 0.0 and r["invalid_reason"] == "unclosed_thinking" and r["grade_cost"]["input_tokens"] == 0
+            assert r["score"] == 0.0 and r["valid"] and r["no_proof"] == "truncated" and r["grade_cost"]["input_tokens"] == 0
         assert r["score"] is None or 0 <= r["score"] <= 7
     assert {r["split"] for r in rows} == {"basic", "advanced"}
     m = evaluation.eval_metrics(rows, cfg)
     assert m["rows"] == 6 and m["problems"] == 3 and m["samples"] == 2 and m["checkpoints"] == ["base"]
     block = m["scores"]["base"]["single"]
-    for k in ("mean_score_pct", "ci_low", "ci_high", "truncation_rate", "tokens_per_problem", "invalid_rate", "pass@1", "pass@2"):
+    for k in ("mean_score_pct", "ci_low", "ci_high", "truncation_rate", "tokens_per_problem", "invalid_rate", "pass@1", "pass@2",
+              "mean_pct_invalid_dropped", "mean_pct_invalid_as_0", "summary_unclosed_rate"):
         assert k in block
     assert 0 <= block["truncation_rate"] <= 1 and block["tokens_per_problem"] > 0
     path = evaluation.write_parquet(rows, tmp_path / "05_eval" / "results.parquet")
@@ -152,6 +153,65 @@ def test_missing_checkpoint_is_skipped_with_a_note(tmp_path, capsys):
     cfg = tiny_cfg(tmp_path, checkpoints=["base", "sft"])
     names = [n for n, _ in evaluation.models_under_test(cfg, tmp_path)]
     assert names == ["base"] and "skipping checkpoint 'sft'" in capsys.readouterr().out
+
+
+def test_two_means_side_by_side(tmp_path):
+    """Invalid grades dropped vs counted as 0: both in the summary and the metrics, computed by hand here."""
+    cfg = tiny_cfg(tmp_path, samples=1, bootstrap=10, pass_k=[1])
+    base = {"checkpoint": "base", "benchmark": "toy", "scaffold": "single", "sample": 0, "truncated": False, "tokens": 5}
+    rows = [{**base, "problem_id": "a", "score": 7.0}, {**base, "problem_id": "b", "score": 0.0, "no_proof": "empty"},
+            {**base, "problem_id": "c", "score": None, "invalid_reason": "judge_error"},
+            {**base, "problem_id": "d", "score": 3.5}]
+    summary = evaluation.summary_table(rows, cfg)
+    assert summary["mean_pct_invalid_dropped"][0] == pytest.approx(100 * 10.5 / 3 / 7)
+    assert summary["mean_pct_invalid_as_0"][0] == pytest.approx(100 * 10.5 / 4 / 7)
+    cols = list(summary.columns)
+    assert cols.index("mean_pct_invalid_dropped") == cols.index("mean_score_pct") + 1
+    block = evaluation.eval_metrics(rows, cfg)["scores"]["base"]["single"]
+    assert block["mean_pct_invalid_dropped"] == pytest.approx(50.0) and block["mean_pct_invalid_as_0"] == pytest.approx(37.5)
+    assert block["summary_unclosed_rate"] is None  # no RC summaries here
+    rc = [{**r, "scaffold": "rc", "summaries": 2, "summaries_unclosed": u} for r, u in zip(rows, (0, 1, 2, 1))]
+    assert evaluation.summary_unclosed_rate(rc) == pytest.approx(4 / 8)
+
+
+def test_answer_benchmark_rows_are_binary_without_a_judge_call(tmp_path, tiny_gen):
+    """Answer rows: no boxed answer scores 0, a boxed reference scores 7, both decided without the judge."""
+    bench = tmp_path / "answers.csv"
+    bench.write_text("id,problem,answer\n007,What is 6 times 1?,6\n8,What is 1/2?,0.5\n")
+    cfg = tiny_cfg(tmp_path, samples=1, benchmarks=[{"name": "ans", "path": str(bench), "prompt": "answer", "task": "answer"}])
+
+    class Answers(Counting):
+        def generate(self, prompts, sampling, thinking=False):
+            out = self.gen.generate(prompts, sampling, thinking)
+            for g, m in zip(out, prompts):
+                for c in g:
+                    c.final, c.think_closed = ("So \\boxed{6}." if "6 times" in m[-1]["content"] else "</"), True
+            return out
+
+    judge = Counting(tiny_gen)
+    rows = evaluation.evaluate(cfg, tmp_path, judge_generator=judge, policy_factory=lambda ep: Answers(tiny_gen))
+    by_id = {r["problem_id"]: r for r in rows}
+    assert set(by_id) == {"007", "8"}  # CSV ids keep their text
+    assert by_id["007"]["score"] == 7.0 and by_id["007"]["graded_by"] == "exact" and by_id["007"]["reference_answer"] == "6"
+    assert by_id["8"]["score"] == 0.0 and by_id["8"]["no_proof"] == "no_answer" and by_id["8"]["valid"]
+    assert judge.prompts == 0
+
+
+def test_bad_rows_are_skipped_and_counted_and_missing_benchmarks_fail(tmp_path):
+    from qedlib.data import DataError
+    f = tmp_path / "b.jsonl"
+    f.write_text('{"problem": "Prove A.", "rubric": "x"}\n{"problem": "Prove B.", "rubric": ["x"]}\n{"problem": ""}\n')
+    [bench] = evaluation.load_benchmarks([{"name": "b", "path": str(f), "on_bad_row": "skip"}])
+    assert len(bench.problems) == 1 and [s["row"] for s in bench.skipped] == [1, 2]
+    m = evaluation.eval_metrics([], tiny_cfg(tmp_path), [bench])
+    assert m["skipped_rows"]["b"] == {"skipped_rows": 2, "skipped_reasons": {
+        "column 'rubric' is not text": 1, "no problem text in column 'problem'": 1}}
+    with pytest.raises(DataError, match="row 1: column 'rubric'"):
+        evaluation.load_benchmarks([{"name": "b", "path": str(f)}])
+    with pytest.raises(DataError, match="nope.jsonl does not exist"):
+        evaluation.load_benchmarks(["shipped", str(tmp_path / "nope.jsonl")])
+    with pytest.raises(DataError, match="unknown.*'colums'"):
+        evaluation.load_benchmark({"path": str(f), "colums": {}})
 
 
 def test_extract_boxed():

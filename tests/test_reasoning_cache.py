@@ -126,3 +126,79 @@ def test_rc_rl_policy_generator_uses_trls_colocated_vllm_engine_or_explains():
     trainer.vllm_generation.mode, trainer.vllm_generation.enable_sleep_mode = "colocate", True
     with pytest.raises(ValueError, match="sleep mode"):
         rollout.policy_generator(trainer)
+
+
+# ---------------------------------------------------------------- summaries of thinking models
+# A chat template in the style of Qwen3-4B-Thinking-2507's: the generation prompt always opens <think>.
+QWEN3_THINKING_STYLE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+class TemplatedScript(ScriptedGenerator):
+    """Renders prompts with a real tokenizer's chat template (as the transformers backend does), answers from a script."""
+
+    def __init__(self, answers, tokenizer):
+        super().__init__(answers)
+        self.tokenizer, self.rendered = tokenizer, []
+
+    def generate(self, prompts, sampling, thinking=False):
+        from qedlib.generation import render_prompt
+        out = []
+        for msgs in prompts:
+            self.rendered.append(render_prompt(self.tokenizer, msgs, thinking))
+            self.seen.append((msgs[-1]["content"], sampling.max_new_tokens))
+            text = self.answers.pop(0)
+            r, f, closed = split_thinking(text, thinking)
+            out.append([Completion(text, r, f, closed, "stop" if closed else "length", 10, 5)])
+        return out
+
+
+def qwen3_style_tokenizer(tiny_model_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    tok.chat_template = QWEN3_THINKING_STYLE
+    return tok
+
+
+def test_thinking_summariser_unclosed_summary_is_never_used(tiny_model_path, shipped_problems):
+    from qedlib.reasoning_cache import summary_unclosed_rate, template_opens_think
+    tok = qwen3_style_tokenizer(tiny_model_path)
+    assert template_opens_think(tok)
+    p = shipped_problems[0]
+    policy = ScriptedGenerator(["idea one</think>proof one", "idea two</think>proof two", "idea three</think>proof three"])
+    summ = TemplatedScript(["I should summarise... the attempt used induction and then", "thinking</think>\n\nI tried idea two."],
+                           tok)
+    rc = RCSettings(turns=3, reasoning_budget=7, summary=Sampling(max_new_tokens=5), summary_thinking_budget=20)
+    traj = rc_rollout([p], policy, summ, rc, Sampling(), final_summary=False)[0]
+    # the summariser's own template opened <think>, so it ran with thinking on and the thinking budget
+    assert all(r.rstrip().endswith("<think>") for r in summ.rendered) and summ.seen[0][1] == 5 + 20
+    # turn 0's summary never closed: not used; turn 1 starts from scratch (no summary block at all)
+    assert traj[0].summary_status == "unclosed" and traj[0].summary_out == ""
+    assert traj[1].summary_in == "" and traj[1].prompt == reasoning_messages(p.problem, "")
+    # turn 1's summary closed: the text after </think> is the summary
+    assert traj[1].summary_status == "ok" and traj[2].summary_in == "I tried idea two."
+    assert traj[2].summary_status == "" and summary_unclosed_rate([s.summary_status for s in traj]) == 0.5
+
+
+def test_unclosed_summary_keeps_the_previous_one_and_is_counted_in_eval_rows(tiny_model_path, shipped_problems):
+    from qedlib import evaluation
+    from qedlib.grading import Grade
+    from qedlib.rc_rl import score_by_turn
+    from qedlib.scaffolds import ScaffoldSettings, run_scaffold
+    tok = qwen3_style_tokenizer(tiny_model_path)
+    p = shipped_problems[0]
+    # the policy summarises itself (test time): turn 0 summary ok, turn 1 summary cut off -> turn 2 keeps S1
+    script = ["a</think>proof a", "t</think>S1", "b</think>proof b", "still thinking about the summ",
+              "c</think>proof c"]
+    policy = TemplatedScript(script, tok)
+    rc = RCSettings(turns=3, summary=Sampling(max_new_tokens=5), summary_thinking=None)
+    [res] = run_scaffold("rc", [p], policy, Sampling(), ScaffoldSettings(rc=rc, thinking=True), seed=None)
+    assert [t["summary_status"] for t in res.trace] == ["ok", "unclosed", ""]
+    assert "S1" in policy.seen[4][0]  # turn 2 reasoned on the last good summary
+    bench = evaluation.Benchmark("toy", [p], "rubric", "proof")
+    row = evaluation.make_row("m", bench, "rc", p, 0, res.to_dict(), Grade(True, 7.0))
+    assert (row["summaries"], row["summaries_unclosed"]) == (2, 1)
+    assert evaluation.summary_unclosed_rate([row, row]) == 0.5
+    turns = [{"turn": t["turn"], "score": None, "truncated": False, "summary_tokens": 1,
+              "summary_status": t["summary_status"]} for t in res.trace]
+    assert score_by_turn(turns)["1"]["summary_unclosed_rate"] == 1.0 and score_by_turn(turns)["2"]["summary_unclosed_rate"] is None

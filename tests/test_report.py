@@ -49,6 +49,22 @@ def test_markdown_report_has_every_section(tmp_path):
     assert html.count("Plotly.newPlot") == 3
 
 
+def test_report_shows_both_means_side_by_side(tmp_path):
+    """Invalid grades dropped vs counted as 0: two columns of the scores table, with what they mean."""
+    run, rows = fake_run(tmp_path)
+    rows = [r for r in rows if r["checkpoint"] == "base" and r["scaffold"] == "single"]
+    rows[0] = {**rows[0], "score": None, "valid": False, "invalid_reason": "judge_error"}  # one failed judge call
+    md = report.write_report(run, rows, n_boot=10)["md"].read_text()
+    table = md[md.index("## Scores"):]
+    header = next(line for line in table.splitlines() if line.startswith("| checkpoint"))
+    cells = next(line for line in table.splitlines() if line.startswith("| base"))
+    cols = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in cells.split("|")]))
+    # scores 1, 0, 6, 0, 0 over 5 valid rows, or over all 6 with the invalid one as 0
+    assert float(cols["mean_pct_invalid_dropped"]) == pytest.approx(100 * 7 / 5 / 7, abs=0.05)
+    assert float(cols["mean_pct_invalid_as_0"]) == pytest.approx(100 * 7 / 6 / 7, abs=0.05)
+    assert "counts them as 0" in table
+
+
 def test_paper_comparison_only_for_used_benchmarks():
     import pandas as pd
     summary = pd.DataFrame([{"checkpoint": "sft", "benchmark": "toy", "scaffold": "single", "mean_score_pct": 3.0},

@@ -19,10 +19,13 @@ def test_format_reward_on_literal_strings():
     assert format_reward_value("Improper start", False, thinking=False) == 0.0
 
 
-def test_answer_reward_uses_math_verify():
-    assert answer_reward_value("so the answer is $\\boxed{\\frac{1}{2}}$", "0.5") == 1.0
-    assert answer_reward_value("the answer is \\boxed{3}", "7") == 0.0
-    assert answer_reward_value("anything", None) is None
+def test_answer_reward_uses_check_answer():
+    assert answer_reward_value("so the answer is $\\boxed{\\frac{1}{2}}$", "0.5")[0] == 1.0
+    assert answer_reward_value("the answer is \\boxed{3}", "7")[0] == 0.0
+    assert answer_reward_value("no boxed answer at all", "7") == (0.0, "no_answer")
+    # a condition math-verify cannot decide reliably is undecided without a judge: dropped, never a guess
+    assert answer_reward_value("\\boxed{n \\text{ even}}", "all odd $n$")[0] is None
+    assert answer_reward_value("anything", None)[0] is None
 
 
 def test_overlong_penalty_is_trls_soft_punishment_added_to_valid_rewards():

@@ -275,7 +275,7 @@ def test_lora_adapter_without_merge_is_usable_by_later_stages(tmp_path):
     m = sft.train(cfg, run)
     out = Path(m["model_dir"])
     assert (out / "adapter_config.json").exists() and not (out / "config.json").exists()
-    assert checkpoint(cfg, run, "previous") == str(out)
+    assert checkpoint(cfg, run, "previous", "rubric_rl") == str(out)
     tok, model = load_model(str(out), device="cpu", dtype="float32")
     assert (out.parent / "model-merged" / "config.json").exists()
     base = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)

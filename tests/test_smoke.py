@@ -51,6 +51,7 @@ def test_sft_metrics(run_dir):
     assert m["steps"] == load_config(SMOKE).sft.max_steps
     assert math.isfinite(m["train_loss_first"]) and math.isfinite(m["train_loss_last"])
     assert (Path(m["model_dir"]) / "config.json").exists()
+    assert m["weights_changed_frac"] > 0.5  # fp32 master weights: the update is not rounded away
 
 
 @pytest.mark.parametrize("stage,section", [("03_rubric_rl", "rubric_rl"), ("04_reasoning_cache_rl", "rc_rl")])
@@ -61,6 +62,7 @@ def test_rl_metrics(run_dir, stage, section):
     assert 0.0 <= m["reward_min"] <= m["reward_max"] <= 1.0
     assert 0.0 <= m["truncation_rate"] <= 1.0
     assert (Path(m["model_dir"]) / "config.json").exists()
+    assert m["weights_changed_frac"] > 0.5  # lr 1e-6 moves fp32 master weights (bf16 weights: ~0.2%)
 
 
 def test_rc_rl_started_from_the_rubric_rl_model(run_dir):
@@ -79,6 +81,8 @@ def test_eval_metrics_and_report(run_dir):
         for scaffold, row in by_scaffold.items():
             assert 0.0 <= row["mean_score_pct"] <= 100.0 and 0.0 <= row["truncation_rate"] <= 1.0, (ckpt, scaffold)
     assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
+    from qedlib.export import export_official  # the official-format export runs on the smoke run folder
+    assert len(export_official(run_dir)) == n_ckpt * len(cfg.eval.benchmarks) * n_scaff * cfg.eval.samples
 
 
 def test_report_lists_every_stage_with_wall_time_including_eval(run_dir):
