@@ -30,7 +30,7 @@ class Completion:
     cost: float = 0.0  # USD, from the endpoint's price table
     error: Optional[str] = None  # set when the call failed after retries
     token_ids: list = field(default_factory=list)  # completion token ids incl. EOS when stopped (in-process)
-    logprobs: Optional[list] = None  # per-token sampler logprobs of token_ids at the sampling temperature (when asked)
+    token_logprobs: Optional[list] = None  # per-token sampler logprobs of token_ids at the sampling temperature (when asked)
 
 
 def split_thinking(text: str, thinking: bool, reasoning_field: str | None = None) -> tuple[str, str, bool]:
@@ -143,7 +143,7 @@ class TransformersGenerator:
                 p_tok = int(enc["attention_mask"][row].sum())
                 results[i] = Completion(text, reasoning, final, closed, "stop" if stopped else "length",
                                         p_tok, n_new, cost_of(self.endpoint, p_tok, n_new), token_ids=ids,
-                                        logprobs=lps[row, :len(ids)].tolist() if lps is not None else None)
+                                        token_logprobs=lps[row, :len(ids)].tolist() if lps is not None else None)
         out = [results[i] for i in range(len(flat))]
         return [out[k * sampling.n:(k + 1) * sampling.n] for k in range(len(texts))]
 
@@ -352,7 +352,7 @@ class VLLMGenerator:
                 n = len(c.token_ids)
                 group.append(Completion(c.text, r, final, closed, "length" if c.finish_reason == "length" else "stop",
                                         p, n, cost_of(self.endpoint, p, n), token_ids=list(c.token_ids),
-                                        logprobs=vllm_token_logprobs(c) if logprobs else None))
+                                        token_logprobs=vllm_token_logprobs(c) if logprobs else None))
             res.append(group)
         return res
 

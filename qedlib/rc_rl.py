@@ -109,7 +109,7 @@ class RCRollout:
             for c in group:
                 prompt_ids.append(ids)
                 completion_ids.append(c.token_ids)
-                logprobs.append(c.logprobs)  # the sampler's, for the PPO ratio (rl.ratio_logprobs: sampler)
+                logprobs.append(c.token_logprobs)  # the sampler's, for the PPO ratio (rl.ratio_logprobs: sampler)
         self.timing.append({"step": step, "trajectory_s": round(t_traj, 2),
                             "rollout_s": round(time.perf_counter() - t0 - t_traj, 2)})
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}

@@ -493,7 +493,7 @@ class SingleTurnRollout:
             ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
             prompt_ids += [ids] * len(outs[i])
             completion_ids += [c.token_ids for c in outs[i]]
-            logprobs += [c.logprobs for c in outs[i]]
+            logprobs += [c.token_logprobs for c in outs[i]]
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
 
 
@@ -501,7 +501,7 @@ def sharded(trainer) -> bool:
     """Whether the trained weights are sharded over processes (FSDP, ZeRO-3): generation must then run in
     lockstep on every rank (`synced_gpus`), or ranks that finish early stop answering the all-gathers."""
     acc = trainer.accelerator
-    if acc.num_processes < 2:
+    if getattr(acc, "num_processes", 1) < 2:
         return False
     if getattr(acc, "is_fsdp2", False) or acc.distributed_type.value == "FSDP":
         return True

@@ -180,7 +180,7 @@ class FakeLLM:
             ids = self.gen.tokenizer(t, add_special_tokens=False)["input_ids"]
             outs.append(_RequestOutput(t, ids, [_CompletionOutput(
                 k, c.text, list(c.token_ids),
-                None if sp.logprobs is None else [{tok: _Logprob(lp)} for tok, lp in zip(c.token_ids, c.logprobs)],
+                None if sp.logprobs is None else [{tok: _Logprob(lp)} for tok, lp in zip(c.token_ids, c.token_logprobs)],
                 c.finish_reason) for k, c in enumerate(group)]))
         return outs
 
@@ -244,7 +244,7 @@ class FakeTRLVLLMGeneration:
         groups = self.gen.generate_text(texts, Sampling(temperature=self.temperature, max_new_tokens=6,
                                                         n=num_generations), logprobs=True)
         comps = [c for g in groups for c in g]
-        return (prompts, [c.token_ids for c in comps], [[[lp] for lp in c.logprobs] for c in comps],
+        return (prompts, [c.token_ids for c in comps], [[[lp] for lp in c.token_logprobs] for c in comps],
                 [[[t] for t in c.token_ids] for c in comps])
 
 
