@@ -201,14 +201,8 @@ def check_objective(rl) -> None:
     if rl.ratio_logprobs == "sampler" and rl.is_correction != "none":
         raise ValueError("ratio_logprobs: sampler already puts the sampler's logprobs in the PPO ratio; "
                          "is_correction must be none (or use ratio_logprobs: trainer with TRL's IS correction)")
-    if rl.weights_dtype == "bfloat16" and not _deepspeed_launch(rl.launch):
-        raise ValueError("weights_dtype: bfloat16 lets AdamW round lr-1e-6 updates away; it is allowed only under "
-                         "DeepSpeed (launch.accelerate_config zero2/zero3/zero2-offload), whose optimizer keeps "
-                         "fp32 master weights. Use weights_dtype: float32 (bf16 autocast computes in bf16).")
-
-
-def _deepspeed_launch(launch) -> bool:
-    return bool(launch.accelerate_config) and "zero" in str(launch.accelerate_config)
+    from .training import check_master_weights
+    check_master_weights(rl.weights_dtype, rl.launch, "rl")
 
 
 def grpo_args(rl, out_dir: str | Path, seed: int, num_processes: int | None = None, training_device: str = "auto",

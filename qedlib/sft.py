@@ -267,6 +267,8 @@ def _weights_dtype(cfg: Config, device: str):
     """fp32 master weights unless asked otherwise: bf16 autocast computes in bf16 while AdamW updates fp32
     weights (updates below bf16's spacing would otherwise round away). DeepSpeed keeps its own fp32 masters."""
     import torch
+    from .training import check_master_weights
+    check_master_weights(cfg.sft.weights_dtype, cfg.sft.launch, "sft")
     if cfg.sft.weights_dtype != "auto":
         return getattr(torch, cfg.sft.weights_dtype)
     return torch.float32

@@ -17,6 +17,16 @@ def last_checkpoint(folder: str | Path) -> Optional[str]:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def check_master_weights(weights_dtype: str, launch, where: str) -> None:
+    """Refuse bf16 trained weights unless DeepSpeed keeps fp32 masters: plain AdamW would round lr-1e-6
+    updates away (bf16 has 8 bits of mantissa)."""
+    deepspeed = bool(launch.accelerate_config) and "zero" in str(launch.accelerate_config)
+    if weights_dtype in ("bfloat16", "float16") and not deepspeed:
+        raise ValueError(f"{where}.weights_dtype: {weights_dtype} lets AdamW round small updates away; it is allowed "
+                         f"only under DeepSpeed ({where}.launch.accelerate_config zero2 / zero2-offload / zero3), "
+                         "whose optimizer keeps fp32 master weights. Use float32 (bf16 autocast computes in bf16).")
+
+
 def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_dir: str | Path | None = None) -> Path:
     """Save a trained model for the next stage, atomically; every process must call it.
 

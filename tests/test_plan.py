@@ -16,8 +16,8 @@ GIB = 2 ** 30
 SHIPPED_FITS = {
     "cpu.yaml": None,
     "smoke.yaml": None,
-    "gpu-1.yaml": {"distill": "yes", "sft": "NO", "rubric_rl": "yes", "rc_rl": "yes", "eval": "yes"},
-    "qed-nano.yaml": {"distill": "yes", "sft": "NO", "rubric_rl": "NO", "rc_rl": "NO", "eval": "yes"},
+    "gpu-1.yaml": {"distill": "yes", "sft": "yes", "rubric_rl": "yes", "rc_rl": "yes", "eval": "yes"},
+    "qed-nano.yaml": {"distill": "yes", "sft": "yes", "rubric_rl": "yes", "rc_rl": "yes", "eval": "yes"},
 }
 
 
@@ -57,8 +57,12 @@ def test_gpu1_plan_names_endpoints_without_values(monkeypatch, capsys):
 
 
 def test_set_overrides_reach_the_plan(capsys):
-    # gpu-1's SFT at 32k tokens with fp32 masters does not fit one 80 GB GPU; at 16k it does.
-    assert main(["plan", str(REPO / "params" / "gpu-1.yaml"), "--set", "sft.max_length=16384"]) == 0
+    # gpu-1's SFT with fp32 masters in the GPU (no ZeRO-2 offload) does not fit one 80 GB GPU at 32k tokens;
+    # at 16k it does.
+    no_offload = ["--set", "sft.launch.accelerate_config=null", "--set", "sft.weights_dtype=auto"]
+    assert main(["plan", str(REPO / "params" / "gpu-1.yaml"), *no_offload]) == 1
+    assert "sft: estimated" in capsys.readouterr().out
+    assert main(["plan", str(REPO / "params" / "gpu-1.yaml"), *no_offload, "--set", "sft.max_length=16384"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-2:] == [
         "plan OK", "largest per-device estimate: 73.8 GiB (sft)"]
 

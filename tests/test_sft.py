@@ -341,3 +341,12 @@ def test_log_frame_and_curves_from_history():
     assert list(df["step"]) == [1, 2] and df.loc[0, "eval_loss"] == 1.9
     fig = sft.training_curves(history)
     assert len(fig.data) == 5  # loss, lr, grad norm, tokens/s, eval loss
+
+
+def test_bf16_trained_weights_need_deepspeeds_fp32_masters():
+    from qedlib.config import Launch
+    from qedlib.training import check_master_weights
+    with pytest.raises(ValueError, match="fp32 master weights"):
+        check_master_weights("bfloat16", Launch(), "sft")
+    check_master_weights("bfloat16", Launch(accelerate_config="zero2-offload"), "sft")  # DeepSpeed keeps fp32 masters
+    check_master_weights("float32", Launch(), "sft")
