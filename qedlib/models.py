@@ -14,6 +14,7 @@ from pathlib import Path
 
 EMBEDDED = "smollm2-135m"  # the embedded default model
 TINY = "tiny-qwen3"  # random 2-layer Qwen3 with SmolLM2's tokenizer, for smoke tests
+TINY_1K = "tiny-qwen3-1k"  # the same with a 1,024-token BPE trained offline: compute ~0, for timing what is not the model
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # SmolLM2's chat template with {% generation %} markers around the assistant content and its end
@@ -100,6 +101,43 @@ def build_tiny(force: bool = False) -> Path:
     return out
 
 
+def build_tiny_1k(force: bool = False) -> Path:
+    """Build (once) a tiny random Qwen3 with a 1,024-token BPE tokenizer trained offline on the shipped
+    problems (ChatML template): its forward and backward cost almost nothing, so a benchmark with it
+    times what surrounds the model (judge calls, bookkeeping)."""
+    out = cache_dir() / TINY_1K
+    if (out / "config.json").exists() and not force:
+        return out
+    import json
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    text = [json.loads(line).get(k) or "" for line in (Path(__file__).parent / "data" / "problems.jsonl").open()
+            for k in ("problem", "reference_solution", "rubric")]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=1024, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token="<|im_start|>")
+    tok.chat_template = CHATML_TRAINING_TEMPLATE
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def resolve_model(ref: str) -> str:
     """Turn a params model reference into something `from_pretrained` accepts.
 
@@ -110,6 +148,8 @@ def resolve_model(ref: str) -> str:
         return str(prepare_embedded())
     if ref == TINY:
         return str(build_tiny())
+    if ref == TINY_1K:
+        return str(build_tiny_1k())
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").exists() and (path / "adapter_config.json").exists():
