@@ -1,4 +1,4 @@
-"""Command line: `python -m qedlib {prepare,run,bench}`."""
+"""Command line: `python -m qedlib {prepare,run,bench,train,gpu-check}`."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--params", required=True)
     t.add_argument("--run-dir", required=True)
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    g = sub.add_parser("gpu-check", help="GPU acceptance check (<= 10 min on one GPU): tests, speed, memory, vLLM")
+    g.add_argument("--cpu", action="store_true", help="the same check with tiny shapes on the CPU (no CUDA needed)")
+    g.add_argument("--out", help="results folder (default: outputs/gpu-check/<time>-<gpu|cpu>)")
+    g.add_argument("--sections", nargs="+", choices=list("abcde"), help="run only these sections (default: all)")
     args = ap.parse_args(argv)
 
     from .config import ConfigError, parse_override
@@ -45,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{k:20s} {desc}")
                 return 0
             run_benchmark(args.name)
+        elif args.cmd == "gpu-check":
+            from .gpu_check import main as gpu_check
+            return gpu_check(args.out, args.cpu, args.sections)
         elif args.cmd == "train":
             import importlib
             from .config import load_config
