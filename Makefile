@@ -3,6 +3,8 @@
 # `make test-gpu-pins`: the same tests under the GPU package set (constraints-gpu.txt) on the CPU torch.
 # `make gpu-check`: the GPU acceptance check (README "GPU machines").
 PY ?= python3
+# `make wheelhouse PY=3.12` names the GPU node's Python version, not an interpreter here
+HOST_PY := $(if $(filter 3.%,$(PY)),python3,$(PY))
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
@@ -18,7 +20,7 @@ GPU_CHECK_OUT ?= outputs/gpu-check
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/python || $(HOST_PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel: a bare requirement would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
@@ -47,7 +49,7 @@ clean:
 # The GPU set minus its CUDA-only packages (vLLM, DeepSpeed: the `gpu` extra is not installed) on the CPU
 # torch wheel: transformers/tokenizers/huggingface-hub... at the versions vLLM holds them to.
 $(GPU_STAMP): pyproject.toml constraints-gpu.txt
-	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
+	test -x $(GPU_VENV)/bin/python || $(HOST_PY) -m venv $(GPU_VENV)
 	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
 	$(GPU_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(GPU_VENV)/bin/python -m pip install -q -c constraints-gpu.txt -e ".[test]"
@@ -59,8 +61,8 @@ test-gpu-pins: $(GPU_STAMP)
 	$(GPU_VENV)/bin/python -m pytest -q -ra
 
 # Regenerate constraints-gpu.txt from a dry-run resolve for Linux x86_64 (needs PyPI; installs nothing).
-lock-gpu:
-	$(PY) scripts/lock_gpu.py
+lock-gpu: setup
+	$(BIN)/python scripts/lock_gpu.py
 
 # After `conda env create -f environment.yml && conda activate qed-workbook` (GPU_PY: that env's python):
 # the embedded model without its unwanted dependencies, the Jupyter kernel, and the converted models.
@@ -75,6 +77,6 @@ gpu-check:
 	$(GPU_PY) -m qedlib gpu-check --out $(GPU_CHECK_OUT)
 
 # Wheels the gpu-check needs on an air-gapped GPU node that already has CUDA torch + transformers (README).
-# PY is the target's Python version here (`make wheelhouse PY=3.12`); this machine's python3 runs the script.
-wheelhouse:
-	python3 scripts/wheelhouse.py --python-version $(if $(filter 3.%,$(PY)),$(PY),3.12) --dest $(WHEELHOUSE)
+# PY is the node's Python version here (`make wheelhouse PY=3.12`); the .venv's python runs the script.
+wheelhouse: setup
+	$(BIN)/python scripts/wheelhouse.py --python-version $(if $(filter 3.%,$(PY)),$(PY),3.12) --dest $(WHEELHOUSE)

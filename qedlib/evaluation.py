@@ -222,6 +222,7 @@ class Evaluation:
             policy_factory=None) -> list[dict]:
         """Evaluate every model on every benchmark with every scaffold; return all result rows."""
         from .generation import Timer, close_generator, make_generator
+        owned = policy_factory is None  # generators from a caller's factory are the caller's to close
         policy_factory = policy_factory or make_generator
         for name, endpoint in models:
             if not any(self.todo(name, b, sc) for b in benchmarks for sc in scaffolds):
@@ -234,7 +235,8 @@ class Evaluation:
                         n = self.run_group(name, policy, bench, sc)
                     if n:
                         print(f"[eval] {name} / {bench.name} / {sc}: {n} rows in {t.seconds:.0f} s")
-            close_generator(policy)  # the engine shuts down and frees its memory before the next model's starts
+            if owned:
+                close_generator(policy)  # the engine shuts down and frees its memory before the next model's starts
             del policy
         return self.rows()
 

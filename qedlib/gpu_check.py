@@ -3,7 +3,7 @@
 No network: the models are random-weight Qwen3-0.6B and Qwen3-4B shapes built from config dicts
 (with the tiny test model's tokenizer), plus the embedded SmolLM2 for the vLLM-vs-transformers
 agreement. It runs and records, each section on its own (one failing does not stop the rest):
-(a) `pytest -m gpu`; (b) generation tokens/s, default vs static KV cache, batch 1 and 64;
+(a) `pytest -m gpu tests/test_gpu.py`; (b) generation tokens/s, default vs static KV cache, batch 1 and 64;
 (c) SFT tokens/s and MFU, padded vs padding-free; (d) one GRPO step at params/gpu-1.yaml's
 rubric_rl shapes with a 4B-shape policy (synthetic full-length rollouts, so the step measures
 training, not random-model generation): step time, peak memory, weights_changed_frac; (e) when
@@ -199,10 +199,10 @@ class Memory:
 
 # ---------------------------------------------------------------- the sections
 def check_pytest(ctx) -> dict:
-    """(a) `pytest -m gpu` on the repo's tests, in a subprocess."""
-    tests = REPO / "tests"
-    if not tests.is_dir():
-        return {"status": "not run", "note": f"no tests folder at {tests} (an installed qedlib without the repo)"}
+    """(a) `pytest -m gpu tests/test_gpu.py` (where the GPU tests live), in a subprocess."""
+    tests = REPO / "tests" / "test_gpu.py"
+    if not tests.is_file():
+        return {"status": "not run", "note": f"no {tests} (an installed qedlib without its repository)"}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", str(tests)]
     try:

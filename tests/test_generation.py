@@ -182,8 +182,9 @@ def test_eval_closes_each_engine_before_starting_the_next(monkeypatch, tmp_path)
 
         def close(self):
             events.append(f"close {self.name}")
+    monkeypatch.setattr("qedlib.generation.make_generator", Policy)  # the engines eval builds itself
     monkeypatch.setattr(Evaluation, "todo", lambda self, name, bench, sc: [("p", 0)])
     monkeypatch.setattr(Evaluation, "run_group", lambda self, name, policy, bench, sc: events.append(f"run {name}") or 0)
     models = [(m, Endpoint(model=m)) for m in ("base", "sft")]
-    Evaluation(Config(), tmp_path).run([Benchmark("b", [], "rubric")], models, ["single"], policy_factory=Policy)
+    Evaluation(Config(), tmp_path).run([Benchmark("b", [], "rubric")], models, ["single"])
     assert events == ["start base", "run base", "close base", "start sft", "run sft", "close sft"]
