@@ -242,6 +242,7 @@ def check_generation(ctx) -> dict:
             rows.append({"cache": cache, "batch": batch, "new_tokens": new, "warmup_s": round(times[0], 2),
                          "tokens_per_s": round(batch * new / times[1], 1)})
     del model, out
+    torch._dynamo.reset()  # the static cache's compiled graphs (and their CUDA-graph memory pools) go too
     mem = ctx.memory.after_close("generation model", refs)
     by = {(r["cache"], r["batch"]): r["tokens_per_s"] for r in rows}
     speedup = {b: round(by[("static", b)] / by[("default", b)], 2) for b in s.gen_batches}
