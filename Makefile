@@ -13,7 +13,7 @@ PARAMS ?= params/cpu.yaml
 GPU_VENV := .venv-gpu-pins
 GPU_STAMP := $(GPU_VENV)/.installed-stamp
 WHEELHOUSE ?= wheelhouse
-GPU_CHECK_OUT ?= outputs/gpu-check
+GPU_CHECK_OUT ?=  # empty: gpu-check names a new folder outputs/gpu-check/<time>-gpu
 
 .PHONY: setup run test test-all lab bench clean test-gpu-pins lock-gpu gpu-setup gpu-check wheelhouse
 
@@ -72,9 +72,9 @@ gpu-setup:
 	$(GPU_PY) -m ipykernel install --sys-prefix --name qed --display-name "QED Workbook (qed)"
 	$(GPU_PY) -m qedlib prepare
 
-# One command on a GPU machine (<= 10 min on one H100/H200, no network): writes $(GPU_CHECK_OUT)/.
+# One command on a GPU machine (<= 10 min on one H100/H200, no network); prints the folder it wrote.
 gpu-check:
-	$(GPU_PY) -m qedlib gpu-check --out $(GPU_CHECK_OUT)
+	$(GPU_PY) -m qedlib gpu-check $(if $(strip $(GPU_CHECK_OUT)),--out $(GPU_CHECK_OUT))
 
 # Wheels the gpu-check needs on an air-gapped GPU node that already has CUDA torch + transformers (README).
 # PY is the node's Python version here (`make wheelhouse PY=3.12`); the .venv's python runs the script.
