@@ -1,4 +1,4 @@
-"""Command line: `python -m qedlib {prepare,run,plan,bench,train}`."""
+"""Command line: `python -m qedlib {prepare,run,plan,bench,train,export-official,gpu-check}`."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
                        "DIR/<checkpoint>/<benchmark>/<scaffold>/run-<k>.jsonl")
     x.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding 05_eval/results.jsonl, e.g. outputs/cpu")
     x.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/05_eval/official)")
+    g = sub.add_parser("gpu-check", help="GPU acceptance check (<= 10 min on one GPU): tests, speed, memory, vLLM")
+    g.add_argument("--cpu", action="store_true", help="the same check with tiny shapes on the CPU (no CUDA needed)")
+    g.add_argument("--out", help="results folder (default: outputs/gpu-check/<time>-<gpu|cpu>)")
+    g.add_argument("--sections", nargs="+", choices=list("abcde"), help="run only these sections (default: all)")
     args = ap.parse_args(argv)
 
     from .config import ConfigError, parse_override
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{k:20s} {desc}")
                 return 0
             run_benchmark(args.name)
+        elif args.cmd == "gpu-check":
+            from .gpu_check import main as gpu_check
+            return gpu_check(args.out, args.cpu, args.sections)
         elif args.cmd == "train":
             import importlib
             from .config import load_config

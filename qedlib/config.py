@@ -55,6 +55,7 @@ class Sampling:
     top_p: float = 1.0  # nucleus sampling
     max_new_tokens: int = 256  # generation budget
     n: int = 1  # samples per prompt
+    top_k: Optional[int] = None  # None: the model's generation config (transformers' 50 where it sets none); 0: off
 
 
 @dataclass

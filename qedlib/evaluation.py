@@ -201,7 +201,8 @@ class Evaluation:
     def run(self, benchmarks: list[Benchmark], models: list[tuple[str, object]], scaffolds: list[str],
             policy_factory=None) -> list[dict]:
         """Evaluate every model on every benchmark with every scaffold; return all result rows."""
-        from .generation import Timer, make_generator
+        from .generation import Timer, close_generator, make_generator
+        owned = policy_factory is None  # generators from a caller's factory are the caller's to close
         policy_factory = policy_factory or make_generator
         for name, endpoint in models:
             if not any(self.todo(name, b, sc) for b in benchmarks for sc in scaffolds):
@@ -214,8 +215,9 @@ class Evaluation:
                         n = self.run_group(name, policy, bench, sc)
                     if n:
                         print(f"[eval] {name} / {bench.name} / {sc}: {n} rows in {t.seconds:.0f} s")
+            if owned:
+                close_generator(policy)  # the engine shuts down and frees its memory before the next model's starts
             del policy
-            gc.collect()
         return self.rows()
 
     def rows(self) -> list[dict]:

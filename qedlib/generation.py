@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -63,6 +64,87 @@ def cost_of(endpoint, prompt_tokens: int, completion_tokens: int) -> float:
     return (prompt_tokens * endpoint.price_in_per_mtok + completion_tokens * endpoint.price_out_per_mtok) / 1e6
 
 
+def eos_token_ids(tokenizer, generation_config) -> list[int]:
+    """Every token id that ends a generation: the tokenizer's EOS and the generation config's (an int or a list)."""
+    ids = set()
+    for cand in (getattr(tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None)):
+        if isinstance(cand, int):
+            ids.add(cand)
+        elif isinstance(cand, (list, tuple)):
+            ids.update(cand)
+    return sorted(ids)
+
+
+def trim_at_eos(ids: list[int], eos: list[int]) -> tuple[list[int], int, bool]:
+    """(token ids kept, tokens counted, stopped at EOS): counts exclude the EOS, the kept ids include it
+    (training needs it) and drop anything after it (padding). Both in-process backends count this way."""
+    for j, t in enumerate(ids):
+        if t in eos:
+            return ids[:j + 1], j, True
+    return ids, len(ids), False
+
+
+def sampling_settings(sampling, generation_config) -> dict:
+    """The sampling one call uses, the same in both in-process backends.
+
+    temperature and top_p come from `sampling` (the params file sets them), top_k too when it sets
+    one (RL rollouts set 0: the policy's own distribution, the one the trainer's logprobs describe);
+    otherwise top_k, min_p and repetition_penalty come from the model's generation config, with
+    transformers' defaults (top_k 50) where the config sets none, so vLLM samples like `model.generate`.
+    """
+    defaults = {"top_k": 50, "min_p": 0.0, "repetition_penalty": 1.0}
+    out = {k: getattr(generation_config, k, None) for k in defaults}
+    out = {k: d if out[k] is None else out[k] for k, d in defaults.items()}
+    if getattr(sampling, "top_k", None) is not None:
+        out["top_k"] = sampling.top_k
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p, **out}
+
+
+def model_generation_config(path: str):
+    """The model folder's (or hub id's) transformers GenerationConfig; the one built from its config when it has none."""
+    from transformers import AutoConfig, GenerationConfig
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: transformers derives one from config.json the same way
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(path))
+
+
+def free_accelerator_memory() -> None:
+    """Collect garbage and hand cached CUDA memory back (after an engine, trainer or model is dropped)."""
+    import gc
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # never start CUDA just to free nothing
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def close_generator(generator) -> None:
+    """Close a generator (its engine shut down, its memory freed) before the next one starts."""
+    close = getattr(generator, "close", None)
+    if close is not None:
+        close()
+    free_accelerator_memory()
+
+
+def release_trainer(trainer) -> None:
+    """Drop a finished trainer's model, optimizer and colocated vLLM engine, and free accelerator memory.
+
+    Call it after training in a notebook's kernel, before the next engine or model starts there.
+    """
+    vg = getattr(trainer, "vllm_generation", None)
+    if getattr(vg, "llm", None) is not None:
+        shutdown_vllm(vg.llm)
+        vg.llm = None
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None:
+        accelerator.free_memory()  # accelerate's own references to the prepared model and optimizer
+    for name in ("model", "model_wrapped", "optimizer", "lr_scheduler", "ref_model", "vllm_generation"):
+        if getattr(trainer, name, None) is not None:
+            setattr(trainer, name, None)
+    free_accelerator_memory()
+
+
 # ---------------------------------------------------------------- transformers
 def sampled_logprobs(step_logits, new_ids, temperature: float):
     """(batch, new tokens) logprob of each generated token under log_softmax(logits / temperature).
@@ -82,6 +164,7 @@ class TransformersGenerator:
     def __init__(self, endpoint, model=None, tokenizer=None):
         from .models import load_model
         self.endpoint = endpoint
+        self._owns_model = model is None  # a model passed in (e.g. the one being trained) is not ours to drop
         if model is None:
             tokenizer, model = load_model(endpoint.model, endpoint.device, endpoint.dtype)
         self.tokenizer, self.model = tokenizer, model
@@ -116,7 +199,7 @@ class TransformersGenerator:
             kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                           eos_token_id=eos, use_cache=True, synced_gpus=self.synced_gpus)
             if sampling.temperature > 0:
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+                kwargs.update(do_sample=True, **sampling_settings(sampling, self.model.generation_config))
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if self.endpoint.static_cache:
@@ -131,14 +214,8 @@ class TransformersGenerator:
                 gen = gen.sequences
             new = gen[:, enc["input_ids"].shape[1]:]
             for row, i in enumerate(idx):
-                ids = new[row].tolist()
-                n_new, stopped = len(ids), False
-                for j, t in enumerate(ids):
-                    if t in eos:
-                        n_new, stopped = j, True
-                        break
+                ids, n_new, stopped = trim_at_eos(new[row].tolist(), eos)
                 text = self.tokenizer.decode(ids[:n_new], skip_special_tokens=True)
-                ids = ids[:n_new + 1] if stopped else ids  # keep the EOS: training needs it
                 reasoning, final, closed = split_thinking(text, thinking)
                 p_tok = int(enc["attention_mask"][row].sum())
                 results[i] = Completion(text, reasoning, final, closed, "stop" if stopped else "length",
@@ -148,13 +225,13 @@ class TransformersGenerator:
         return [out[k * sampling.n:(k + 1) * sampling.n] for k in range(len(texts))]
 
     def _eos_ids(self) -> list[int]:
-        ids = set()
-        for cand in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
-            if isinstance(cand, int):
-                ids.add(cand)
-            elif isinstance(cand, (list, tuple)):
-                ids.update(cand)
-        return sorted(ids)
+        return eos_token_ids(self.tokenizer, self.model.generation_config)
+
+    def close(self) -> None:
+        """Drop the model this generator loaded (not one it was handed) and free its accelerator memory."""
+        if self._owns_model:
+            self.model = None
+        free_accelerator_memory()
 
     def next_token_probs(self, texts: list[str], candidates: list[str]) -> list[dict]:
         """Probability of each single-token candidate as the next token after each prompt text.
@@ -317,11 +394,18 @@ def run_sync(coro):
 
 # ---------------------------------------------------------------- vLLM (GPU only)
 class VLLMGenerator:
-    """In-process vLLM engine; imported lazily because vLLM has no CPU wheel."""
+    """In-process vLLM engine; imported lazily because vLLM has no CPU wheel.
 
-    def __init__(self, endpoint, llm=None, tokenizer=None):
+    Samples like TransformersGenerator (`sampling_settings`: top_k etc. from the model's generation
+    config), with a per-call seed drawn from Python's `random` (which the scaffolds seed), and counts
+    completion tokens without the EOS while keeping it in `token_ids` (`trim_at_eos`).
+    """
+
+    def __init__(self, endpoint, llm=None, tokenizer=None, generation_config=None):
         """Start an engine for endpoint.model, or wrap a running one (`llm`, e.g. TRL's colocated engine)."""
         self.endpoint = endpoint
+        self._owns_engine = llm is None  # TRL's colocated engine is TRL's to shut down, not ours
+        path = None
         if llm is None:
             try:
                 from vllm import LLM
@@ -329,32 +413,72 @@ class VLLMGenerator:
                 raise ImportError("backend 'vllm' needs vLLM on a GPU machine: install the `gpu` extra "
                                   "(see environment.yml) or use backend 'transformers'") from e
             from .models import resolve_model
-            llm = LLM(model=resolve_model(endpoint.model), **endpoint.vllm)
+            path = resolve_model(endpoint.model)
+            llm = LLM(model=path, **endpoint.vllm)
         self.llm = llm
         self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
+        if generation_config is None:
+            path = path or getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "model", None)
+            if path:
+                generation_config = model_generation_config(path)
+            else:
+                from transformers import GenerationConfig
+                generation_config = GenerationConfig()  # unknown model: transformers' defaults, as generate() uses
+        self.generation_config = generation_config
+        self.eos = eos_token_ids(self.tokenizer, generation_config)
 
     def generate(self, prompts: list[list[dict]], sampling, thinking: bool = False) -> list[list[Completion]]:
+        """n completions for each chat prompt."""
         texts = [render_prompt(self.tokenizer, m, thinking) for m in prompts]
         return self.generate_text(texts, sampling, thinking)
 
+    def sampling_params(self, sampling, logprobs: bool = False):
+        """vLLM SamplingParams for one call: `sampling_settings` plus a seed from Python's `random`;
+        `logprobs`: also each sampled token's logprob (logprobs=0)."""
+        from vllm import SamplingParams
+        settings = sampling_settings(sampling, self.generation_config)
+        if sampling.temperature <= 0:  # greedy, as the transformers backend (top_k/top_p unused)
+            settings.update(temperature=0.0, top_p=1.0, top_k=0)
+        return SamplingParams(n=sampling.n, max_tokens=sampling.max_new_tokens, seed=random.getrandbits(31),
+                              logprobs=0 if logprobs else None, **settings)
+
     def generate_text(self, texts: list[str], sampling, thinking: bool = False,
                       logprobs: bool = False) -> list[list[Completion]]:
-        from vllm import SamplingParams
-        sp = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                            max_tokens=sampling.max_new_tokens, logprobs=0 if logprobs else None)
-        outs = self.llm.generate(texts, sp)
+        """n completions for each already-templated prompt string (`logprobs`: with the sampler's token logprobs)."""
+        if self.llm is None:
+            raise RuntimeError("this VLLMGenerator was closed: make a new one with make_generator")
+        outs = self.llm.generate(texts, self.sampling_params(sampling, logprobs), use_tqdm=False)
         res = []
         for o in outs:
             p = len(o.prompt_token_ids)
             group = []
             for c in o.outputs:
+                ids, n, _ = trim_at_eos(list(c.token_ids), self.eos)
                 r, final, closed = split_thinking(c.text, thinking)
-                n = len(c.token_ids)
                 group.append(Completion(c.text, r, final, closed, "length" if c.finish_reason == "length" else "stop",
-                                        p, n, cost_of(self.endpoint, p, n), token_ids=list(c.token_ids),
-                                        token_logprobs=vllm_token_logprobs(c) if logprobs else None))
+                                        p, n, cost_of(self.endpoint, p, n), token_ids=ids,
+                                        token_logprobs=vllm_token_logprobs(c)[:len(ids)] if logprobs else None))
             res.append(group)
         return res
+
+    def close(self) -> None:
+        """Shut the engine down (when this generator started it) and free its accelerator memory."""
+        llm, self.llm = self.llm, None
+        if llm is not None and self._owns_engine:
+            shutdown_vllm(llm)
+        free_accelerator_memory()
+
+
+def shutdown_vllm(llm) -> None:
+    """Shut a vllm.LLM down: its engine core (weights, KV cache) first, then vLLM's process groups here."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()  # stops the engine-core process that holds the weights and the KV cache
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    except ImportError:
+        return
+    cleanup_dist_env_and_memory()
 
 
 def vllm_token_logprobs(output) -> list:

@@ -78,7 +78,7 @@ class RCRollout:
             model.eval()
         try:
             summariser = self.summariser or policy
-            sampling = Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p)
+            sampling = Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p, top_k=0)
             trajs = rc_rollout(probs, policy, summariser, self.rl.rc, sampling, self.thinking,
                                seed=self.seed * 100_003 + step, final_summary=True)
             t_traj = time.perf_counter() - t0
@@ -95,7 +95,7 @@ class RCRollout:
                 slot_of[pid] = k + 1
                 msgs = chosen[pid][k % len(chosen[pid])]
                 texts.append(render_prompt(policy.tokenizer, msgs, self.thinking))
-            outs = policy.generate_text(texts, Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p,
+            outs = policy.generate_text(texts, Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p, top_k=0,
                                                         max_new_tokens=self.rl.max_completion_length, n=G),
                                         self.thinking, logprobs=True)
         finally:

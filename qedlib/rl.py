@@ -475,7 +475,7 @@ class SingleTurnRollout:
         try:
             for n in sorted({c for _, c in runs}):  # one batched call per run length (usually just one)
                 idx = [i for i, (_, c) in enumerate(runs) if c == n]
-                sampling = Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p,
+                sampling = Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p, top_k=0,
                                     max_new_tokens=self.rl.max_completion_length, n=n)
                 texts = [runs[i][0] for i in idx]
                 for i, group in zip(idx, gen.generate_text(texts, sampling, self.thinking, logprobs=True)):

@@ -49,13 +49,19 @@ def test_sft_packing_bench_reports_mfu():
     assert row[4] > 0 and (row[5].endswith("%") or row[5] == "peak unknown")
 
 
-def test_vllm_generator_on_the_tiny_model():
+def test_vllm_generator_on_the_tiny_model_then_close_frees_its_memory():
     pytest.importorskip("vllm")
     from qedlib.config import Endpoint, Sampling
     from qedlib.generation import make_generator
+    free_before = torch.cuda.mem_get_info()[0]
     gen = make_generator(Endpoint(model="tiny-qwen3", backend="vllm",
                                   vllm={"gpu_memory_utilization": 0.2, "max_model_len": 1024}))
     out = gen.generate([[{"role": "user", "content": "Prove that 1 + 1 = 2."}]],
                        Sampling(temperature=1.0, max_new_tokens=16, n=2), thinking=True)
     assert len(out) == 1 and len(out[0]) == 2
     assert all(0 < c.completion_tokens <= 16 and c.token_ids for c in out[0])
+    # counted without the EOS, kept in token_ids (as the transformers backend does)
+    assert all(len(c.token_ids) == c.completion_tokens + (c.finish_reason == "stop") for c in out[0])
+    gen.close()
+    # the engine took 20% of the GPU for weights and KV cache; after close it is back (1 GiB of slack)
+    assert gen.llm is None and torch.cuda.mem_get_info()[0] > free_before - 2**30

@@ -1,0 +1,190 @@
+"""The in-process backends agree on sampling and token counting; engines close and free before the next starts.
+
+vLLM has no CPU wheel, so a fake `vllm` module (LLM, SamplingParams, the cleanup hook) stands in for it:
+these tests check what qedlib hands vLLM and what it does with vLLM's answers.
+"""
+import json
+import random
+import shutil
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+
+from qedlib.config import Endpoint, Sampling
+
+
+class FakeSamplingParams:
+    def __init__(self, **kw):
+        self.kw = kw
+
+
+def fake_output(prompt_ids, token_ids, finish_reason, text="x"):
+    return SimpleNamespace(prompt_token_ids=prompt_ids,
+                           outputs=[SimpleNamespace(text=text, token_ids=token_ids, finish_reason=finish_reason)])
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch, tiny_model_path):
+    """A `vllm` module whose LLM records what it is asked and in which order it is shut down."""
+    from transformers import AutoTokenizer
+    events, calls = [], []
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+
+    class FakeLLM:
+        def __init__(self, model, **kw):
+            events.append(f"start {model}")
+            self.answers = []
+            core = SimpleNamespace(shutdown=lambda: events.append("engine shutdown"))
+            self.llm_engine = SimpleNamespace(engine_core=core, model_config=SimpleNamespace(model=model))
+
+        def get_tokenizer(self):
+            return tok
+
+        def generate(self, texts, params, use_tqdm=True):
+            calls.append(params)
+            return self.answers or [fake_output([1, 2, 3], [7, 8], "length") for _ in texts]
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = FakeLLM, FakeSamplingParams
+    dist = types.ModuleType("vllm.distributed")
+    state = types.ModuleType("vllm.distributed.parallel_state")
+    state.cleanup_dist_env_and_memory = lambda: events.append("process groups destroyed")
+    for name, mod in (("vllm", vllm), ("vllm.distributed", dist), ("vllm.distributed.parallel_state", state)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return SimpleNamespace(events=events, calls=calls, LLM=FakeLLM, tok=tok)
+
+
+def model_with_generation_config(tmp_path, tiny_model_path, **gen):
+    """A copy of the tiny model whose generation_config.json sets `gen` (as Qwen3's sets top_k 20)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_path, folder)
+    cfg = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**cfg, **gen}))
+    return str(folder)
+
+
+def test_vllm_close_shuts_the_engine_down_then_frees_and_refuses_more_work(fake_vllm, tiny_model_path):
+    from qedlib.generation import VLLMGenerator
+    gen = VLLMGenerator(Endpoint(model=tiny_model_path, backend="vllm"))
+    gen.close()
+    assert fake_vllm.events == [f"start {tiny_model_path}", "engine shutdown", "process groups destroyed"]
+    assert gen.llm is None
+    with pytest.raises(RuntimeError, match="closed"):
+        gen.generate_text(["hi"], Sampling())
+
+
+def test_vllm_close_leaves_a_borrowed_engine_running(fake_vllm, tiny_model_path):
+    """TRL's colocated engine is TRL's: wrapping it and closing the wrapper must not shut it down."""
+    from qedlib.generation import VLLMGenerator
+    engine = fake_vllm.LLM(tiny_model_path)
+    gen = VLLMGenerator(Endpoint(backend="vllm", model="policy"), llm=engine, tokenizer=fake_vllm.tok)
+    gen.close()
+    assert "engine shutdown" not in fake_vllm.events and gen.llm is None
+
+
+@pytest.mark.parametrize("gen_config, top_k", [({}, 50), ({"top_k": 20, "min_p": 0.05}, 20)])
+def test_both_backends_sample_with_the_model_generation_config(fake_vllm, tmp_path, tiny_model_path, gen_config, top_k):
+    """top_k etc. from the model's generation config (transformers' default 50 when unset) in both backends;
+    temperature and top_p from the params; vLLM gets a seed drawn from Python's random (which scaffolds seed)."""
+    from qedlib.generation import TransformersGenerator, VLLMGenerator
+    path = model_with_generation_config(tmp_path, tiny_model_path, **gen_config)
+    sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=4, n=2)
+    hf = TransformersGenerator(Endpoint(model=path, dtype="float32", device="cpu"))
+    seen = {}
+    real_generate = hf.model.generate
+
+    def spy(**kw):
+        seen.update(kw)
+        return real_generate(**kw)
+    hf.model.generate = spy
+    hf.generate_text(["Prove it."], sampling)
+    vg = VLLMGenerator(Endpoint(model=path, backend="vllm"))
+    random.seed(5)
+    vg.generate_text(["Prove it."], sampling)
+    random.seed(5)
+    vg.generate_text(["Prove it."], sampling)
+    vg.generate_text(["Prove it."], sampling)
+    first, again, third = (c.kw for c in fake_vllm.calls)
+    for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        assert first[k] == seen[k], k
+    assert seen["top_k"] == top_k and seen["temperature"] == 0.7 and seen["top_p"] == 0.9
+    assert first["n"] == 2 and first["max_tokens"] == 4
+    assert first["seed"] == again["seed"] != third["seed"]  # reproducible under a seeded run, fresh per call
+
+
+def test_vllm_greedy_turns_off_sampling_filters(fake_vllm, tiny_model_path):
+    from qedlib.generation import VLLMGenerator
+    VLLMGenerator(Endpoint(model=tiny_model_path, backend="vllm")).generate_text(["a"], Sampling(temperature=0.0))
+    kw = fake_vllm.calls[0].kw
+    assert kw["temperature"] == 0.0 and kw["top_k"] == 0 and kw["top_p"] == 1.0
+
+
+def test_both_backends_count_tokens_without_the_eos_and_keep_it_in_token_ids(fake_vllm, tiny_model_path):
+    """The same generated ids give the same Completion counts from the transformers and the vLLM backend."""
+    import torch
+    from qedlib.generation import TransformersGenerator, VLLMGenerator
+    eos = fake_vllm.tok.eos_token_id
+    stopped, cut = [101, 102, eos], [101, 102, 103, 104]
+    vg = VLLMGenerator(Endpoint(model=tiny_model_path, backend="vllm"))
+    vg.llm.answers = [fake_output([1, 2], stopped, "stop"), fake_output([1, 2], cut, "length")]
+    v = [g[0] for g in vg.generate_text(["a", "b"], Sampling(temperature=0.0, max_new_tokens=4))]
+
+    hf = TransformersGenerator(Endpoint(model=tiny_model_path, dtype="float32", device="cpu", batch_size=1))
+    queue = [stopped + [eos], cut]  # transformers pads a stopped row after its EOS
+
+    def fake_generate(input_ids, **kw):
+        return torch.cat([input_ids, torch.tensor([queue.pop(0)])], dim=1)
+    hf.model.generate = fake_generate
+    h = [g[0] for g in hf.generate_text(["a", "b"], Sampling(temperature=0.0, max_new_tokens=4))]
+    for a, b in zip(v, h):
+        assert (a.completion_tokens, a.token_ids, a.finish_reason) == (b.completion_tokens, b.token_ids, b.finish_reason)
+    assert (v[0].completion_tokens, v[0].token_ids, v[0].finish_reason) == (2, stopped, "stop")
+    assert (v[1].completion_tokens, v[1].finish_reason) == (4, "length")
+
+
+def test_transformers_close_drops_only_a_model_it_loaded(tiny_model_path):
+    import weakref
+    from qedlib.generation import TransformersGenerator
+    gen = TransformersGenerator(Endpoint(model=tiny_model_path, dtype="float32", device="cpu"))
+    ref = weakref.ref(gen.model)
+    gen.close()
+    assert gen.model is None
+    import gc
+    gc.collect()
+    assert ref() is None
+    shared = TransformersGenerator(Endpoint(), model=SimpleNamespace(), tokenizer=SimpleNamespace(padding_side="right"))
+    shared.close()
+    assert shared.model is not None  # the trainer's model stays with the trainer
+
+
+def test_release_trainer_shuts_the_colocated_engine_and_drops_the_model(fake_vllm, tiny_model_path):
+    from qedlib.generation import release_trainer
+    freed = []
+    engine = fake_vllm.LLM(tiny_model_path)
+    trainer = SimpleNamespace(vllm_generation=SimpleNamespace(llm=engine), model=object(), optimizer=object(),
+                              accelerator=SimpleNamespace(free_memory=lambda: freed.append(True)))
+    release_trainer(trainer)
+    assert fake_vllm.events[-2:] == ["engine shutdown", "process groups destroyed"] and freed == [True]
+    assert trainer.model is None and trainer.optimizer is None and trainer.vllm_generation is None
+
+
+def test_eval_closes_each_engine_before_starting_the_next(monkeypatch, tmp_path):
+    from qedlib.config import Config
+    from qedlib.evaluation import Benchmark, Evaluation
+    events = []
+
+    class Policy:
+        def __init__(self, endpoint):
+            self.name = endpoint.model
+            events.append(f"start {self.name}")
+
+        def close(self):
+            events.append(f"close {self.name}")
+    monkeypatch.setattr("qedlib.generation.make_generator", Policy)  # the engines eval builds itself
+    monkeypatch.setattr(Evaluation, "todo", lambda self, name, bench, sc: [("p", 0)])
+    monkeypatch.setattr(Evaluation, "run_group", lambda self, name, policy, bench, sc: events.append(f"run {name}") or 0)
+    models = [(m, Endpoint(model=m)) for m in ("base", "sft")]
+    Evaluation(Config(), tmp_path).run([Benchmark("b", [], "rubric")], models, ["single"])
+    assert events == ["start base", "run base", "close base", "start sft", "run sft", "close sft"]
