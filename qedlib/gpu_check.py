@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .generation import free_accelerator_memory, release_trainer
+from .training import StepTimer, peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -40,7 +41,6 @@ QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num
 TINY_SHAPE = dict(vocab_size=None, hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # vocab: the tokenizer's
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
 # Dense bf16 peak FLOP/s by GPU name (datasheets, SXM, no sparsity), for MFU = 6 N tokens/s / peak
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 MEMORY_TOLERANCE_MIB = {"process": 256, "device": 1024}  # left over after a close that still counts as "back"
 
 
@@ -115,11 +115,6 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a known GPU, None otherwise."""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
-
-
 class _OnDevice:
     """A weight map (`.items()`/`.get`) whose tensors are moved to one device, for `changed_fraction`."""
 
@@ -132,31 +127,6 @@ class _OnDevice:
     def get(self, name: str):
         t = self.weights.get(name)
         return None if t is None else t.to(self.device)
-
-
-class StepTimer:
-    """Trainer callback: wall time and real (non-padding) tokens at each optimizer step's end."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-        outer = self
-        self.marks: list[tuple[float, int]] = []
-        self.step_seconds: list[float] = []
-
-        class _CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                outer._t = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                now = time.perf_counter()
-                outer.step_seconds.append(now - outer._t)
-                outer.marks.append((now, state.num_input_tokens_seen))
-        self.callback = _CB()
-
-    def tokens_per_second(self) -> float:
-        """Real tokens/s after the first (warm-up) step."""
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-        return (n1 - n0) / (t1 - t0)
 
 
 class Memory:
@@ -348,16 +318,19 @@ def grpo_step(ctx, model_shape: dict, rl, label: str, rollout=None, before_train
 
 
 def gpu1_rl(ctx, **overrides):
-    """params/gpu-1.yaml's rubric_rl settings for one step (the CPU check shrinks the shapes)."""
-    from .config import load_config
+    """params/gpu-1.yaml's rubric_rl settings for one step (the CPU check shrinks the shapes). In this process,
+    so with fp32 master weights (gpu-1 itself runs the stage under DeepSpeed ZeRO-2 with CPU offload, whose
+    optimizer keeps the fp32 masters; DeepSpeed is not part of the check)."""
+    from .config import Launch, load_config
     rl = load_config(REPO / "params" / "gpu-1.yaml").rubric_rl
-    rl = replace(rl, max_steps=1, save_steps=10**6, logging_steps=1, report_to=[], use_vllm=False, static_cache=False)
+    rl = replace(rl, max_steps=1, save_steps=10**6, logging_steps=1, report_to=[], use_vllm=False, static_cache=False,
+                 weights_dtype="float32", launch=Launch())
     return replace(rl, **{**ctx.shapes.rl_overrides, **overrides})
 
 
 def check_grpo(ctx) -> dict:
     """(d) One GRPO step at gpu-1.yaml's rubric_rl shapes with a random 4B-shape policy."""
-    rl = gpu1_rl(ctx)
+    rl = gpu1_rl(ctx, ratio_logprobs="trainer")  # synthetic rollouts have no sampler logprobs; the cost is the same
     vocab = ctx.shapes.rl_model["vocab_size"] or len(ctx.tok)
     return grpo_step(ctx, ctx.shapes.rl_model, rl, "4B policy", SyntheticRollout(rl.max_completion_length, min(vocab, len(ctx.tok))))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import Endpoint, Sampling
 from .data import load_source
-from .generation import TransformersGenerator, VLLMGenerator, make_generator, render_prompt, run_sync
+from .generation import TransformersGenerator, VLLMGenerator, make_generator, release_trainer, render_prompt, run_sync
 from .io import stage_dir, write_json, write_jsonl
 from .models import resolve_model
 from .reasoning_cache import cache_state_prompts, rc_rollout, summary_unclosed_rate
@@ -199,6 +199,7 @@ def train(cfg, run_dir) -> dict:
         write_jsonl(folder / "turns.jsonl", rollout.turn_rows)
         write_json(folder / "trajectories_last_step.json", rollout.trajectories)
         write_json(folder / "train_result.json", metrics)
+    release_trainer(trainer)  # the notebook's next engine (vLLM, a judge) gets the memory back
     return metrics
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .data import load_source
+from .generation import release_trainer
 from .io import stage_dir, write_json, write_jsonl
 from .models import resolve_model
 from .runner import checkpoint
@@ -48,6 +49,7 @@ def train(cfg, run_dir) -> dict:
         metrics["weights_changed_frac"] = weights_moved(folder / "model", model_path)
         write_jsonl(folder / "steps.jsonl", rows)
         write_json(folder / "train_result.json", metrics)
+    release_trainer(trainer)  # the notebook's next engine (vLLM, a judge) gets the memory back
     return metrics
 
 

@@ -456,6 +456,8 @@ def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None) ->
         metrics["weights_changed_frac"] = weights_moved(model_dir, model_ref)
         write_json(folder / "log_history.json", history)
         write_json(folder / "train_metrics.json", metrics)
+    from .generation import release_trainer
+    release_trainer(trainer)  # the notebook's next engine (vLLM, a judge) gets the memory back
     return metrics
 
 
@@ -532,23 +534,6 @@ def shipped_sft_dataset():
     return datasets.Dataset.from_list(rows)
 
 
-class _StepTimer:
-    def __init__(self):
-        from transformers import TrainerCallback
-        outer = self
-        self.marks: list[tuple[float, int]] = []
-
-        class _CB(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                outer.marks.append((time.perf_counter(), state.num_input_tokens_seen))
-        self.callback = _CB()
-
-    def tokens_per_second(self) -> float:
-        """Real tokens/s after the first (warm-up) step."""
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
-
-
 def _bench_cpu(model_ref: str, steps: int, batch_size: int) -> list[list]:
     import tempfile
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -569,7 +554,8 @@ def _bench_cpu(model_ref: str, steps: int, batch_size: int) -> list[list]:
     for name, kw, bs, attn in variants:
         cfg = Config()
         cfg.sft.batch_size, cfg.sft.gradient_checkpointing = bs, False
-        timer = _StepTimer()
+        from .training import StepTimer
+        timer = StepTimer()
         with tempfile.TemporaryDirectory() as out:
             args = trl_args(cfg, Path(out), device, False, max_steps=steps + 1, save_strategy="no",
                             logging_steps=1000, lr_scheduler_type="constant", warmup_steps=0, disable_tqdm=True,
@@ -607,9 +593,9 @@ def _bench_gpu(steps: int = 8, seq: int = 4096) -> list:
         if i >= 2:
             times.append(time.perf_counter() - t)
     tps = seq * len(times) / sum(times)
+    from .training import peak_flops
     name = torch.cuda.get_device_name(0)
-    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-    peak = next((v for k, v in peaks.items() if k in name), None)
+    peak = peak_flops(name)
     mfu = 6 * n_params * tps / peak if peak else None
     return [f"Qwen3-0.6B shape, seq {seq}, grad ckpt", name, 1, steps, round(tps, 1),
             f"{100 * mfu:.1f}%" if mfu else "peak unknown"]

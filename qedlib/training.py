@@ -6,8 +6,11 @@ no stage.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
+
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense bf16 FLOP/s, datasheets
 
 
 def last_checkpoint(folder: str | Path) -> Optional[str]:
@@ -63,3 +66,33 @@ def weights_moved(model_dir: str | Path, init_ref: str) -> Optional[float]:
     """`weights_changed_frac` of a saved stage model vs the model it started from (adapters merged first)."""
     from .models import resolve_model, weights_changed_frac
     return round(weights_changed_frac(resolve_model(str(model_dir)), resolve_model(init_ref)), 6)
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a known GPU, None otherwise."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
+class StepTimer:
+    """Trainer callback: wall time and real (non-padding) tokens at each optimizer step's end."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+        outer = self
+        self.marks: list[tuple[float, int]] = []
+        self.step_seconds: list[float] = []
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                outer._t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                now = time.perf_counter()
+                outer.step_seconds.append(now - outer._t)
+                outer.marks.append((now, state.num_input_tokens_seen))
+        self.callback = _CB()
+
+    def tokens_per_second(self) -> float:
+        """Real tokens/s after the first (warm-up) step."""
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0)
