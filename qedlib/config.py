@@ -81,6 +81,7 @@ class ProblemSource:
     split: Optional[str] = None  # shipped/own split column: train | eval | None for all
     hub_split: str = "train"  # split of a hub dataset
     hub_config: Optional[str] = None  # config name of a hub dataset
+    hub_revision: Optional[str] = None  # a hub dataset's commit (or tag) to pin; None: its main branch
     columns: dict = field(default_factory=dict)  # our field -> the file's column
     limit: Optional[int] = None  # keep the first N problems (smoke runs)
     on_bad_row: Literal["error", "skip"] = "error"  # a row with no problem text or a non-text problem/rubric: stop, or skip it (counted with its reason)

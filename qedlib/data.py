@@ -262,15 +262,16 @@ def read_rows(path: str | Path) -> list[dict]:
     raise DataError(f"{p}: unsupported format {suffix!r} (use .jsonl, .json, .csv or .parquet)")
 
 
-def read_records(source: str | Path, hub_config: str | None = None, hub_split: str = "train") -> tuple[list[dict], str]:
+def read_records(source: str | Path, hub_config: str | None = None, hub_split: str = "train",
+                 hub_revision: str | None = None) -> tuple[list[dict], str]:
     """Rows of a table wherever it lives: `hub:org/name` (Hugging Face hub), a `save_to_disk` folder,
     or a .jsonl/.json/.csv/.parquet file. Returns (rows, a description of where they came from)."""
     source = str(source)
     if source.startswith("hub:"):
         from datasets import load_dataset
         name = source[4:]
-        ds = load_dataset(name, hub_config, split=hub_split)
-        return ds.to_list(), f"hub dataset {name} ({hub_config or 'default'}/{hub_split})"
+        ds = load_dataset(name, hub_config, split=hub_split, revision=hub_revision)
+        return ds.to_list(), f"hub dataset {name} ({hub_config or 'default'}/{hub_split}@{hub_revision or 'main'})"
     p = Path(source).expanduser()
     if p.is_dir():
         from datasets import DatasetDict, load_from_disk
@@ -289,7 +290,7 @@ def read_records(source: str | Path, hub_config: str | None = None, hub_split: s
 
 def load_problems(path: str = "shipped", split: str | None = None, columns: dict | None = None,
                   limit: int | None = None, hub_split: str = "train", hub_config: str | None = None,
-                  on_bad_row: str = "error", duplicates: str = "error") -> Problems:
+                  on_bad_row: str = "error", duplicates: str = "error", hub_revision: str | None = None) -> Problems:
     """Load problems from "shipped", "imo-proofbench", "imo-answerbench", "proofbench", a file, or hub:org/name."""
     if path == "shipped":
         where, rows = "shipped problems.jsonl", read_rows(shipped_path())
@@ -298,10 +299,10 @@ def load_problems(path: str = "shipped", split: str | None = None, columns: dict
         where, rows = str(f), read_rows(f)
         columns = columns or (IMO_PROOFBENCH if path == "imo-proofbench" else IMO_ANSWERBENCH)
     elif path == "proofbench":  # the hub dataset, one problem per problem_id
-        rows, where = read_records(PROOFBENCH_HUB, hub_config, hub_split)
+        rows, where = read_records(PROOFBENCH_HUB, hub_config, hub_split, hub_revision)
         columns, duplicates = columns or PROOFBENCH, "first"
     else:
-        rows, where = read_records(path, hub_config, hub_split)
+        rows, where = read_records(path, hub_config, hub_split, hub_revision)
     probs = records_to_problems(rows, columns, where, on_bad_row, duplicates)
     if path == "imo-proofbench":
         for p in probs:
@@ -313,7 +314,8 @@ def load_problems(path: str = "shipped", split: str | None = None, columns: dict
     return Problems(probs[:limit], probs.skipped) if limit else probs
 
 
-SOURCE_KEYS = ("path", "split", "columns", "limit", "hub_split", "hub_config", "on_bad_row", "duplicates")
+SOURCE_KEYS = ("path", "split", "columns", "limit", "hub_split", "hub_config", "on_bad_row", "duplicates",
+               "hub_revision")
 
 
 def problem_source(spec: dict, where: str, extra: tuple = ("name",)):
@@ -332,4 +334,4 @@ def problem_source(spec: dict, where: str, extra: tuple = ("name",)):
 def load_source(src) -> Problems:
     """Load problems for a `config.ProblemSource`."""
     return load_problems(src.path, src.split, src.columns, src.limit, src.hub_split, src.hub_config,
-                         src.on_bad_row, src.duplicates)
+                         src.on_bad_row, src.duplicates, src.hub_revision)

@@ -160,3 +160,17 @@ def test_qed_imobench_overrides(fresh_machine, tmp_path, monkeypatch):
     assert (p.id, p.answer) == ("x-1", "4")
     with pytest.raises(DataError, match="has no proofbench_v2.csv"):
         load_problems("imo-proofbench")
+
+
+def test_hub_revision_reaches_load_dataset(monkeypatch):
+    import datasets
+    from qedlib.config import ProblemSource
+    from qedlib.data import load_source
+    seen = {}
+
+    def fake_load_dataset(name, config=None, split=None, revision=None):
+        seen.update(name=name, split=split, revision=revision)
+        return datasets.Dataset.from_list([{"problem": "Prove that 1 = 1.", "id": "p1"}])
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    probs = load_source(ProblemSource(path="hub:org/set", hub_revision="0123abc"))
+    assert seen == {"name": "org/set", "split": "train", "revision": "0123abc"} and probs[0].problem == "Prove that 1 = 1."
