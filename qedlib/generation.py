@@ -146,16 +146,31 @@ def release_trainer(trainer) -> None:
 
 
 # ---------------------------------------------------------------- transformers
-def sampled_logprobs(step_logits, new_ids, temperature: float):
-    """(batch, new tokens) logprob of each generated token under log_softmax(logits / temperature).
+class SampledLogprobs:
+    """A logits processor that records each generated token's logprob under log_softmax(logits / temperature)
+    while `generate` runs, holding one step of logits at a time (not batch x length x vocabulary).
 
-    `step_logits` are generate's raw per-step logits (output_logits=True): before top-p/top-k
-    filtering, as TRL's trainer computes its own logprobs, so the two are comparable.
+    transformers applies custom processors before its temperature / top-k / top-p warpers, so it sees
+    the model's logits, the ones TRL's trainer computes its own logprobs from: the two are comparable.
     """
-    import torch
-    t = temperature if temperature and temperature > 0 else 1.0
-    logits = torch.stack(step_logits, dim=1).float() / t
-    return torch.log_softmax(logits, dim=-1).gather(-1, new_ids[:, :logits.size(1), None]).squeeze(-1)
+
+    def __init__(self, temperature: float):
+        self.t = temperature if temperature and temperature > 0 else 1.0
+        self.prev = None  # log-probabilities of the step whose token is not chosen yet
+        self.steps: list = []
+
+    def __call__(self, input_ids, scores):
+        import torch
+        if self.prev is not None:  # input_ids now ends with the token sampled from self.prev
+            self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float() / self.t, dim=-1)
+        return scores
+
+    def result(self, sequences):
+        """(batch, generated tokens) logprobs, once generate has returned its sequences."""
+        import torch
+        steps = self.steps + ([self.prev.gather(-1, sequences[:, -1:]).squeeze(-1)] if self.prev is not None else [])
+        return torch.stack(steps, dim=1)
 
 
 class TransformersGenerator:
@@ -204,14 +219,12 @@ class TransformersGenerator:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if self.endpoint.static_cache:
                 kwargs["cache_implementation"] = "static"
-            if logprobs:
-                kwargs.update(output_logits=True, return_dict_in_generate=True)
+            recorder = SampledLogprobs(sampling.temperature) if logprobs else None
+            if recorder is not None:
+                kwargs["logits_processor"] = [recorder]
             with torch.inference_mode():
                 gen = self.model.generate(**enc, **kwargs)
-            lps = None
-            if logprobs:
-                lps = sampled_logprobs(gen.logits, gen.sequences[:, enc["input_ids"].shape[1]:], sampling.temperature)
-                gen = gen.sequences
+            lps = recorder.result(gen) if recorder is not None else None
             new = gen[:, enc["input_ids"].shape[1]:]
             for row, i in enumerate(idx):
                 ids, n_new, stopped = trim_at_eos(new[row].tolist(), eos)

@@ -520,19 +520,19 @@ def plan_rl(cfg: Config, stage: str, previous: str, models: dict, prompt_tokens:
                           f"KV cache {_gib(ctx * kv_tok):.2f} GiB per {_fmt(ctx)}-token sequence there")
             p.total = train_peak
         else:
-            # Our transformers rollouts: the trained model generates; KV in its dtype, fp32 logits of every step kept
-            # for the sampler's logprobs.
+            # Our transformers rollouts: the trained model generates; KV in its dtype, one step of fp32 log-probs
+            # held for the sampler's logprobs (generation.SampledLogprobs).
             kv_dtype = 2 if reg.name in ("zero2", "zero3") or wb == 2 else 4
             per_proc = total // reg.processes * rl.steps_per_generation
             batch = min(rl.rollout_batch_size, per_proc)
             roll_ctx = max(seq, prompt_tokens + grow + rl.rc.reasoning_budget) if rc else seq  # RC turns too
             kv = batch * roll_ctx * info.kv_bytes_per_token(kv_dtype)
-            logits = batch * rl.max_completion_length * info.vocab * 4
+            logits = batch * info.vocab * 4 * 2  # this step's log-probs and the previous step's
             p.add("generator", f"transformers (the trained model), {batch} sequences per generate() call")
             p.memory[f"rollout KV cache ({batch} x {_fmt(roll_ctx)} tokens, {kv_dtype} B)"] = kv
-            p.memory[f"rollout logits kept for logprobs ({batch} x {_fmt(rl.max_completion_length)} x vocab, fp32)"] = logits
+            p.memory[f"rollout log-probs held (2 steps x {batch} x vocab, fp32)"] = logits
             p.total = max(train_peak, resident + kv + logits)
-            p.notes.append("peak = max(training, weights + optimizer + rollout KV cache + kept logits)")
+            p.notes.append("peak = max(training, weights + optimizer + rollout KV cache + held log-probs)")
     for j in _judges(rl.judge) if rl.reward == "judge" else []:
         p.total += _endpoint_memory(j, "judge", gpu, seq, rl.judge.sampling.max_new_tokens, p, models)
     if rc and rl.rc.summariser == "frozen":

@@ -188,3 +188,23 @@ def test_eval_closes_each_engine_before_starting_the_next(monkeypatch, tmp_path)
     models = [(m, Endpoint(model=m)) for m in ("base", "sft")]
     Evaluation(Config(), tmp_path).run([Benchmark("b", [], "rubric")], models, ["single"])
     assert events == ["start base", "run base", "close base", "start sft", "run sft", "close sft"]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_sampler_logprobs_are_the_models_at_the_temperature_before_top_p(tiny_model_path, top_p):
+    """What RL's PPO ratio divides by: each sampled token's log_softmax(logits / T), recorded step by step
+    (one step of logits held, not batch x length x vocab), equal to a fresh forward pass's."""
+    import torch
+    from qedlib.config import Endpoint, Sampling
+    from qedlib.generation import TransformersGenerator
+    gen = TransformersGenerator(Endpoint(model=tiny_model_path, dtype="float32"))
+    prompts = ["Hello there", "Prove that 1 + 1 = 2, carefully and completely."]
+    out = gen.generate_text(prompts, Sampling(temperature=0.8, top_p=top_p, max_new_tokens=10, n=2), logprobs=True)
+    for prompt, group in zip(prompts, out):
+        for c in group:
+            assert len(c.token_logprobs) == len(c.token_ids)
+            enc = gen.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = gen.model(torch.tensor([enc + c.token_ids])).logits[0, len(enc) - 1:-1].float() / 0.8
+            ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(c.token_logprobs), ref, atol=1e-4, rtol=1e-4)
