@@ -224,14 +224,17 @@ def state_view(trajectories: list[dict], problems, tokenizer, thinking: bool) ->
     if not trajectories:
         raise ValueError("no trajectories recorded (trajectories_last_step.json is empty): rerun the stage")
     by_id = {p.id: p for p in problems}
-    traj = trajectories[0]
+    with_summary = [(tr, t) for tr in trajectories for t in tr["turns"] if t["summary_out"]]
+    traj, src = with_summary[0] if with_summary else (trajectories[0], trajectories[0]["turns"][0])
     prob = by_id[traj["problem_id"]]
-    turns = traj["turns"]
-    src = next((t for t in turns if t["summary_out"]), turns[0])  # the turn whose summary forms the state
     state = reasoning_messages(prob.problem, src["summary_out"])
     attempt = _attempt_text(SimpleNamespace(**src, text=src["reasoning"]))
+    caption = (f"Turn {src['turn']} of `{prob.id}`: its summary (status {src['summary_status']}) is the cache "
+               f"state above:\n\n> {src['summary_out']}" if src["summary_out"] else
+               f"No summary of the last step was usable (turn {src['turn']} of `{prob.id}`: status "
+               f"{src['summary_status'] or 'none'}), so every cache state is the first prompt again.")
     return {"problem_id": prob.id, "turn": src["turn"], "summary_status": src["summary_status"],
-            "state_prompt": render_prompt(tokenizer, state, thinking),
+            "state_prompt": render_prompt(tokenizer, state, thinking), "caption": caption,
             "summariser_prompt": summary_messages(prob.problem, src["summary_in"], attempt)[0]["content"],
             "summary": src["summary_out"]}
 

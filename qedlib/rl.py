@@ -518,8 +518,12 @@ def findings(steps: list[dict], metrics: dict, rl) -> str:
                    f"[{max(0.0, 1 - rl.epsilon):g}, {1 + rl.epsilon:g}].")
     moved = metrics.get("weights_changed_frac")
     if moved is not None:
+        why = ""
+        if moved > 0 and zero == 1:  # no group had a signal, yet the weights changed
+            why = (f": every advantage was 0, so this is AdamW's weight decay ({rl.weight_decay:g}) and the entropy "
+                   "bonus at work, not learning from the reward")
         out.append(f"**Weights.** {moved:.1%} of the saved policy's weights differ from the starting model"
-                   + (" - the run trained nothing." if moved == 0 else "."))
+                   + (" - the run trained nothing." if moved == 0 else f"{why}."))
     return "\n".join(f"- {x}" for x in out) or "No step records to read."
 
 
@@ -533,10 +537,14 @@ def reward_comparison(judge_steps: list[dict], format_steps: list[dict]) -> str:
         zero = _mean([r.get("frac_zero_std") for r in rows])
         return (f"the {name} reward went {_mean(rewards[:k]):.3f} -> {_mean(rewards[-k:]):.3f} over {len(rewards)} "
                 f"steps with {zero or 0:.0%} of groups all-equal")
-    return (f"{describe(format_steps, 'format').capitalize()}; {describe(judge_steps, 'judge')}. The format reward "
+    text = (f"{describe(format_steps, 'format').capitalize()}; {describe(judge_steps, 'judge')}. The format reward "
             "depends only on the model's own text (closing `</think>`, stopping), so its group differences point at "
-            "something the policy can change; the judge's differences move only as far as the judge discriminates. "
-            "With a few steps at a tiny learning rate neither need move: the spread within groups is the signal to read.")
+            "something the policy can change; the judge's differences move only as far as the judge discriminates.")
+    if format_steps and _mean([r.get("frac_zero_std") for r in format_steps]) == 1:
+        text += (" Here every format group was all-equal too: no rollout differed from its group in reaching the end "
+                 "of its thinking, so neither reward gave the policy anything to follow (more completion tokens, "
+                 "or more steps, change that).")
+    return text
 
 
 def side_run(train, cfg, section: str, **changes) -> tuple[list[dict], dict]:

@@ -70,6 +70,10 @@ def test_findings_are_computed_from_the_runs_numbers():
     assert "Largest 0.5 at step 1 (median 0.3" in text and "r = +1.00" in text
     assert "0.00% of tokens" in text and "steps_per_generation 1" in text and "[0, 5]" in text
     assert "trained nothing" in text
+    # no group had a signal, yet the weights changed: weight decay and the entropy bonus, not the reward
+    flat = [dict(r, frac_zero_std=1.0) for r in STEPS]
+    assert "weight decay (0.01)" in findings(flat, {"weights_changed_frac": 0.9}, RLConfig())
+    assert "weight decay" not in findings(STEPS, {"weights_changed_frac": 0.9}, RLConfig())
     lag = findings(STEPS, {}, RLConfig(steps_per_generation=2))
     assert "reused for 2 steps" in lag and "Weights" not in lag
     assert findings([], {}, RLConfig()) == "No step records to read."
@@ -87,7 +91,9 @@ def test_reward_comparison_names_both_runs():
     fmt = [{"step": i, "loss": 0.0, "reward": r, "frac_zero_std": 0.0} for i, r in enumerate([0.2, 0.5, 0.8], 1)]
     text = reward_comparison(STEPS, fmt)
     assert text.startswith("The format reward went 0.200 -> 0.800 over 3 steps with 0% of groups all-equal")
-    assert "judge reward went 0.100 -> 0.300" in text
+    assert "judge reward went 0.100 -> 0.300" in text and "all-equal too" not in text
+    flat = [dict(r, frac_zero_std=1.0) for r in fmt]
+    assert "every format group was all-equal too" in reward_comparison(STEPS, flat)
 
 
 def test_rc_findings_add_summaries_and_turns():
@@ -120,6 +126,11 @@ def test_state_view_renders_the_cache_state_and_the_summariser_prompt(shipped_pr
                       AutoTokenizer.from_pretrained(tiny_model_path), thinking=False)
     assert "I checked n=1 only." in view["state_prompt"] and p.problem in view["state_prompt"]
     assert "I tried n=1." in view["summariser_prompt"] and view["summary"] == "I checked n=1 only."
+    assert "I checked n=1 only." in view["caption"]
+    unusable = dict(turn, summary_out="", summary_status="unclosed")
+    view = state_view([{"problem_id": p.id, "turns": [unusable]}], shipped_problems,
+                      AutoTokenizer.from_pretrained(tiny_model_path), thinking=False)
+    assert "No summary of the last step was usable" in view["caption"] and "unclosed" in view["caption"]
 
 
 def try_it_overrides(notebook: str) -> list[tuple[str, dict]]:
