@@ -153,3 +153,14 @@ def test_try_it_experiments_load_as_configs(notebook):
     nb = (ROOT / "notebooks" / notebook).read_text()
     names = re.findall(r"--run-name (\S+)", nb)
     assert len(names) == len(runs) == len(set(names)), "each experiment gets its own fresh run folder"
+
+
+def test_training_prints_no_log_dicts_and_records_a_group_per_step(tiny_model_path, shipped_problems, tmp_path, capsys):
+    """disable_tqdm made transformers print each {'loss': ...}; the step rows keep the numbers and one group."""
+    from qedlib.rl import train_on_problems
+    rl = RLConfig(num_generations=2, prompts_per_step=2, max_steps=2, max_completion_length=6, reward="format",
+                  save_steps=10)
+    rows, trainer = train_on_problems(rl, tiny_model_path, shipped_problems[:4], tmp_path, thinking=False)
+    assert "{'loss'" not in capsys.readouterr().out
+    assert all(r["loss"] is not None for r in rows)
+    assert [len(r["group"]["rewards"]) for r in rows] == [2, 2]
