@@ -520,8 +520,8 @@ def findings(steps: list[dict], metrics: dict, rl) -> str:
     if moved is not None:
         why = ""
         if moved > 0 and zero == 1:  # no group had a signal, yet the weights changed
-            why = (f": every advantage was 0, so this is AdamW's weight decay ({rl.weight_decay:g}) and the entropy "
-                   "bonus at work, not learning from the reward")
+            why = (f": every advantage was 0, so this is the entropy bonus (Adam scales even a tiny gradient to a "
+                   f"step of about lr) and weight decay ({rl.weight_decay:g}) at work, not learning from the reward")
         out.append(f"**Weights.** {moved:.1%} of the saved policy's weights differ from the starting model"
                    + (" - the run trained nothing." if moved == 0 else f"{why}."))
     return "\n".join(f"- {x}" for x in out) or "No step records to read."
