@@ -172,7 +172,7 @@ def train(cfg, run_dir) -> dict:
     rollout = RCRollout(rl, by_id, cfg.thinking, summariser, grader, cfg.seed)
     rollout.prompt_to_id = {row["prompt"]: row["problem_id"] for row in dataset}
     reward_fn = RewardFunction(rl.reward, by_id, cfg.thinking, grader, rl.judge.invalid,
-                               rl.max_completion_length, rl.overlong_penalty)
+                               rl.max_completion_length, rl.overlong_penalty, rl.num_generations)
     # A cache-state prompt carries one summary (all of them when accumulating) on top of the turn-0 prompt.
     grow = rl.rc.summary.max_new_tokens * (rl.rc.turns if rl.rc.accumulate else 1) + 256
     context = vllm_context(tok, dataset["prompt"], rl, grow) if rl.use_vllm else None
@@ -214,6 +214,47 @@ def score_by_turn(turn_rows: list[dict]) -> dict:
                        "summary_tokens": sum(r["summary_tokens"] for r in rows) / len(rows), "n": len(rows),
                        "summary_unclosed_rate": summary_unclosed_rate(r.get("summary_status", "") for r in rows)}
     return out
+
+
+def state_view(trajectories: list[dict], problems, tokenizer, thinking: bool) -> dict:
+    """One worked RC example from the last step's trajectories: the full rendered prompt of the first cache
+    state that carries a summary (else turn 0's), and the summariser's prompt and summary of the turn before it."""
+    from types import SimpleNamespace
+    from .reasoning_cache import _attempt_text, reasoning_messages, summary_messages
+    if not trajectories:
+        raise ValueError("no trajectories recorded (trajectories_last_step.json is empty): rerun the stage")
+    by_id = {p.id: p for p in problems}
+    with_summary = [(tr, t) for tr in trajectories for t in tr["turns"] if t["summary_out"]]
+    traj, src = with_summary[0] if with_summary else (trajectories[0], trajectories[0]["turns"][0])
+    prob = by_id[traj["problem_id"]]
+    state = reasoning_messages(prob.problem, src["summary_out"])
+    attempt = _attempt_text(SimpleNamespace(**src, text=src["reasoning"]))
+    caption = (f"Turn {src['turn']} of `{prob.id}`: its summary (status {src['summary_status']}) is the cache "
+               f"state above:\n\n> {src['summary_out']}" if src["summary_out"] else
+               f"No summary of the last step was usable (turn {src['turn']} of `{prob.id}`: status "
+               f"{src['summary_status'] or 'none'}), so every cache state is the first prompt again.")
+    return {"problem_id": prob.id, "turn": src["turn"], "summary_status": src["summary_status"],
+            "state_prompt": render_prompt(tokenizer, state, thinking), "caption": caption,
+            "summariser_prompt": summary_messages(prob.problem, src["summary_in"], attempt)[0]["content"],
+            "summary": src["summary_out"]}
+
+
+def findings(steps: list[dict], metrics: dict, rl) -> str:
+    """Stage 3's findings for this run (qedlib.rl.findings) plus the reasoning cache's own: unclosed summaries
+    and the score per turn."""
+    from .rl import findings as rl_findings
+    out = [rl_findings(steps, metrics, rl)]
+    rate = metrics.get("summary_unclosed_rate")
+    if rate is not None:
+        out.append(f"- **Summaries.** {rate:.0%} of summaries never closed their thinking within "
+                   f"{rl.rc.summary.max_new_tokens:,} tokens; such a summary is not used and the previous cache "
+                   "state is kept, so those turns restart from the same prompt.")
+    by_turn = {t: v for t, v in (metrics.get("score_by_turn") or {}).items() if v.get("score_mean") is not None}
+    if by_turn:
+        scores = ", ".join(f"turn {t}: {v['score_mean']:.2f}" for t, v in by_turn.items())
+        out.append(f"- **By turn** (judge score 0-7 during training): {scores}. RC helps when a later turn, starting "
+                   "from the summary, scores higher than the first.")
+    return "\n".join(out)
 
 
 def run(cfg, run_dir, params_file: str, overrides: dict) -> dict:

@@ -81,7 +81,7 @@ class StepStats:
         self.rows: list[dict] = []
 
     def add(self, step: int, scores: list, invalid: Counter, truncated: int, n: int, grading_s: float,
-            empty_proof: int = 0) -> dict:
+            empty_proof: int = 0, group: dict | None = None) -> dict:
         valid = [s for s in scores if s is not None]
         row = {"step": step, "n": n, "valid": len(valid), "truncated": truncated, "empty_proof": empty_proof,
                "truncation_rate": truncated / max(n, 1), "empty_proof_rate": empty_proof / max(n, 1),
@@ -89,6 +89,8 @@ class StepStats:
                "score_mean": sum(valid) / len(valid) if valid else float("nan"),
                "score_hist": dict(Counter(round(s) for s in valid)), "grading_s": round(grading_s, 3),
                **{f"invalid_{k}": v for k, v in invalid.items()}}
+        if group is not None:
+            row["group"] = group
         self.rows.append(row)
         return row
 
@@ -105,8 +107,9 @@ class RewardFunction:
     """
 
     def __init__(self, kind: str, problems: dict, thinking: bool, grader=None, invalid: str = "drop",
-                 max_tokens: int | None = None, overlong_window: int | None = None):
+                 max_tokens: int | None = None, overlong_window: int | None = None, group_size: int | None = None):
         self.kind, self.problems, self.thinking = kind, problems, thinking
+        self.group_size = group_size  # rollouts per group: the first group of each call is recorded in full
         self.grader, self.invalid, self.max_tokens = grader, invalid, max_tokens
         self.overlong = None
         if overlong_window:
@@ -148,7 +151,9 @@ class RewardFunction:
             rewards = [None if r is None else r + p for r, p in zip(rewards, self.overlong(completion_ids))]
         step = trainer_state.global_step if trainer_state is not None else len(self.stats.rows)
         empty = sum(1 for (_, _, c), ok in zip(splits, has_proof) if c and not ok)
-        row = self.stats.add(step, scores, invalid, truncated, len(texts), time.perf_counter() - t0, empty)
+        row = self.stats.add(step, scores, invalid, truncated, len(texts), time.perf_counter() - t0, empty,
+                             first_group(texts, [f if ok else "" for (_, f, _), ok in zip(splits, has_proof)],
+                                         rewards, problem_id, self.group_size))
         if log_metric is not None:
             for k in ("truncation_rate", "empty_proof_rate", "invalid_rate", "grading_s"):
                 log_metric(k, row[k])
@@ -158,6 +163,39 @@ class RewardFunction:
         if ids is None or self.max_tokens is None:
             return True
         return len(ids) < self.max_tokens
+
+
+GROUP_EXCERPT = 240  # characters of each completion kept in the step record (the notebook's worked group)
+
+
+def first_group(texts: list, proofs: list, rewards: list, problem_ids: list, size: int | None) -> dict | None:
+    """The batch's first GRPO group (TRL puts a group's rollouts in a row): problem, excerpts of each
+    completion's opening and of its proof (the text after `</think>`, "" when none), rewards."""
+    if not texts:
+        return None
+    n = size or next(c for _, c in consecutive_runs(list(problem_ids)))
+    return {"problem_id": problem_ids[0], "completions": [t[:GROUP_EXCERPT] for t in texts[:n]],
+            "proofs": [p[:GROUP_EXCERPT] for p in proofs[:n]], "rewards": list(rewards[:n])}
+
+
+def group_advantages(rewards: list, scale_rewards: str = "none", eps: float = 1.0e-4) -> list[float]:
+    """One group's advantages as TRL 1.16 computes them: reward - group mean, divided by (sample std + 1e-4)
+    with `scale_rewards: group`; a None reward is left out of mean and std and gets advantage 0."""
+    if scale_rewards not in ("none", "group"):
+        raise ValueError(f"scale_rewards {scale_rewards!r}: this worked example mirrors none and group only")
+    vals = [r for r in rewards if r is not None]
+    if not vals:
+        return [0.0] * len(rewards)
+    mean = sum(vals) / len(vals)
+    # TRL's nanstd is Bessel-corrected; with one valid reward it is NaN and the advantage becomes 0.
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else math.nan
+    out = []
+    for r in rewards:
+        a = 0.0 if r is None else r - mean
+        if scale_rewards == "group":
+            a = 0.0 if math.isnan(std) else a / (std + eps)
+        out.append(a)
+    return out
 
 
 # ---------------------------------------------------------------- TRL config and trainer
@@ -274,8 +312,12 @@ def make_trainer(rl, model_path: str, dataset, reward_funcs: list, args, rollout
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=rl.weights_dtype)
     silence_token_level_luspo_warning()
     cls = qed_grpo_trainer_class()
-    return cls(model=model, args=args, train_dataset=dataset, reward_funcs=reward_funcs, processing_class=tok,
-               peft_config=lora_config(rl.lora), rollout_func=rollout_func, qed_rl=rl)
+    trainer = cls(model=model, args=args, train_dataset=dataset, reward_funcs=reward_funcs, processing_class=tok,
+                  peft_config=lora_config(rl.lora), rollout_func=rollout_func, qed_rl=rl)
+    # disable_tqdm makes transformers print every log dict ({'loss': ...}); the step rows keep them all.
+    from transformers.trainer_callback import PrinterCallback
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def silence_token_level_luspo_warning() -> None:
@@ -392,7 +434,7 @@ def step_metrics(trainer, reward_fn: RewardFunction) -> list[dict]:
                      "grad_norm": h.get("grad_norm"), "generation_s": gen[i] if i < len(gen) else None,
                      "grading_s": r.get("grading_s"), "step_s": h.get("step_time"),
                      "truncation_rate": r.get("truncation_rate"), "invalid_rate": r.get("invalid_rate"),
-                     "score_mean": r.get("score_mean")})
+                     "score_mean": r.get("score_mean"), "group": r.get("group")})
     return rows
 
 
@@ -413,6 +455,108 @@ def summarise_steps(rows: list[dict], tail: int = 3) -> dict:
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
+
+
+# ---------------------------------------------------------------- reading a run (the notebooks' findings)
+def worked_group(steps: list[dict]):
+    """The first recorded GRPO group of a run as a table: completion excerpt, reward, advantage without and
+    with std scaling (group_advantages), plus the group mean; None when no step recorded a group."""
+    import pandas as pd
+    row = next((r for r in steps if r.get("group")), None)
+    if row is None:
+        return None, None
+    g = row["group"]
+    plain, scaled = group_advantages(g["rewards"], "none"), group_advantages(g["rewards"], "group")
+    vals = [r for r in g["rewards"] if r is not None]
+    table = pd.DataFrame({"completion (excerpt)": [c.replace("\n", " ")[:120] for c in g["completions"]],
+                          "reward": g["rewards"], "advantage (scale none)": plain, "advantage (scale group)": scaled})
+    return table, {"step": row["step"], "problem_id": g["problem_id"], "group_mean": _mean(vals)}
+
+
+def _corr(xs: list, ys: list) -> float | None:
+    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+    if len(pairs) < 3:
+        return None
+    mx, my = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx, syy = sum((x - mx) ** 2 for x, _ in pairs), sum((y - my) ** 2 for _, y in pairs)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else None
+
+
+def findings(steps: list[dict], metrics: dict, rl) -> str:
+    """What a GRPO run's own numbers say, as Markdown bullets: reward spread within groups, truncation vs
+    score, gradient-norm spikes, the clip ratio, and whether the weights moved."""
+    out = []
+    std, zero = _mean([r.get("reward_std") for r in steps]), _mean([r.get("frac_zero_std") for r in steps])
+    if std is not None and zero is not None:
+        out.append(f"**Signal.** Rewards within a group differ by a std of {std:.3f} on average (rewards are 0-1) and "
+                   f"{zero:.0%} of groups gave all {rl.num_generations} rollouts the same reward: such a group has "
+                   "advantage 0 everywhere and teaches nothing. A judge that answers about the same grade for every "
+                   "proof (as a constant would) leaves only noise for the advantages to follow.")
+    trunc, reward = _mean([r.get("truncation_rate") for r in steps]), _mean([r.get("reward") for r in steps])
+    if trunc is not None and reward is not None:
+        graded = f"; the proofs that were graded averaged {reward / (1 - trunc):.3f}" if trunc < 1 else ""
+        out.append(f"**Truncation.** {trunc:.0%} of rollouts never closed `</think>` within "
+                   f"{rl.max_completion_length:,} tokens and scored 0 without a judge call, so the mean reward "
+                   f"{reward:.3f} is (1 - truncation) x the graded mean{graded}.")
+    norms = [(r["grad_norm"], r["step"], r.get("truncation_rate")) for r in steps if r.get("grad_norm") is not None]
+    if norms:
+        top = max(norms)
+        med = sorted(n for n, _, _ in norms)[len(norms) // 2]
+        c = _corr([n for n, _, _ in norms], [t for _, _, t in norms])
+        link = (f"; across steps the gradient norm correlates with the truncation rate at r = {c:+.2f} (truncated "
+                "rollouts are the longest, and a token-sum loss gives long sequences the largest gradients)"
+                if c is not None else "")
+        out.append(f"**Gradient norm.** Largest {top[0]:.3g} at step {top[1]} (median {med:.3g}; clipped to "
+                   f"{rl.max_grad_norm}){link}.")
+    clip = _mean([r.get("clip_ratio") for r in steps])
+    if clip is not None:
+        why = ("each batch is generated by the weights being trained (steps_per_generation 1), so the ratio "
+               "policy/sampler stays near 1 and" if rl.steps_per_generation == 1 else
+               f"each batch is reused for {rl.steps_per_generation} steps, so the policy drifts from the sampler and")
+        out.append(f"**Clip ratio** {clip:.2%} of tokens: {why} epsilon {rl.epsilon:g} clips only ratios outside "
+                   f"[{max(0.0, 1 - rl.epsilon):g}, {1 + rl.epsilon:g}].")
+    moved = metrics.get("weights_changed_frac")
+    if moved is not None:
+        why = ""
+        if moved > 0 and zero == 1:  # no group had a signal, yet the weights changed
+            why = (f": every advantage was 0, so this is the entropy bonus (Adam scales even a tiny gradient to a "
+                   f"step of about lr) and weight decay ({rl.weight_decay:g}) at work, not learning from the reward")
+        out.append(f"**Weights.** {moved:.1%} of the saved policy's weights differ from the starting model"
+                   + (" - the run trained nothing." if moved == 0 else f"{why}."))
+    return "\n".join(f"- {x}" for x in out) or "No step records to read."
+
+
+def reward_comparison(judge_steps: list[dict], format_steps: list[dict]) -> str:
+    """One paragraph comparing the judge-reward run with the format-reward run on the same settings."""
+    def describe(rows, name):
+        rewards = [r["reward"] for r in rows if r.get("reward") is not None]
+        if not rewards:
+            return f"the {name} reward logged no steps"
+        k = max(1, len(rewards) // 3)  # first and last third of the steps
+        zero = _mean([r.get("frac_zero_std") for r in rows])
+        return (f"the {name} reward went {_mean(rewards[:k]):.3f} -> {_mean(rewards[-k:]):.3f} over {len(rewards)} "
+                f"steps with {zero or 0:.0%} of groups all-equal")
+    text = (f"{describe(format_steps, 'format').capitalize()}; {describe(judge_steps, 'judge')}. The format reward "
+            "depends only on the model's own text (closing `</think>`, stopping), so its group differences point at "
+            "something the policy can change; the judge's differences move only as far as the judge discriminates.")
+    if format_steps and _mean([r.get("frac_zero_std") for r in format_steps]) == 1:
+        text += (" Here every format group was all-equal too: no rollout differed from its group in reaching the end "
+                 "of its thinking, so neither reward gave the policy anything to follow (more completion tokens, "
+                 "or more steps, change that).")
+    return text
+
+
+def side_run(train, cfg, section: str, **changes) -> tuple[list[dict], dict]:
+    """Train a stage again with changed settings (e.g. reward="format") in a temporary run folder, deleted
+    afterwards: (its step rows, its metrics). Pass `model` as a path so the folder needs no earlier stage."""
+    import tempfile
+    from .io import read_jsonl
+    new = replace(cfg, **{section: replace(getattr(cfg, section), resume=False, **changes)})
+    with tempfile.TemporaryDirectory(prefix="qed-side-run-") as tmp:
+        metrics = train(new, tmp)
+        steps = list(read_jsonl(next(Path(tmp).glob("*/steps.jsonl"))))
+    return steps, metrics
 
 
 # ---------------------------------------------------------------- the learning check
@@ -530,7 +674,7 @@ def train_on_problems(rl, model_path: str, problems, out_dir, thinking: bool, se
     args = grpo_args(rl, out_dir, seed, num_processes, training_device, context)
     args.reward_weights = reward_weights
     reward_fn = RewardFunction(rl.reward, {p.id: p for p in problems}, thinking, grader, rl.judge.invalid,
-                               rl.max_completion_length, rl.overlong_penalty)
+                               rl.max_completion_length, rl.overlong_penalty, rl.num_generations)
     rollout = None if rl.use_vllm else SingleTurnRollout(rl, thinking)
     trainer = make_trainer(rl, model_path, dataset, [reward_fn] + (extra_rewards or []), args, rollout_func=rollout)
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir) if resume else None)

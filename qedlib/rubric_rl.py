@@ -53,6 +53,22 @@ def train(cfg, run_dir) -> dict:
     return metrics
 
 
+def judge_view(cfg, problems, steps: list[dict]) -> tuple[str, str, str]:
+    """(problem id, its rubric, the judge prompt) for the first recorded rollout that had a proof to grade, or
+    for the first rollout's text when none had one (no judge call was then made: the reward was 0)."""
+    from .grading import build_prompt
+    groups = [r["group"] for r in steps if r.get("group")]
+    if not groups:
+        raise ValueError("no step recorded a group: rerun the stage (steps.jsonl predates group records)")
+    g = next((g for g in groups if any(g.get("proofs", []))), groups[0])
+    proof = next((p for p in g.get("proofs", []) if p), g["completions"][0])
+    by_id = {p.id: p for p in problems}
+    if g["problem_id"] not in by_id:
+        raise KeyError(f"problem {g['problem_id']!r} of the step records is not in rubric_rl.problems")
+    prob = by_id[g["problem_id"]]
+    return prob.id, prob.rubric, build_prompt(cfg.rubric_rl.judge.prompt, cfg.rubric_rl.judge.mode, prob, proof).text
+
+
 def run(cfg, run_dir, params_file: str, overrides: dict) -> dict:
     """Train in-process, or launch `accelerate` with num_processes > 1; return the metrics."""
     from .rl import train_or_launch
