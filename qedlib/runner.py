@@ -210,8 +210,15 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
 
 
 def folder_size(folder: str | Path) -> int:
-    """Bytes under a folder (files only, links not followed)."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes under a folder (files only, symlinks not followed, a hard-linked file counted once, as `du` does)."""
+    seen, total = set(), 0
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
 
 
 def _select_stages(stages: list[str] | None) -> list[str]:
