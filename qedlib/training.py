@@ -70,8 +70,8 @@ RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "optimizer.bin", "gl
 def prune_checkpoints(ckpt_dir: str | Path, keep: str, model_dir: str | Path | None = None) -> int:
     """After a stage finished: keep "all" checkpoints, the "last" one without optimizer state, or "none"; return bytes freed.
 
-    With "last", a weights file identical to the saved model's (the final checkpoint is the final model)
-    becomes a hard link to it, so the run folder holds those weights once. Main process only.
+    With "last", a file identical to the saved model's (weights, tokenizer: the final checkpoint is the
+    final model) becomes a hard link to it, so the run folder holds it once. Main process only.
     """
     import filecmp
     import os
@@ -88,9 +88,9 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: str, model_dir: str | Path | N
         for pattern in RESUME_ONLY:
             for f in Path(last).glob(pattern):
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
-        for f in Path(last).glob("*.safetensors"):
+        for f in Path(last).iterdir():
             twin = Path(model_dir) / f.name if model_dir else None
-            if twin and twin.exists() and not f.samefile(twin) and filecmp.cmp(f, twin, shallow=False):
+            if f.is_file() and twin and twin.is_file() and not f.samefile(twin) and filecmp.cmp(f, twin, shallow=False):
                 f.unlink()
                 os.link(twin, f)
     else:
