@@ -43,6 +43,10 @@ STAGE_KEYS = {"01_distill": ("seed", "base_model", "distill"),
               "05_eval": ("generation", "eval")}
 
 
+# Keys that change what is kept or logged, not any stage's results.
+BOOKKEEPING = {"run_name", "keep_checkpoints", "save_total_limit", "report_to", "logging_steps"}
+
+
 def _flat(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict) and tree:
         return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
@@ -76,7 +80,7 @@ def say_config_changes(saved: Path, cfg: Config, stages: list[str] | None = None
         return {}
     old = yaml.safe_load(saved.read_text()) or {}
     new = json.loads(json.dumps(cfg.to_dict()))
-    changed = [k for k in changed_keys(old, new) if k != "run_name"]
+    changed = [k for k in changed_keys(old, new) if k.split(".")[-1] not in BOOKKEEPING]
     redo = stages_to_redo(changed, stages)
     for stage, why in redo.items():
         print(f"[qedlib] {stage}: results will be recomputed, not resumed ({why}; previous config {saved})", flush=True)

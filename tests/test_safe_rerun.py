@@ -138,6 +138,8 @@ def test_changed_config_names_stages_and_keys(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "03_rubric_rl: results will be recomputed" in out and "rubric_rl.temperature" in out and "02_sft" not in out
     assert runner.say_config_changes(tmp_path / "config.yaml", load_config("params/smoke.yaml")) == {}
+    kept = load_config("params/smoke.yaml", {"sft.keep_checkpoints": "all"})  # what is kept, not what is computed
+    assert runner.say_config_changes(tmp_path / "config.yaml", kept) == {}
     # only the stages being run are named
     assert list(runner.say_config_changes(tmp_path / "config.yaml", cfg, ["05_eval"])) == ["05_eval"]
 
