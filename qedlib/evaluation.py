@@ -241,7 +241,7 @@ class Evaluation:
         owned = policy_factory is None  # generators from a caller's factory are the caller's to close
         policy_factory = policy_factory or make_generator
         self._hashes.update({name: generation_hash(self.cfg, endpoint) for name, endpoint in models})
-        self._say_set_aside(benchmarks, models, scaffolds)
+        self._set_current(benchmarks, models, scaffolds)
         for name, endpoint in models:
             if not any(self.todo(name, b, sc) for b in benchmarks for sc in scaffolds):
                 print(f"[eval] {name}: all rows already in {self.results.path.name}")
@@ -258,7 +258,8 @@ class Evaluation:
             del policy
         return self.rows()
 
-    def _say_set_aside(self, benchmarks, models, scaffolds) -> int:
+    def _set_current(self, benchmarks, models, scaffolds) -> int:
+        """Record the row keys these settings produce (for rows() and read_results); say how many others are set aside."""
         self._current = {self.row_key(n, b, sc, p.id, k) for n, _ in models for b in benchmarks for sc in scaffolds
                          for p in b.problems for k in range(self.cfg.eval.samples)}
         n = sum(1 for k in self.results.records if k not in self._current)
