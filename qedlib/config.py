@@ -166,6 +166,7 @@ class SFTConfig:
     qlora: bool = False  # load the base in 4-bit (bitsandbytes, CUDA only) and train the LoRA adapter (needs lora.enabled)
     eval_steps: Optional[int] = None  # eval loss every N steps (None: every save_steps); final eval always runs
     save_total_limit: Optional[int] = 2  # keep only the newest N checkpoints (workbook default)
+    keep_checkpoints: Literal["last", "all", "none"] = "last"  # once the stage has finished: last = the final checkpoint's weights and trainer state (hard-linked to model/, no optimizer state), all = every checkpoint as saved, none = no checkpoints
     chat_template: Optional[str] = None  # Jinja file with {% generation %} markers, for a model whose template qedlib does not know
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | qed_varlen_sdpa; auto: see sft.attention_for
 
@@ -221,6 +222,7 @@ class RLConfig:
     lora: Lora = field(default_factory=Lora)
     save_steps: int = 50  # checkpoint every N steps
     resume: bool = False  # continue from the last checkpoint
+    keep_checkpoints: Literal["last", "all", "none"] = "last"  # once the stage has finished: last = the final checkpoint's weights and trainer state (hard-linked to model/, no optimizer state), all = every checkpoint as saved, none = no checkpoints
     logging_steps: int = 1
     report_to: list = field(default_factory=list)
     launch: Launch = field(default_factory=Launch)

@@ -29,17 +29,43 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .io import JsonlLog, write_json
+from .io import JsonlLog, read_json, settings_hash, write_json
 
 SFT_COLUMNS = ["problem", "reasoning_content", "proof", "category", "competition", "grade", "source", "messages"]
 FINEPROOFS_SFT = "lm-provers/FineProofs-SFT"
 FINEPROOFS_GRADE = "gemini-3-pro-grade"  # the public set's 0-7 grade column
 SAMPLES_FILE, GRADES_FILE = "samples.jsonl", "grades.jsonl"
+SAMPLES_SETTINGS = "samples_settings.json"  # the teacher settings hash of the last generate_samples call
 
 
-def sample_key(problem_id: str, index: int) -> str:
-    """The resume key of one teacher sample."""
-    return f"{problem_id}#{index}"
+def sample_key(problem_id: str, index: int, settings: str = "") -> str:
+    """The resume key of one teacher sample: problem#index@hash of the teacher settings that wrote it."""
+    return f"{problem_id}#{index}" + (f"@{settings}" if settings else "")
+
+
+def teacher_hash(dc) -> str:
+    """Hash of what a teacher sample depends on: teacher model, sampling (not n), thinking, system prompt."""
+    return settings_hash({"teacher": dc.teacher, "sampling": dataclasses.replace(dc.sampling, n=1),
+                          "thinking": dc.thinking, "system_prompt": dc.system_prompt})
+
+
+def judge_hash(judge) -> str:
+    """Hash of what a grade depends on besides the proof: the judge settings and the grade parser's version."""
+    from .grading import PARSER_VERSION
+    return settings_hash({"judge": judge, "parser": PARSER_VERSION})
+
+
+def grade_key(sample: str, judge) -> str:
+    """The resume key of one grade: the sample's key~hash of the judge settings."""
+    return f"{sample}~{judge_hash(judge)}"
+
+
+def set_aside(log: JsonlLog, current: set, what: str) -> int:
+    """Count (and say) the logged records whose key is not one the current settings produce."""
+    n = sum(1 for k in log.records if k not in current)
+    if n:
+        print(f"[distill] {log.path.name}: {n} {what} written with other settings are set aside (kept in the file, not used)")
+    return n
 
 
 # ---------------------------------------------------------------- problems
@@ -178,7 +204,7 @@ def sample_record(problem, index: int, completion, dc) -> dict:
     """
     from .grading import no_proof_reason
     no_proof = no_proof_reason(completion.final, completion.think_closed or not dc.thinking) == "truncated"
-    return {"key": sample_key(problem.id, index), "problem_id": problem.id, "sample_index": index,
+    return {"key": sample_key(problem.id, index, teacher_hash(dc)), "settings": teacher_hash(dc), "problem_id": problem.id, "sample_index": index,
             "teacher": dc.teacher.model, "thinking": dc.thinking, "text": completion.text,
             "reasoning": completion.reasoning, "proof": "" if no_proof else completion.final,
             "think_closed": completion.think_closed, "finish_reason": completion.finish_reason,
@@ -217,9 +243,12 @@ def generate_samples(problems: list, dc, stage_folder: str | Path, generator=Non
     rerun retries them) and are counted under "errors".
     """
     log = JsonlLog(Path(stage_folder) / SAMPLES_FILE, key="key")
-    todo = [(p, i) for p in problems for i in range(dc.sampling.n) if sample_key(p.id, i) not in log]
-    stats = {"skipped": len(problems) * dc.sampling.n - len(todo), "generated": 0, "errors": 0,
-             "first_error": None, "seconds": 0.0}
+    h = teacher_hash(dc)
+    write_json(Path(stage_folder) / SAMPLES_SETTINGS, {"settings": h})  # what read_samples returns without dc
+    wanted = {sample_key(p.id, i, h): (p, i) for p in problems for i in range(dc.sampling.n)}
+    todo = [pi for k, pi in wanted.items() if k not in log]
+    stats = {"skipped": len(wanted) - len(todo), "generated": 0, "errors": 0,
+             "first_error": None, "seconds": 0.0, "set_aside": set_aside(log, set(wanted), "samples")}
     if not todo:
         return stats
     generator = generator or make_teacher(dc)
@@ -276,9 +305,14 @@ async def _generate_openai(todo, dc, generator, log, bar, stats) -> None:
         bar.update([rec] if rec else [])
 
 
-def read_samples(stage_folder: str | Path, problems: list | None = None, n: int | None = None) -> list[dict]:
-    """Logged teacher samples, optionally only those of these problems and sample indices < n."""
+def read_samples(stage_folder: str | Path, problems: list | None = None, n: int | None = None, dc=None) -> list[dict]:
+    """Logged teacher samples of the current teacher settings (dc's, else those of the last
+    generate_samples in this folder), optionally only those of these problems and sample indices < n."""
     recs = JsonlLog(Path(stage_folder) / SAMPLES_FILE, key="key").values()
+    marker = Path(stage_folder) / SAMPLES_SETTINGS
+    h = teacher_hash(dc) if dc is not None else (read_json(marker)["settings"] if marker.exists() else None)
+    if h is not None:
+        recs = [r for r in recs if r.get("settings") == h]
     if problems is None:
         return recs
     wanted = {p.id for p in problems}
@@ -312,8 +346,9 @@ def grade_samples(problems: list, samples: list[dict], grader, stage_folder: str
     from .grading import grade_completions
     log = JsonlLog(Path(stage_folder) / GRADES_FILE, key="key")
     by_id = {p.id: p for p in problems}
-    todo = [s for s in samples if s["key"] not in log]
-    stats = {"skipped": len(samples) - len(todo), "graded": 0, "judge_errors": 0, "first_error": None, "seconds": 0.0}
+    todo = [s for s in samples if grade_key(s["key"], grader.judge) not in log]
+    stats = {"skipped": len(samples) - len(todo), "graded": 0, "judge_errors": 0, "first_error": None, "seconds": 0.0,
+             "set_aside": set_aside(log, {grade_key(s["key"], grader.judge) for s in samples}, "grades")}
     if not todo:
         return stats
     chunk = chunk or chunk_size(grader.judge.endpoint)
@@ -323,7 +358,7 @@ def grade_samples(problems: list, samples: list[dict], grader, stage_folder: str
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             grades = grade_completions(grader, [by_id[s["problem_id"]] for s in part], [completion_of(s) for s in part])
-            recs = [{"key": s["key"], "problem_id": s["problem_id"], "sample_index": s["sample_index"], **g.to_dict()}
+            recs = [{"key": grade_key(s["key"], grader.judge), "sample_key": s["key"], "problem_id": s["problem_id"], "sample_index": s["sample_index"], **g.to_dict()}
                     for s, g in zip(part, grades)]
             for r in recs:
                 if r["reason"] == "judge_error":  # the judge call failed: not logged, so a rerun retries it
@@ -343,7 +378,7 @@ def grade_samples(problems: list, samples: list[dict], grader, stage_folder: str
 
 
 def read_grades(stage_folder: str | Path) -> list[dict]:
-    """Logged grades (one per sample key)."""
+    """Logged grades (one per sample and judge settings; select_samples picks the current judge's)."""
     return JsonlLog(Path(stage_folder) / GRADES_FILE, key="key").values()
 
 
@@ -376,7 +411,7 @@ def select_samples(samples: list[dict], grades: list[dict], dc, problems: list,
     rows = []
     for s in sorted(samples, key=lambda r: (r["problem_id"], r["sample_index"])):
         p = by_id[s["problem_id"]]
-        g = grade_of.get(s["key"])
+        g = grade_of.get(grade_key(s["key"], dc.judge))  # a grade by other judge settings is not this one
         tokens = (token_counts or {}).get(s["key"], s["prompt_tokens"] + s["completion_tokens"])
         points = None if g is None else (g["points"] if g["valid"] else (0.0 if dc.judge.invalid == "zero" else None))
         if g is None:
@@ -655,7 +690,7 @@ def run(cfg, run_dir: str | Path, progress: bool = False) -> dict:
     prep = prepare_problems(cfg, folder, teacher)
     problems = prep["problems"]
     generate_samples(problems, dc, folder, teacher, progress)
-    samples = read_samples(folder, problems, dc.sampling.n)
+    samples = read_samples(folder, problems, dc.sampling.n, dc)
     grade_samples(problems, samples, make_grader(dc, folder, teacher), folder, progress=progress)
     grades = read_grades(folder)
     tok = student_tokenizer(cfg) if dc.max_sft_tokens else None

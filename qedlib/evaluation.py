@@ -25,7 +25,7 @@ from . import scaffolds as scaffold_lib
 from . import stats
 from .data import DataError, Problem, load_problems
 from .grading import extract_boxed  # noqa: F401  (kept importable from here)
-from .io import JsonlLog, read_jsonl
+from .io import JsonlLog, read_json, read_jsonl, write_json
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
 BENCHMARK_KINDS = {
@@ -34,6 +34,7 @@ BENCHMARK_KINDS = {
     "imo-answerbench": ("answer", "answer"),  # 400 short-answer problems, equivalence of the boxed answer
     "proofbench": ("rubric", "proof"),  # 145 problems, 0-7 marking schemes (hub: wenjiema02/ProofBench)
 }
+CURRENT_KEYS = "current_keys.json"  # the row keys the last evaluation's settings produce (read_results returns those)
 KEY_FIELDS = ("checkpoint", "benchmark", "scaffold", "problem_id", "sample")
 
 
@@ -83,13 +84,36 @@ def models_under_test(cfg, run_dir) -> list[tuple[str, object]]:
     return out
 
 
-def result_key(checkpoint: str, benchmark: str, scaffold: str, problem_id: str, sample: int) -> str:
-    """The resume key of one result row."""
-    return "|".join(str(x) for x in (checkpoint, benchmark, scaffold, problem_id, sample))
+def result_key(checkpoint: str, benchmark: str, scaffold: str, problem_id: str, sample: int, settings: str = "") -> str:
+    """The resume key of one generation or result row; `settings` is the hash of what produced it."""
+    return "|".join(str(x) for x in (checkpoint, benchmark, scaffold, problem_id, sample)) + (f"|{settings}" if settings else "")
 
 
-def make_row(name: str, bench: Benchmark, scaffold: str, problem: Problem, sample: int, gen: dict, grade) -> dict:
-    """One result row: the official columns plus ours."""
+# eval keys that only choose what is evaluated or how it is summarised, not what one generation is
+_NOT_GENERATION = ("checkpoints", "benchmarks", "benchmark_limit", "samples", "success_threshold", "pass_k",
+                   "bootstrap", "chunk", "calibration_limit", "judge", "endpoint")
+
+
+def weights_fingerprint(model_ref: str) -> str:
+    """The resolved model folder with its weight files' sizes and mtimes (the reference itself when it is no folder)."""
+    path = Path(str(model_ref))
+    if not path.is_dir():
+        return str(model_ref)
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf") or f.name == "config.json")
+    return str(path.resolve()) + ";" + ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def generation_hash(cfg, endpoint) -> str:
+    """Hash of what one eval generation depends on: the model (path and weights), the endpoint, sampling, scaffold settings, thinking."""
+    from .io import settings_hash
+    ev = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in _NOT_GENERATION}
+    return settings_hash({"weights": weights_fingerprint(endpoint.model), "endpoint": endpoint, "eval": ev,
+                          "thinking": cfg.thinking})
+
+
+def make_row(name: str, bench: Benchmark, scaffold: str, problem: Problem, sample: int, gen: dict, grade,
+             key: str | None = None) -> dict:
+    """One result row: the official columns plus ours (`key`: the settings-hashed key, default the bare one)."""
     truncated = not gen["think_closed"]
     valid = bool(grade.valid)
     scale = getattr(grade, "scale", 7) or 7
@@ -97,8 +121,8 @@ def make_row(name: str, bench: Benchmark, scaffold: str, problem: Problem, sampl
     score = float(grade.points) * 7.0 / scale if valid else None
     desc = getattr(grade, "judge_text", "") or getattr(grade, "reason", "") or ""
     row = {
-        "key": result_key(name, bench.name, scaffold, problem.id, sample),
-        "checkpoint": name, "benchmark": bench.name, "scaffold": scaffold, "problem_id": problem.id,
+        "key": key or result_key(name, bench.name, scaffold, problem.id, sample),
+        "generation_key": gen.get("key"), "checkpoint": name, "benchmark": bench.name, "scaffold": scaffold, "problem_id": problem.id,
         "sample": sample, "split": str(problem.extra.get("split") or ""),
         "problem": problem.problem,
         "model_solution": gen["final"],
@@ -147,6 +171,18 @@ class Evaluation:
         self.judge_generator = judge_generator
         self._graders: dict[str, object] = {}
         self._summariser = None
+        self._hashes: dict[str, str] = {}  # checkpoint name -> generation settings hash (set by `run`)
+        self._current: set | None = None  # the row keys this evaluation's settings produce (set by `run`)
+
+    def gen_key(self, name: str, bench: Benchmark, scaffold: str, problem_id: str, sample: int) -> str:
+        """Key of one generation: the bare key | hash of the model's weights and the generation settings."""
+        return result_key(name, bench.name, scaffold, problem_id, sample, self._hashes.get(name, ""))
+
+    def row_key(self, name: str, bench: Benchmark, scaffold: str, problem_id: str, sample: int) -> str:
+        """Key of one result row: the generation's key ~ hash of the judge settings (with this benchmark's prompt)."""
+        from .distill import judge_hash
+        judge = dataclasses.replace(self.cfg.eval.judge, prompt=bench.judge_prompt)
+        return f"{self.gen_key(name, bench, scaffold, problem_id, sample)}~{judge_hash(judge)}"
 
     def summariser(self):
         """The RC scaffold's summariser: None (the policy summarises itself, the paper's test-time choice), or
@@ -171,7 +207,7 @@ class Evaluation:
     def todo(self, name: str, bench: Benchmark, scaffold: str) -> list[tuple[Problem, int]]:
         """(problem, sample) pairs of this group with no result row yet."""
         return [(p, s) for s in range(self.cfg.eval.samples) for p in bench.problems
-                if result_key(name, bench.name, scaffold, p.id, s) not in self.results]
+                if self.row_key(name, bench, scaffold, p.id, s) not in self.results]
 
     def run_group(self, name: str, policy, bench: Benchmark, scaffold: str) -> int:
         """Generate (what is not logged yet) and grade (what has no row yet) one group; return rows written."""
@@ -181,7 +217,7 @@ class Evaluation:
         pending = self.todo(name, bench, scaffold)
         for start in range(0, len(pending), max(1, ev.chunk)):
             chunk = pending[start:start + max(1, ev.chunk)]
-            keys = [result_key(name, bench.name, scaffold, p.id, s) for p, s in chunk]
+            keys = [self.gen_key(name, bench, scaffold, p.id, s) for p, s in chunk]
             missing = [(p, s) for (p, s), k in zip(chunk, keys) if k not in self.generations]
             for s in sorted({s for _, s in missing}):
                 probs = [p for p, t in missing if t == s]
@@ -189,12 +225,12 @@ class Evaluation:
                 for p, res in zip(probs, scaffold_lib.run_scaffold(scaffold, probs, policy, ev.sampling, settings, seed=seed,
                                                                         summariser=self.summariser())):
                     rec = {k: v for k, v in res.to_dict().items() if k != "reasoning"}
-                    self.generations.append({"key": result_key(name, bench.name, scaffold, p.id, s), **rec})
+                    self.generations.append({"key": self.gen_key(name, bench, scaffold, p.id, s), **rec})
             gens = [self.generations.records[k] for k in keys]
             grades = self.grader(bench.judge_prompt).grade([p for p, _ in chunk], [g["final"] for g in gens],
                                                            [g["think_closed"] for g in gens])
             for (p, s), g, grade in zip(chunk, gens, grades):
-                self.results.append(make_row(name, bench, scaffold, p, s, g, grade))
+                self.results.append(make_row(name, bench, scaffold, p, s, g, grade, self.row_key(name, bench, scaffold, p.id, s)))
                 written += 1
         return written
 
@@ -204,6 +240,8 @@ class Evaluation:
         from .generation import Timer, close_generator, make_generator
         owned = policy_factory is None  # generators from a caller's factory are the caller's to close
         policy_factory = policy_factory or make_generator
+        self._hashes.update({name: generation_hash(self.cfg, endpoint) for name, endpoint in models})
+        self._set_current(benchmarks, models, scaffolds)
         for name, endpoint in models:
             if not any(self.todo(name, b, sc) for b in benchmarks for sc in scaffolds):
                 print(f"[eval] {name}: all rows already in {self.results.path.name}")
@@ -220,9 +258,22 @@ class Evaluation:
             del policy
         return self.rows()
 
+    def _set_current(self, benchmarks, models, scaffolds) -> int:
+        """Record the row keys these settings produce (for rows() and read_results); say how many others are set aside."""
+        self._current = {self.row_key(n, b, sc, p.id, k) for n, _ in models for b in benchmarks for sc in scaffolds
+                         for p in b.problems for k in range(self.cfg.eval.samples)}
+        n = sum(1 for k in self.results.records if k not in self._current)
+        if n:
+            print(f"[eval] {self.results.path.name}: {n} rows of other settings, checkpoints or benchmarks are set aside "
+                  "(kept in the file, not in this run's tables)")
+        write_json(self.folder / CURRENT_KEYS, sorted(self._current))  # what read_results returns
+        return n
+
     def rows(self) -> list[dict]:
-        """Every result row recorded so far (this run and earlier ones)."""
-        return self.results.values()
+        """The result rows of this evaluation's settings once `run` has set them (else every row recorded)."""
+        if self._current is None:
+            return self.results.values()
+        return [r for k, r in self.results.records.items() if k in self._current]
 
 
 def evaluate(cfg, run_dir, stage_folder=None, judge_generator=None, policy_factory=None) -> list[dict]:
@@ -238,11 +289,15 @@ def evaluate(cfg, run_dir, stage_folder=None, judge_generator=None, policy_facto
 
 
 def read_results(stage_folder) -> list[dict]:
-    """Result rows of an eval folder (results.jsonl)."""
+    """Result rows of an eval folder (results.jsonl): those of the last evaluation's settings when it recorded them."""
     path = Path(stage_folder) / "results.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run 05_eval first")
-    return list(JsonlLog(path, key="key").values())
+    records = JsonlLog(path, key="key").records
+    current = Path(stage_folder) / CURRENT_KEYS
+    if not current.exists():
+        return list(records.values())
+    return [records[k] for k in read_json(current) if k in records]
 
 
 def results_frame(rows: list[dict]):

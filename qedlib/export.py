@@ -239,7 +239,8 @@ def export_official(run_dir, out=None) -> list[Path]:
             stale.unlink()
         runs = max(cfg.eval.samples, 1 + max(s for _, s in by_key))
         for k in range(runs):
-            recs = [official_row(ck, bench, sc, p, k, by_key.get((p.id, k)), gens.get(result_key(ck, bname, sc, p.id, k)),
+            recs = [official_row(ck, bench, sc, p, k, by_key.get((p.id, k)), gens.get((by_key.get((p.id, k)) or {}).get("generation_key")
+                                                                            or result_key(ck, bname, sc, p.id, k)),
                                  cache) for p in bench.problems]
             written.append(write_jsonl(folder / f"run-{k}.jsonl", recs))
     return written

@@ -5,6 +5,7 @@ record in flight, and a rerun skips what is done.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -40,6 +41,29 @@ def read_json(path: str | Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: has the stage that writes it run?")
     return json.loads(path.read_text())
+
+
+# Fields that change speed, cost or where a model runs, not what it writes: left out of settings hashes.
+NOT_OUTPUT_FIELDS = frozenset({"max_concurrency", "timeout_s", "max_retries", "retry_backoff_s", "batch_size", "device",
+                               "static_cache", "vllm", "price_in_per_mtok", "price_out_per_mtok", "api_key_env",
+                               "base_url", "base_url_env", "cache"})
+
+
+def _output_settings(o: Any) -> Any:
+    if hasattr(o, "__dataclass_fields__"):
+        import dataclasses
+        o = dataclasses.asdict(o)
+    if isinstance(o, dict):
+        return {k: _output_settings(v) for k, v in o.items() if k not in NOT_OUTPUT_FIELDS}
+    if isinstance(o, (list, tuple)):
+        return [_output_settings(v) for v in o]
+    return o
+
+
+def settings_hash(settings: Any) -> str:
+    """10 hex digits of sha256 over the settings that produce a record (config dataclasses or dicts; speed/cost fields left out)."""
+    blob = json.dumps(_output_settings(settings), sort_keys=True, default=_jsonable, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def _jsonable(o: Any) -> Any:

@@ -152,7 +152,7 @@ def train(cfg, run_dir) -> dict:
     from transformers import AutoTokenizer
     from .rl import (RewardFunction, filter_by_difficulty, grpo_args, make_trainer, save_policy, step_metrics,
                      summarise_steps, vllm_context)
-    from .training import last_checkpoint, weights_moved
+    from .training import finish_checkpoints, last_checkpoint, weights_moved
     rl = cfg.rc_rl
     folder = stage_dir(run_dir, STAGE)
     problems, counts = filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
@@ -193,6 +193,7 @@ def train(cfg, run_dir) -> dict:
                "world_size": trainer.accelerator.num_processes, "score_by_turn": score_by_turn(rollout.turn_rows),
                "summary_unclosed_rate": summary_unclosed_rate(r["summary_status"] for r in rollout.turn_rows)}
     save_policy(trainer, folder / "model", rl.lora.merge)
+    finish_checkpoints(folder / "checkpoints", rl.keep_checkpoints, folder / "model", trainer.accelerator.is_main_process)
     if trainer.accelerator.is_main_process:
         metrics["weights_changed_frac"] = weights_moved(folder / "model", model_path)
         write_jsonl(folder / "steps.jsonl", rows)

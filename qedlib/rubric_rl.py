@@ -30,7 +30,7 @@ def train(cfg, run_dir) -> dict:
     """Train the stage in this process (one rank under accelerate); every rank saves through the trainer,
     rank 0 writes the metrics."""
     from .rl import filter_by_difficulty, save_policy, summarise_steps, train_on_problems
-    from .training import weights_moved
+    from .training import finish_checkpoints, weights_moved
     rl = cfg.rubric_rl
     folder = stage_dir(run_dir, STAGE)
     problems, counts = filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
@@ -45,6 +45,7 @@ def train(cfg, run_dir) -> dict:
     write_json(folder / "ranks" / f"rank{acc.process_index}.json",
                {"rank": acc.process_index, "world_size": acc.num_processes, "steps": trainer.state.global_step})
     save_policy(trainer, folder / "model", rl.lora.merge)
+    finish_checkpoints(folder / "checkpoints", rl.keep_checkpoints, folder / "model", acc.is_main_process)
     if acc.is_main_process:
         metrics["weights_changed_frac"] = weights_moved(folder / "model", model_path)
         write_jsonl(folder / "steps.jsonl", rows)

@@ -34,10 +34,65 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# The config sections whose values produce each stage's results; a stage also redoes its work when an
+# earlier stage's results change (its input data or starting model).
+STAGE_KEYS = {"01_distill": ("seed", "base_model", "distill"),
+              "02_sft": ("thinking", "sft"),
+              "03_rubric_rl": ("rubric_rl",),
+              "04_reasoning_cache_rl": ("rc_rl",),
+              "05_eval": ("generation", "eval")}
+
+
+# Keys that change what is kept or logged, not any stage's results.
+BOOKKEEPING = {"run_name", "keep_checkpoints", "save_total_limit", "report_to", "logging_steps"}
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two config trees (added and removed keys included)."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def stages_to_redo(changed: list[str], stages: list[str] | None = None) -> dict[str, str]:
+    """For each stage (of `stages`) whose results change: why, naming the changed dotted keys or the earlier stage."""
+    out, upstream = {}, None
+    for stage in STAGES:
+        own = [k for k in changed if k.split(".")[0] in STAGE_KEYS[stage]]
+        why = f"changed: {', '.join(own[:8])}{' ...' if len(own) > 8 else ''}" if own else \
+            (f"its input from {upstream} changes" if upstream else None)
+        if why:
+            upstream = upstream or stage
+            if stages is None or stage in stages:
+                out[stage] = why
+    return out
+
+
+def say_config_changes(saved: Path, cfg: Config, stages: list[str] | None = None) -> dict[str, str]:
+    """Compare `cfg` with the config.yaml a previous run saved at `saved`; print which stages recompute and why."""
+    import yaml
+    if not saved.exists():
+        return {}
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = json.loads(json.dumps(cfg.to_dict()))
+    changed = [k for k in changed_keys(old, new) if k.split(".")[-1] not in BOOKKEEPING]
+    redo = stages_to_redo(changed, stages)
+    for stage, why in redo.items():
+        print(f"[qedlib] {stage}: results will be recomputed, not resumed ({why}; previous config {saved})", flush=True)
+    return redo
+
+
 def start_stage(params_file: str, run_dir: str, overrides: dict, stage: str) -> tuple[Config, Path]:
-    """Validate the params, save the resolved config in the stage folder, seed; return (cfg, folder)."""
+    """Validate the params, say what differs from this stage's last config, save the resolved config
+    in the stage folder, seed; return (cfg, folder)."""
     cfg = load_config(params_file, overrides)
     folder = stage_dir(run_dir, stage)
+    say_config_changes(folder / "config.yaml", cfg, [stage])
     save_config(cfg, folder / "config.yaml")
     seed_everything(cfg.seed)
     print(f"[qedlib] stage {stage}: run folder {Path(run_dir).resolve()}  params {params_file}")
@@ -125,8 +180,9 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
     cfg = load_config(params_file, overrides)  # fail fast on a bad params file
     run_dir = (Path(outputs) / (run_name or cfg.run_name)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     wanted = _select_stages(stages)
+    say_config_changes(run_dir / "config.yaml", cfg, wanted)  # before anything runs: what will not be resumed
+    save_config(cfg, run_dir / "config.yaml")
     timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
     info = {"params_file": str(params_file), "overrides": overrides, "commit": git_commit(), "hardware": hardware()}
     write_json(run_dir / "run.json", {**info, "timings_s": timings})  # the report (in 05_eval) reads it
@@ -158,8 +214,15 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
 
 
 def folder_size(folder: str | Path) -> int:
-    """Bytes under a folder (files only, links not followed)."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes under a folder (files only, symlinks not followed, a hard-linked file counted once, as `du` does)."""
+    seen, total = set(), 0
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
 
 
 def _select_stages(stages: list[str] | None) -> list[str]:

@@ -421,7 +421,7 @@ def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None) ->
     train_tok, stats = build_tokenized(train_rows, tok, cfg.sft.max_length, cfg.sft.overlong, template)
     eval_tok = build_tokenized(eval_rows, tok, cfg.sft.max_length, cfg.sft.overlong, template)[0] if len(eval_rows) else None
     ckpt_dir = folder / "checkpoints"
-    from .training import last_checkpoint
+    from .training import finish_checkpoints, last_checkpoint
     resume_from = last_checkpoint(ckpt_dir) if cfg.sft.resume else None
     if cfg.sft.resume and not resume_from:
         print(f"[qedlib] sft.resume: no checkpoint in {ckpt_dir}, starting from step 0")
@@ -434,6 +434,7 @@ def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None) ->
     result = trainer.train(resume_from_checkpoint=resume_from)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_tok is not None else None
     model_dir = save_model(trainer, cfg, run_dir)
+    finish_checkpoints(ckpt_dir, cfg.sft.keep_checkpoints, model_dir, _is_main_process())
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

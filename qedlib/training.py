@@ -62,6 +62,50 @@ def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_
     return out
 
 
+# What a finished stage no longer needs in its kept checkpoint: optimizer and scheduler state (a rerun with
+# resume=true finds the last step already done, so it loads weights and trainer state only).
+RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "optimizer.bin", "global_step*")
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep: str, model_dir: str | Path | None = None) -> int:
+    """After a stage finished: keep "all" checkpoints, the "last" one without optimizer state, or "none"; return bytes freed.
+
+    With "last", a file identical to the saved model's (weights, tokenizer: the final checkpoint is the
+    final model) becomes a hard link to it, so the run folder holds it once. Main process only.
+    """
+    import filecmp
+    import os
+    from .runner import folder_size
+    ckpt_dir = Path(ckpt_dir)
+    if keep == "all" or not ckpt_dir.is_dir():
+        return 0
+    before = folder_size(ckpt_dir.parent)  # the stage folder: a hard link frees the copy, not the file
+    last = last_checkpoint(ckpt_dir) if keep == "last" else None
+    for sub in ckpt_dir.iterdir():
+        if last is None or sub != Path(last):
+            shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
+    if last is not None:
+        for pattern in RESUME_ONLY:
+            for f in Path(last).glob(pattern):
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+        for f in Path(last).iterdir():
+            twin = Path(model_dir) / f.name if model_dir else None
+            if f.is_file() and twin and twin.is_file() and not f.samefile(twin) and filecmp.cmp(f, twin, shallow=False):
+                f.unlink()
+                os.link(twin, f)
+    else:
+        ckpt_dir.rmdir()
+    return before - folder_size(ckpt_dir.parent)
+
+
+def finish_checkpoints(ckpt_dir: str | Path, keep: str, model_dir: str | Path, is_main: bool) -> None:
+    """Prune a finished stage's checkpoints (`keep_checkpoints`) on the main process and say how much was freed."""
+    if is_main:
+        freed = prune_checkpoints(ckpt_dir, keep, model_dir)
+        if freed:
+            print(f"[qedlib] keep_checkpoints: {keep}: freed {freed / 2**20:.0f} MiB in {ckpt_dir}")
+
+
 def weights_moved(model_dir: str | Path, init_ref: str) -> Optional[float]:
     """`weights_changed_frac` of a saved stage model vs the model it started from (adapters merged first)."""
     from .models import resolve_model, weights_changed_frac

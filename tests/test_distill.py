@@ -51,7 +51,7 @@ def test_sample_record_thinking_closed_open_and_length():
     assert unclosed["proof"] == "" and unclosed["truncated"] and not unclosed["think_closed"]
     cut = distill.sample_record(PROBLEMS[0], 2, completion("ok</think>Proof. Since", True, "length"), dc)
     assert cut["proof"] == "Proof. Since" and cut["truncated"]
-    assert closed["key"] == "p1#0" and closed["cost"] == 0.001
+    assert closed["key"] == distill.sample_key("p1", 0, distill.teacher_hash(dc)) and closed["cost"] == 0.001
 
 
 def test_sample_record_thinking_off_whole_answer_is_proof():
@@ -71,7 +71,7 @@ def test_generate_tiny_logs_every_sample_and_skips_on_rerun(tmp_path, tiny_teach
     stats = distill.generate_samples(PROBLEMS, dc, tmp_path, tiny_teacher, progress=False)
     assert stats["generated"] == 4 and stats["skipped"] == 0
     recs = list(read_jsonl(tmp_path / "samples.jsonl"))
-    assert sorted(r["key"] for r in recs) == ["p1#0", "p1#1", "p2#0", "p2#1"]
+    assert sorted(r["key"] for r in recs) == [distill.sample_key(p, i, distill.teacher_hash(dc)) for p in ("p1", "p2") for i in (0, 1)]
     assert all(r["completion_tokens"] > 0 and r["prompt_tokens"] > 0 for r in recs)
     assert all(r["finish_reason"] in ("stop", "length") for r in recs)
     again = distill.generate_samples(PROBLEMS, dc, tmp_path, tiny_teacher, progress=False)
@@ -187,7 +187,7 @@ def test_openai_teacher_both_reasoning_styles_and_errors_not_logged(tmp_path, op
     problems = [Problem("a", "inline please"), Problem("b", "reasoning field please"), Problem("c", "server error")]
     stats = distill.generate_samples(problems, cfg.distill, tmp_path, progress=False)
     assert stats["generated"] == 4 and stats["errors"] == 2 and "HTTP 400" in stats["first_error"]
-    recs = {r["key"]: r for r in read_jsonl(tmp_path / "samples.jsonl")}
+    recs = {r["key"].split("@")[0]: r for r in read_jsonl(tmp_path / "samples.jsonl")}
     assert set(recs) == {"a#0", "a#1", "b#0", "b#1"}
     assert (recs["a#0"]["reasoning"], recs["a#0"]["proof"]) == ("thought inline", "Proof. Inline.")
     assert (recs["b#1"]["reasoning"], recs["b#1"]["proof"]) == ("thought in a field", "Proof. Field.")
@@ -205,7 +205,8 @@ def _sample(pid, i, truncated=False, tokens=100, proof="Proof."):
 
 
 def _grade(pid, i, points, valid=True, reason=None):
-    return {"key": f"{pid}#{i}", "problem_id": pid, "sample_index": i, "valid": valid, "points": points if valid else None,
+    # keyed like grade_samples keys it: the sample's key ~ hash of the (default) judge settings
+    return {"key": distill.grade_key(f"{pid}#{i}", tiny_cfg().distill.judge), "sample_key": f"{pid}#{i}", "problem_id": pid, "sample_index": i, "valid": valid, "points": points if valid else None,
             "reason": reason, "judge_text": f"judged {pid}#{i}", "cost": 0.0}
 
 
@@ -235,6 +236,7 @@ def test_select_all_passing_and_keep_truncated():
 def test_select_invalid_as_zero_and_ungraded():
     samples, grades = _selection_inputs()
     dc = tiny_cfg(**{"distill.per_problem": "all", "distill.judge.invalid": "zero"}).distill
+    grades = [{**g, "key": distill.grade_key(g["sample_key"], dc.judge)} for g in grades]  # graded by this judge
     rows = {r["key"]: r for r in distill.select_samples(samples, grades[:-1], dc, PROBLEMS)}
     assert rows["p2#1"]["status"] == "kept" and rows["p2#1"]["points"] == 0.0
     assert rows["p2#2"]["status"] == "ungraded"
@@ -384,7 +386,7 @@ def test_grade_samples_http_judge_logs_grades_and_retries_judge_errors(tmp_path,
     grader = distill.make_grader(cfg.distill, tmp_path)
     stats = distill.grade_samples(probs, samples, grader, tmp_path, progress=False)
     assert stats["graded"] == 3 and stats["judge_errors"] == 1
-    got = {g["key"]: g for g in distill.read_grades(tmp_path)}
+    got = {g["sample_key"]: g for g in distill.read_grades(tmp_path)}
     assert got["p1#0"]["valid"] and got["p1#0"]["points"] == 5.0 and got["p1#0"]["cost"] == pytest.approx(100 / 1e6)
     assert (got["p1#1"]["valid"], got["p1#1"]["reason"]) == (False, "no_tag")
     # an empty proof is a valid 0 graded without a judge call (the same rule as RL and eval) ...
