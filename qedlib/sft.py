@@ -637,14 +637,6 @@ def think_findings(m: dict) -> str:
     return " ".join(out)
 
 
-def findings(metrics: dict, history: Optional[list[dict]] = None) -> str:
-    """Training findings and, when the before/after sample ran, think-block findings."""
-    parts = [training_findings(metrics, history)]
-    if "think_closed_after" in metrics:
-        parts.append(think_findings(metrics))
-    return " ".join(p for p in parts if p)
-
-
 # Key settings shown beside the paper's (qedlib.display.settings_table).
 SETTINGS = [("base model", "base_model", "Qwen3-4B-Thinking-2507"),
             ("data", "sft.dataset", "FineProofs-SFT"),
