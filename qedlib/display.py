@@ -54,3 +54,24 @@ def say(text: str) -> None:
         display(Markdown(text))
     except ImportError:  # pragma: no cover - IPython ships with the notebook stack
         print(text)
+
+
+def quiet_library_bars() -> None:
+    """Turn off transformers' and datasets' own progress bars (loading/writing weights, dataset maps).
+
+    In a saved notebook they are widgets whose state is not stored, so they read '0%' forever.
+    """
+    import datasets
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+def experiments_markdown(experiments: list[dict], params_file: str, stages: str) -> str:
+    """Notebook "Try it" experiments ({name, overrides, look_for}) as markdown: a fresh-run command, what to see."""
+    import yaml
+    out = []
+    for i, x in enumerate(experiments, 1):  # values as YAML scalars, what --set parses (3.0e-05, not 3e-05)
+        sets = " ".join(f"--set {k}={yaml.safe_dump(v).splitlines()[0]}" for k, v in x["overrides"].items())
+        out.append(f"{i}. **{x['name']}**: `python -m qedlib run {params_file} --run-name try-{x['name']} "
+                   f"--stages {stages} {sets}`  \n   Look for: {x['look_for']}")
+    return "\n".join(out)
