@@ -440,9 +440,19 @@ def _judge_answer(run, bench, gp, row, mode, score) -> str:
             f"{list(gp.allowed)}, renormalised)\n\nprobabilities: {shown}\n\nGrade: {score}.")
 
 
+PIPELINE_ORDER = ("base", "sft", "rubric_rl", "rc_rl")  # checkpoints in the order the stages make them
+
+
+def _ordered(checkpoints) -> list:
+    """Checkpoint names in pipeline order (any other model after them, in its own order)."""
+    rank = {c: k for k, c in enumerate(PIPELINE_ORDER)}
+    return sorted(checkpoints, key=lambda c: rank.get(c, len(rank)))
+
+
 def _groups(metrics: dict):
-    """(checkpoint, scaffold, block) of metrics["scores"], in the metrics' order."""
-    return [(ck, sc, b) for ck, by_sc in metrics.get("scores", {}).items() for sc, b in by_sc.items()]
+    """(checkpoint, scaffold, block) of metrics["scores"], checkpoints in pipeline order."""
+    scores = metrics.get("scores", {})
+    return [(ck, sc, b) for ck in _ordered(scores) for sc, b in scores[ck].items()]
 
 
 def means_findings(metrics: dict) -> str:
@@ -466,7 +476,7 @@ def paper_table(metrics: dict, scaffold: str = "single"):
     from .report import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
     names = {"imo-proofbench": "IMO-ProofBench", "proofbench": "ProofBench", "imo-answerbench": "IMO-AnswerBench"}
     out = []
-    for ck in metrics.get("checkpoints", []):
+    for ck in _ordered(metrics.get("checkpoints", [])):
         paper_row = PAPER_ROW_OF_CHECKPOINT.get(ck)
         row = {"checkpoint": ck}
         for b, label in names.items():
@@ -529,8 +539,8 @@ def final_table(metrics: dict):
     scaffolds = metrics.get("scaffolds", [])
     cols = []
     for sc in scaffolds:
-        keys = [(f"{ck}: {what}", f"scores.{ck}.{sc}.{key}") for ck in metrics.get("checkpoints", [])
-                for what, key in (("score % of 7", "mean_score_pct"), ("truncated", "truncation_rate"))]
+        keys = [(f"{ck}: {what}", f"scores.{ck}.{sc}.{key}") for ck in _ordered(metrics.get("checkpoints", []))
+                for what, key in (("score % of 7", "mean_score_pct"), ("truncated (share of rows)", "truncation_rate"))]
         keys += [(f"judge calibration: {k}", f"judge_calibration.{k}") for k in ("mae", "pairwise_agreement", "bucket_accuracy")]
         cols.append(metrics_table(metrics, keys, title=sc))
     table = pd.concat(cols, axis=1) if cols else pd.DataFrame()

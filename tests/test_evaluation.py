@@ -271,6 +271,8 @@ def test_findings_predict_scores_from_a_constant_judge_and_the_no_proof_share():
     assert "| base | single | 10.0% | 80% | 80% | 8.0% |" in text  # 40% x (1 - 0.8)
     assert "| base | rc | 20.0% | 40% | 50% | 20.0% |" in text
     assert "Run the judge calibration" in evaluation.findings(hand_metrics(), None)
+    m = {**hand_metrics(), "scores": {"rc_rl": {"single": block(1.0, 0, 0)}, "base": {"single": block(2.0, 0, 0)}}}
+    assert evaluation.findings(m).index("| base |") < evaluation.findings(m).index("| rc_rl |")  # pipeline order
 
 
 def test_means_findings_explain_the_gap_from_the_invalid_rate():
@@ -292,7 +294,7 @@ def test_final_table_is_small_and_settings_resolve():
     from qedlib.display import settings_table
     t = evaluation.final_table(hand_metrics())
     assert list(t.columns) == ["rc", "single"] and len(t) == 2 * 2 + 3
-    assert t.loc["base: score % of 7", "rc"] == "20" and t.loc["rubric_rl: truncated", "rc"] == "n/a"
+    assert t.loc["base: score % of 7", "rc"] == "20" and t.loc["rubric_rl: truncated (share of rows)", "rc"] == "n/a"
     assert t.loc["judge calibration: mae", "rc"] == "2.5" and t.loc["judge calibration: mae", "single"] == ""  # shown once
     cfg = load_config(Path(__file__).resolve().parent.parent / "params" / "cpu.yaml")
     assert len(settings_table(cfg, evaluation.SETTINGS)) == len(evaluation.SETTINGS) <= 15
