@@ -395,6 +395,7 @@ def pick_example(rows: list[dict]) -> dict:
     if not rows:
         raise ValueError("no result rows: run the evaluation first")
     judged = [r for r in rows if str(r.get("graded_by", "")).startswith("judge") and r.get("valid")]
+    judged = [r for r in judged if "extracted_answer" not in r] or judged  # a proof over a short answer
     pool = [r for r in judged if r["scaffold"] == "single"] or judged or rows
     return pool[-1]
 
@@ -421,7 +422,10 @@ def worked_example(run: "Evaluation", rows: list[dict], benchmarks: list[Benchma
                      f"reference {row.get('reference_answer')!r}. Grade: {score}.")
         return "\n\n".join(parts)
     mode = run.cfg.eval.judge.mode
-    gp = build_prompt(bench.judge_prompt, mode, problem, row["model_solution"] or "")
+    sent = row["model_solution"] or ""
+    if bench.task == "answer":  # the answer judge sees the extracted answer only (grading.Grader does the same)
+        sent = f"\\boxed{{{row.get('extracted_answer') or ''}}}"
+    gp = build_prompt(bench.judge_prompt, mode, problem, sent)
     parts += [f"**The judge prompt as sent** (`{bench.judge_prompt}` prompt, one user message)", fence(gp.text)]
     parts.append(_judge_answer(run, bench, gp, row, mode, score))
     return "\n\n".join(parts)
