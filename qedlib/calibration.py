@@ -172,3 +172,99 @@ def calibration_figures(result: dict) -> dict:
                           xaxis_title="reference grade", yaxis_title="judge score", width=560, height=460,
                           xaxis=dict(range=[-0.5, 7.5]), yaxis=dict(range=[-0.5, 7.5]))
     return {"confusion": confusion, "scatter": scatter}
+
+
+# ---------------------------------------------------------------- what the numbers mean
+# A judge "beats a constant" when its MAE is at least this share below the best constant's ...
+BEATS_CONSTANT_MAE = 0.10
+# ... and it orders same-problem proofs better than a coin by at least this much.
+BEATS_CHANCE_PAIRWISE = 0.10
+
+
+def chance_levels() -> dict:
+    """What a judge that knows nothing scores: pairwise ordering 0.5 (a coin), bucket accuracy 1 / number of buckets."""
+    return {"pairwise_agreement": 0.5, "bucket_accuracy": 1 / len(BUCKETS)}
+
+
+def constant_baseline(result: dict) -> dict:
+    """The judge that always answers one number, on the rows the judge graded validly: the best constant
+    (the median of the reference grades minimises MAE) and its MAE, and the MAE of always answering the judge's mean."""
+    valid = [t for t in result["table"] if t["valid"]]
+    if not valid:
+        return {"best_constant": None, "best_constant_mae": None, "judge_mean": None, "judge_mean_mae": None}
+    refs = [t["reference_grade"] for t in valid]
+    best = statistics.median(refs)
+    judge_mean = statistics.fmean(t["score"] for t in valid)
+    mae = lambda c: statistics.fmean(abs(c - r) for r in refs)
+    return {"best_constant": best, "best_constant_mae": mae(best), "judge_mean": judge_mean, "judge_mean_mae": mae(judge_mean)}
+
+
+def beats_constant(result: dict) -> bool | None:
+    """True when the judge's MAE is clearly below the best constant's and it orders proofs clearly better than chance."""
+    base = constant_baseline(result)
+    if result.get("mae") is None or base["best_constant_mae"] is None:
+        return None
+    pairwise = result.get("pairwise_agreement")
+    return (result["mae"] <= (1 - BEATS_CONSTANT_MAE) * base["best_constant_mae"]
+            and pairwise is not None and pairwise >= chance_levels()["pairwise_agreement"] + BEATS_CHANCE_PAIRWISE)
+
+
+def judge_vs_baselines(result: dict):
+    """MAE, pairwise agreement and bucket accuracy of the judge next to a constant judge and chance (a DataFrame)."""
+    import pandas as pd
+    base, chance = constant_baseline(result), chance_levels()
+    return pd.DataFrame([
+        {"measure": "mean absolute error (points, lower is better)", "judge": result.get("mae"),
+         "constant judge": base["best_constant_mae"], "what the baseline is": f"always answer {_pts(base['best_constant'])}"},
+        {"measure": "pairwise ordering within a problem", "judge": result.get("pairwise_agreement"),
+         "constant judge": chance["pairwise_agreement"], "what the baseline is": "a coin (a constant ties every pair: 1/2)"},
+        {"measure": "bucket accuracy (0 / 1-3 / 4-6 / 7)", "judge": result.get("bucket_accuracy"),
+         "constant judge": chance["bucket_accuracy"], "what the baseline is": f"chance: 1 / {len(BUCKETS)} buckets"},
+    ]).set_index("measure").round(3)
+
+
+def proofs_table(rows: list[dict], result: dict | None = None):
+    """Every calibration proof (problem, kind, reference grade, note, proof) with the judge's score where it graded it."""
+    import pandas as pd
+    graded = (result or {}).get("table", [])
+    out = []
+    for k, r in enumerate(rows):
+        t = graded[k] if k < len(graded) else None
+        judge = "not graded" if t is None else (round(t["score"], 2) if t["valid"] else f"invalid ({t['reason']})")
+        out.append({"problem": r["problem_id"], "kind": r["kind"], "reference": r["reference_grade"], "judge": judge,
+                    "note": r["note"], "proof": r["proof"]})
+    return pd.DataFrame(out)
+
+
+def _pts(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def findings(result: dict | None) -> str:
+    """What the calibration says, in words, from its own numbers: the judge against a constant and against chance."""
+    if not result or result.get("mae") is None:
+        return "No calibration proof was graded validly (eval.calibration_limit is 0, or every grade was invalid)."
+    base, chance = constant_baseline(result), chance_levels()
+    pw, acc = result.get("pairwise_agreement"), result.get("bucket_accuracy")
+    lines = [f"On {result['valid']} calibration proofs the judge's mean absolute error is **{result['mae']:.2f} points**; "
+             f"always answering {_pts(base['best_constant'])} would give **{base['best_constant_mae']:.2f}**, and always "
+             f"answering the judge's own mean ({base['judge_mean']:.2f}) {base['judge_mean_mae']:.2f}.",
+             f"It orders two proofs of the same problem correctly {'n/a' if pw is None else f'{pw:.0%}'} of the time "
+             f"(a coin: {chance['pairwise_agreement']:.0%}) and puts {acc:.0%} of proofs in the right bucket "
+             f"(chance: {chance['bucket_accuracy']:.0%})."]
+    if beats_constant(result):
+        lines.append("**The judge carries signal**: its grades are closer to the reference than any constant and it "
+                     "orders proofs better than chance, so differences in eval scores can reflect proof quality.")
+    else:
+        lines.append(f"**The judge is no better than a constant.** Its grades say little about the proof: expect every "
+                     f"graded proof to score about {base['judge_mean']:.2f} / 7 ({base['judge_mean'] / 7:.0%}) whatever "
+                     f"it says, so eval scores mostly measure how often there is a proof to grade at all.")
+    return "\n\n".join(lines)
+
+
+def summary(result: dict | None) -> dict | None:
+    """The calibration numbers metrics.json keeps: the judge's measures, the constant judge's and whether it beats it."""
+    if not result:
+        return None
+    out = {k: result.get(k) for k in ("rows", "valid", "mae", "bucket_accuracy", "pairwise_agreement", "invalid_rate")}
+    return {**out, **constant_baseline(result), "beats_constant": beats_constant(result)}

@@ -330,6 +330,11 @@ def both_means(rows: list[dict]) -> dict:
             "mean_pct_invalid_as_0": stats.score_pct(stats.effective_score(r, "zero") for r in rows)}
 
 
+def no_proof_rate(rows: list[dict]):
+    """Share of rows with nothing to grade (truncated, empty proof, or no final answer): valid 0s with no judge call."""
+    return sum(1 for r in rows if r.get("no_proof")) / len(rows) if rows else None
+
+
 def summary_unclosed_rate(rows: list[dict]):
     """Share of RC summaries whose thinking never closed (None when no row has summaries)."""
     n = sum(r.get("summaries", 0) for r in rows)
@@ -384,7 +389,7 @@ def eval_metrics(rows: list[dict], cfg, benchmarks: Optional[list] = None) -> di
         mean, std = stats.runs_mean_std(grp, invalid)
         out = {"mean_score_pct": ci["mean_score_pct"], **both_means(grp), "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
                "summary_unclosed_rate": summary_unclosed_rate(grp), "run_std_pct": std, "truncation_rate": stats.truncation_rate(grp), "tokens_per_problem": stats.tokens_per_problem(grp),
-               "invalid_rate": stats.invalid_rate(grp), "rows": len(grp)}
+               "invalid_rate": stats.invalid_rate(grp), "no_proof_rate": no_proof_rate(grp), "rows": len(grp)}
         for k in ev.pass_k:
             if k <= ev.samples:
                 out[f"pass@{k}"] = stats.pass_at_k_rows(grp, k, ev.success_threshold, invalid)
@@ -409,3 +414,196 @@ def trajectory_text(stage_folder, key: str) -> dict:
         if rec["key"] == key:
             return rec
     raise KeyError(f"no generation with key {key!r} in {stage_folder}/generations.jsonl")
+
+
+# ---------------------------------------------------------------- reading the results (notebook 05)
+# (label, dotted key in the config, the paper's value): the settings a reader of 05 needs (display.settings_table)
+SETTINGS = [
+    ("checkpoints", "eval.checkpoints", "base, SFT, SFT + rubric RL + RC RL"),
+    ("benchmarks", "eval.benchmarks", "imo-proofbench, proofbench, imo-answerbench"),
+    ("problems per benchmark (cap)", "eval.benchmark_limit", "all: 60 / 145 / 400"),
+    ("runs per problem", "eval.samples", 3),
+    ("sampling temperature", "eval.sampling.temperature", 0.8),
+    ("max new tokens (single pass)", "eval.sampling.max_new_tokens", 49_152),
+    ("scaffolds", "eval.scaffolds", "single, rc, dsm, rsa, ..."),
+    ("RC turns", "eval.rc.turns", 3),
+    ("RC reasoning budget per turn", "eval.rc.reasoning_budget", 49_152),
+    ("RC summary max tokens", "eval.rc.summary.max_new_tokens", 2_048),
+    ("RC summariser at test time", "eval.rc.summariser", "policy"),
+    ("judge model", "eval.judge.endpoint.model", "gpt-oss-20b"),
+    ("judge prompt (shipped set)", "eval.judge.prompt", "ProofBench-style"),
+    ("judge mode", "eval.judge.mode", "text"),
+    ("pass@k success: score >=", "eval.success_threshold", 6),
+]
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1f}%"
+
+
+def _share(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def pick_example(rows: list[dict]) -> dict:
+    """The row to read in full: a proof the judge actually read (single pass, the latest checkpoint) if there is one."""
+    if not rows:
+        raise ValueError("no result rows: run the evaluation first")
+    judged = [r for r in rows if str(r.get("graded_by", "")).startswith("judge") and r.get("valid")]
+    judged = [r for r in judged if "extracted_answer" not in r] or judged  # a proof over a short answer
+    pool = [r for r in judged if r["scaffold"] == "single"] or judged or rows
+    return pool[-1]
+
+
+def worked_example(run: "Evaluation", rows: list[dict], benchmarks: list[Benchmark]) -> str:
+    """One result row read in full (Markdown): the problem, the model's proof, the judge prompt as sent, the judge's answer and grade."""
+    from .grading import build_prompt
+    row = pick_example(rows)
+    bench = next(b for b in benchmarks if b.name == row["benchmark"])
+    problem = next(p for p in bench.problems if p.id == row["problem_id"])
+    fence = lambda text: f"````text\n{text}\n````"
+    head = (f"**Row** `{row['key']}` (checkpoint {row['checkpoint']}, benchmark {row['benchmark']}, "
+            f"scaffold {row['scaffold']}, sample {row['sample']}): {row['tokens']} generated tokens.")
+    parts = [head, "**The problem**", fence(problem.problem),
+             "**The model's proof** (the text after the last `</think>`)", fence(row["model_solution"] or "(nothing)")]
+    score = "no score (invalid)" if row["score"] is None else f"**{row['score']:.2f} / 7**"
+    if row.get("no_proof"):
+        why = {"truncated": "the thinking never closed (truncated)", "empty": "nothing follows `</think>` (empty proof)",
+               "no_answer": "no final `\\boxed{}` answer"}.get(row["no_proof"], row["no_proof"])
+        parts.append(f"**No judge call**: {why}, so the row scores a valid 0 without asking the judge. Grade: {score}.")
+        return "\n\n".join(parts)
+    if row.get("graded_by") in ("exact", "math-verify"):
+        parts.append(f"**Graded by {row['graded_by']}** (no judge call): {row.get('extracted_answer')!r} against the "
+                     f"reference {row.get('reference_answer')!r}. Grade: {score}.")
+        return "\n\n".join(parts)
+    mode = run.cfg.eval.judge.mode
+    sent = row["model_solution"] or ""
+    if bench.task == "answer":  # the answer judge sees the extracted answer only (grading.Grader does the same)
+        sent = f"\\boxed{{{row.get('extracted_answer') or ''}}}"
+    gp = build_prompt(bench.judge_prompt, mode, problem, sent)
+    parts += [f"**The judge prompt as sent** (`{bench.judge_prompt}` prompt, one user message)", fence(gp.text)]
+    parts.append(_judge_answer(run, bench, gp, row, mode, score))
+    return "\n\n".join(parts)
+
+
+def _judge_answer(run, bench, gp, row, mode, score) -> str:
+    """The judge's side of a worked example: its text (text mode) or its probabilities over the allowed values (score_prob)."""
+    if mode == "text":
+        return f"**The judge's answer**\n\n````text\n{row.get('judge_text') or '(empty)'}\n````\n\nRead from `<{gp.tag}>`: {score}."
+    grader = run.grader(bench.judge_prompt)
+    rec = grader.cache.records.get(grader.cache_key(gp.text)) if grader.cache is not None else None
+    probs = (rec or {}).get("grade", {}).get("probs") or {}
+    shown = ", ".join(f"{k}: {v:.2f}" for k, v in probs.items()) or "(not in the judge cache)"
+    return (f"**The judge's answer** (score_prob mode: the assistant turn is started with `{gp.prefix}` and the judge "
+            f"writes nothing; the grade is the expected value of its next-token probabilities over the allowed values "
+            f"{list(gp.allowed)}, renormalised)\n\nprobabilities: {shown}\n\nGrade: {score}.")
+
+
+PIPELINE_ORDER = ("base", "sft", "rubric_rl", "rc_rl")  # checkpoints in the order the stages make them
+
+
+def _ordered(checkpoints) -> list:
+    """Checkpoint names in pipeline order (any other model after them, in its own order)."""
+    rank = {c: k for k, c in enumerate(PIPELINE_ORDER)}
+    return sorted(checkpoints, key=lambda c: rank.get(c, len(rank)))
+
+
+def _groups(metrics: dict):
+    """(checkpoint, scaffold, block) of metrics["scores"], checkpoints in pipeline order."""
+    scores = metrics.get("scores", {})
+    return [(ck, sc, b) for ck in _ordered(scores) for sc, b in scores[ck].items()]
+
+
+def means_findings(metrics: dict) -> str:
+    """Why the two means (invalid grades dropped / counted as 0) agree or differ, from this run's numbers."""
+    out = []
+    for ck, sc, b in _groups(metrics):
+        inv, drop, zero = b.get("invalid_rate") or 0.0, b.get("mean_pct_invalid_dropped"), b.get("mean_pct_invalid_as_0")
+        if not inv:
+            out.append(f"{ck} / {sc}: no invalid grade, so both means are {_pct(drop)}.")
+        else:
+            out.append(f"{ck} / {sc}: {inv:.0%} of grades are invalid; dropping them gives {_pct(drop)}, counting them "
+                       f"as 0 gives {_pct(zero)} (the gap is what the failed grades would be worth if they were all 0).")
+    lead = ("An invalid grade is a judge failure (no readable score), not a 0. In score_prob mode the judge always "
+            "returns a valid expected score, so invalid grades come only from text mode (or undecidable answers).")
+    return lead + "\n\n" + "\n".join(f"- {x}" for x in out)
+
+
+def paper_table(metrics: dict, scaffold: str = "single"):
+    """The paper's three benchmarks (base -> SFT -> full RL) next to this run's scores per benchmark, one row per checkpoint."""
+    import pandas as pd
+    from .report import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
+    names = {"imo-proofbench": "IMO-ProofBench", "proofbench": "ProofBench", "imo-answerbench": "IMO-AnswerBench"}
+    out = []
+    for ck in _ordered(metrics.get("checkpoints", [])):
+        paper_row = PAPER_ROW_OF_CHECKPOINT.get(ck)
+        row = {"checkpoint": ck}
+        for b, label in names.items():
+            row[f"paper {label}"] = PAPER_RESULTS[b].get(paper_row) if paper_row else None
+        for b, by_ck in metrics.get("by_benchmark", {}).items():
+            row[f"this run {b} ({scaffold})"] = by_ck.get(ck, {}).get(scaffold, {}).get("mean_score_pct")
+        out.append(row)
+    return pd.DataFrame(out).set_index("checkpoint")
+
+
+def paper_findings() -> str:
+    """What the paper's three columns say about each stage, computed from report.PAPER_RESULTS."""
+    from .report import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
+    rows = [PAPER_ROW_OF_CHECKPOINT[k] for k in ("base", "sft", "rc_rl")]
+    parts = []
+    for b, label in (("imo-proofbench", "IMO-ProofBench"), ("proofbench", "ProofBench"), ("imo-answerbench", "IMO-AnswerBench")):
+        base, sft, rl = (PAPER_RESULTS[b][r] for r in rows)
+        parts.append(f"{label} {base} -> {sft} -> {rl} (SFT {sft - base:+.1f}, RL {rl - sft:+.1f})")
+    return ("Paper, base -> SFT -> full RL: " + "; ".join(parts) + ". RL barely moves IMO-ProofBench but adds most of "
+            "its gain on ProofBench and AnswerBench, so compare runs on all three columns. The paper's rubric RL and "
+            "RC RL were trained one after the other and reported together, so `rubric_rl` has no paper row.")
+
+
+def findings(metrics: dict, calibration: dict | None = None) -> str:
+    """What the eval scores mean, from this run's numbers: score vs the share with no proof, and what a constant judge predicts."""
+    from . import calibration as cal
+    groups = _groups(metrics)
+    if not groups:
+        return "No result rows: nothing to interpret."
+    verdict = cal.beats_constant(calibration) if calibration else None
+    judge_mean = cal.constant_baseline(calibration)["judge_mean"] if calibration else None
+    head = ["| checkpoint | scaffold | score | truncated | no proof to grade | " +
+            ("constant judge predicts |" if judge_mean is not None else ""),
+            "|---|---|---|---|---|" + ("---|" if judge_mean is not None else "")]
+    for ck, sc, b in groups:
+        line = f"| {ck} | {sc} | {_pct(b.get('mean_score_pct'))} | {_share(b.get('truncation_rate'))} | {_share(b.get('no_proof_rate'))} |"
+        if judge_mean is not None:
+            pred = None if b.get("no_proof_rate") is None else 100 * judge_mean / 7 * (1 - b["no_proof_rate"])
+            line += f" {_pct(pred)} |"
+        head.append(line)
+    text = ("A row with no proof to grade (truncated: the thinking never closed; or an empty proof) scores a valid 0 "
+            "without a judge call; every other row gets the judge's grade.")
+    if judge_mean is None:
+        why = "Run the judge calibration to see whether those grades carry signal."
+    elif verdict:
+        why = ("The calibration says the judge carries signal, so differences between rows beyond the no-proof share "
+               "reflect proof quality (read them against the intervals).")
+    else:
+        why = (f"The calibration says the judge is no better than a constant: it gives about {judge_mean:.2f} / 7 "
+               f"= {judge_mean / 7:.0%} to anything it reads. So each score is about {judge_mean / 7:.0%} x (1 - the share "
+               f"with no proof): compare the last two columns. Differences between checkpoints here measure how often "
+               f"a model closes its thinking and writes something, not how good its proofs are.")
+    return text + "\n\n" + "\n".join(head) + "\n\n" + why
+
+
+def final_table(metrics: dict):
+    """The stage's final numbers: score and truncation per checkpoint (rows) and scaffold (columns), plus calibration."""
+    import pandas as pd
+    from .display import metrics_table
+    scaffolds = metrics.get("scaffolds", [])
+    cols = []
+    for sc in scaffolds:
+        keys = [(f"{ck}: {what}", f"scores.{ck}.{sc}.{key}") for ck in _ordered(metrics.get("checkpoints", []))
+                for what, key in (("score % of 7", "mean_score_pct"), ("truncated (share of rows)", "truncation_rate"))]
+        keys += [(f"judge calibration: {k}", f"judge_calibration.{k}") for k in ("mae", "pairwise_agreement", "bucket_accuracy")]
+        cols.append(metrics_table(metrics, keys, title=sc))
+    table = pd.concat(cols, axis=1) if cols else pd.DataFrame()
+    calib = [i for i in table.index if i.startswith("judge calibration")]
+    for sc in scaffolds[1:]:  # calibration does not depend on the scaffold: show it once
+        table.loc[calib, sc] = ""
+    return table

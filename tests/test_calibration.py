@@ -81,3 +81,38 @@ def test_calibrate_with_a_real_inprocess_judge(tmp_path):
     r = C.calibrate(Grader(judge, cache_dir=tmp_path), rows)
     assert r["rows"] == 3 and r["valid"] == 3 and r["invalid_rate"] == 0.0
     assert 0 <= r["mae"] <= 7 and r["prompt_tokens_per_grade"] > 0 and len(r["table"]) == 3
+
+
+def constant_result(ref, judge):
+    return C.calibrate(ScriptedGrader([Grade(True, float(g)) for g in judge]), rows_of(ref))
+
+
+def test_constant_baseline_and_chance_by_hand():
+    r = constant_result([7, 3, 0, 7, 0], [2, 2, 2, 2, 2])
+    base = C.constant_baseline(r)
+    assert base["best_constant"] == 3 and base["best_constant_mae"] == pytest.approx((4 + 0 + 3 + 4 + 3) / 5)
+    assert base["judge_mean"] == 2 and base["judge_mean_mae"] == pytest.approx((5 + 1 + 2 + 5 + 2) / 5)
+    assert C.chance_levels() == {"pairwise_agreement": 0.5, "bucket_accuracy": 0.25}
+    table = C.judge_vs_baselines(r)
+    assert table.loc["pairwise ordering within a problem", "constant judge"] == 0.5
+    assert table.iloc[0]["constant judge"] == pytest.approx(2.8)
+
+
+def test_a_constant_judge_is_called_one_and_a_perfect_judge_is_not():
+    ref = [7, 3, 0, 7, 0]
+    flat, perfect = constant_result(ref, [2.5] * 5), constant_result(ref, ref)
+    assert C.beats_constant(flat) is False and C.beats_constant(perfect) is True
+    assert "no better than a constant" in C.findings(flat) and "2.50 / 7 (36%)" in C.findings(flat)
+    assert "carries signal" in C.findings(perfect) and "0.00 points" in C.findings(perfect)
+    assert "No calibration proof" in C.findings(None)
+    s = C.summary(flat)
+    assert s["beats_constant"] is False and s["best_constant_mae"] == pytest.approx(2.8) and s["mae"] is not None
+
+
+def test_proofs_table_shows_every_proof_with_the_judges_grade_where_graded():
+    rows = C.load_calibration()
+    graded = C.calibrate(ScriptedGrader([Grade(True, 4.0), Grade(False, None, reason="no_tag")]), rows[:2])
+    table = C.proofs_table(rows, graded)
+    assert len(table) == len(rows) == 36 and set(table["kind"]) == {"good", "flawed", "wrong"}
+    assert list(table["judge"][:3]) == [4.0, "invalid (no_tag)", "not graded"]
+    assert table["proof"][0] == rows[0]["proof"] and table["note"][0] == rows[0]["note"]  # in full, not cut

@@ -236,3 +236,113 @@ def test_judge_is_not_loaded_when_no_proof_needs_it(tmp_path, tiny_gen):
     rows = run.run(benches, evaluation.models_under_test(cfg, tmp_path), ["single"], policy_factory=lambda ep: NeverCloses(tiny_gen))
     assert len(rows) == 3 and all(r["truncated"] and r["score"] == 0.0 for r in rows)
     assert isinstance(run.judge_generator, evaluation.LazyGenerator) and run.judge_generator._gen is None
+
+
+def block(score, truncated, no_proof, invalid=0.0):
+    return {"mean_score_pct": score, "truncation_rate": truncated, "no_proof_rate": no_proof, "invalid_rate": invalid,
+            "mean_pct_invalid_dropped": score, "mean_pct_invalid_as_0": score * (1 - invalid)}
+
+
+def hand_metrics():
+    scores = {"base": {"single": block(10.0, 0.8, 0.8), "rc": block(20.0, 0.4, 0.5)},
+              "rubric_rl": {"single": block(30.0, 0.2, 0.2, invalid=0.25)}}
+    return {"checkpoints": ["base", "rubric_rl"], "scaffolds": ["rc", "single"], "scores": scores,
+            "by_benchmark": {"shipped": scores}, "judge_calibration": {"mae": 2.5, "pairwise_agreement": 0.4}}
+
+
+def flat_calibration(judge=2.8):
+    from qedlib import calibration as C
+    from qedlib.grading import Grade
+    rows = [{"problem": Problem("p", "x"), "problem_id": "p", "proof": "", "reference_grade": g, "kind": "", "note": ""}
+            for g in (7, 3, 0)]
+
+    class Flat:
+        def grade(self, problems, proofs):
+            return [Grade(True, judge)] * len(proofs)
+
+        def settings(self):
+            return {}
+    return C.calibrate(Flat(), rows)
+
+
+def test_findings_predict_scores_from_a_constant_judge_and_the_no_proof_share():
+    text = evaluation.findings(hand_metrics(), flat_calibration(2.8))  # 2.8 / 7 = 40%
+    assert "no better than a constant" in text and "40% x (1 - the share with no proof)" in text
+    assert "| base | single | 10.0% | 80% | 80% | 8.0% |" in text  # 40% x (1 - 0.8)
+    assert "| base | rc | 20.0% | 40% | 50% | 20.0% |" in text
+    assert "Run the judge calibration" in evaluation.findings(hand_metrics(), None)
+    m = {**hand_metrics(), "scores": {"rc_rl": {"single": block(1.0, 0, 0)}, "base": {"single": block(2.0, 0, 0)}}}
+    assert evaluation.findings(m).index("| base |") < evaluation.findings(m).index("| rc_rl |")  # pipeline order
+
+
+def test_means_findings_explain_the_gap_from_the_invalid_rate():
+    text = evaluation.means_findings(hand_metrics())
+    assert "base / single: no invalid grade, so both means are 10.0%" in text
+    assert "rubric_rl / single: 25% of grades are invalid; dropping them gives 30.0%, counting them as 0 gives 22.5%" in text
+
+
+def test_paper_table_quotes_all_three_benchmarks():
+    t = evaluation.paper_table(hand_metrics())
+    assert list(t.loc["base", ["paper IMO-ProofBench", "paper ProofBench", "paper IMO-AnswerBench"]]) == [20.4, 19.5, 55.8]
+    assert t.loc["rubric_rl"].isna()["paper ProofBench"] and t.loc["base", "this run shipped (single)"] == 10.0
+    text = evaluation.paper_findings()
+    for s in ("20.4 -> 39.5 -> 40.0", "19.5 -> 33.3 -> 44.9 (SFT +13.8, RL +11.6)", "55.8 -> 57.5 -> 67.5"):
+        assert s in text
+
+
+def test_final_table_is_small_and_settings_resolve():
+    from qedlib.display import settings_table
+    t = evaluation.final_table(hand_metrics())
+    assert list(t.columns) == ["rc", "single"] and len(t) == 2 * 2 + 3
+    assert t.loc["base: score % of 7", "rc"] == "20" and t.loc["rubric_rl: truncated (share of rows)", "rc"] == "n/a"
+    assert t.loc["judge calibration: mae", "rc"] == "2.5" and t.loc["judge calibration: mae", "single"] == ""  # shown once
+    cfg = load_config(Path(__file__).resolve().parent.parent / "params" / "cpu.yaml")
+    assert len(settings_table(cfg, evaluation.SETTINGS)) == len(evaluation.SETTINGS) <= 15
+
+
+def test_worked_example_shows_the_judge_prompt_as_sent(tmp_path, tiny_gen):
+    from qedlib.grading import build_prompt
+    cfg = tiny_cfg(tmp_path, samples=1, judge={"endpoint": {"model": "tiny-qwen3", "device": "cpu", "dtype": "float32"},
+                                               "mode": "score_prob"})
+    run = evaluation.Evaluation(cfg, tmp_path / "05_eval", judge_generator=tiny_gen)
+    benches = evaluation.load_benchmarks(cfg.eval.benchmarks)
+    rows = [{**r, "truncated": False} for r in run.run(benches, [("base", None)], ["single"], policy_factory=lambda ep: tiny_gen)]
+    # a random model seldom closes </think>: grade one proof ourselves so the example has a judge call to show
+    p = benches[0].problems[0]
+    grade = run.grader("rubric").grade([p], ["Since 0 + 0 = 2 * 0, it is even."])[0]
+    row = evaluation.make_row("base", benches[0], "single", p, 0,
+                              {"final": "Since 0 + 0 = 2 * 0, it is even.", "think_closed": True, "prompt_tokens": 3,
+                               "completion_tokens": 9, "cost": 0.0, "finish_reason": "stop", "calls": 1, "budget_hit": False},
+                              grade)
+    assert evaluation.pick_example(rows + [row]) is row
+    text = evaluation.worked_example(run, rows + [row], benches)
+    sent = build_prompt("rubric", "score_prob", p, "Since 0 + 0 = 2 * 0, it is even.").text
+    assert sent in text and p.problem in text and "probabilities: 0: " in text and f"{row['score']:.2f} / 7" in text
+    truncated = {**rows[0], "no_proof": "truncated", "graded_by": "no-proof", "score": 0.0}
+    assert "No judge call" in evaluation.worked_example(run, [truncated], benches)
+
+
+def test_no_proof_rate_counts_rows_without_a_judge_call():
+    rows = [{"no_proof": "truncated"}, {"no_proof": "empty"}, {"no_proof": None}, {}]
+    assert evaluation.no_proof_rate(rows) == 0.5 and evaluation.no_proof_rate([]) is None
+
+
+def test_try_it_commands_load_with_cpu_params():
+    """Every 'Try it' command of notebook 05 names existing keys, a fresh run folder, and evaluates the base model only."""
+    import shlex
+    from qedlib.config import parse_override
+    repo = Path(__file__).resolve().parent.parent
+    nb = json.loads((repo / "notebooks" / "05_eval.ipynb").read_text())
+    text = "".join(nb["cells"][-1]["source"])
+    assert text.startswith("## Try it")
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("python -m qedlib run")]
+    assert 3 <= len(commands) <= 5 and text.count("Look for") == len(commands)
+    names = set()
+    for cmd in commands:
+        argv = shlex.split(cmd)
+        params, name = argv[4], argv[argv.index("--run-name") + 1]
+        overrides = dict(parse_override(argv[i + 1]) for i, a in enumerate(argv) if a == "--set")
+        cfg = load_config(repo / params, overrides)  # raises on a key that does not exist
+        assert cfg.eval.checkpoints == ["base"] and argv[argv.index("--stages") + 1] == "05_eval"
+        assert name not in names and name != cfg.run_name
+        names.add(name)
