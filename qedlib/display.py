@@ -15,6 +15,8 @@ def _dotted(obj: Any, key: str) -> Any:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v) or "(none)"
     if isinstance(v, float):
         return f"{v:.3g}" if (abs(v) < 1e-3 or abs(v) >= 1e5) and v else f"{v:,.4g}"
     if isinstance(v, int) and not isinstance(v, bool):

@@ -113,7 +113,8 @@ def pass_at_k_ci(rows: list[dict], k: int, threshold: float = 6, n_boot: int = 1
 
 
 def truncation_rate(rows: list[dict]) -> float:
-    """Fraction of rows with no final proof (thinking never closed, or the budget ran out)."""
+    """Fraction of truncated rows: the thinking never closed, so there is no proof (see the glossary in
+    notebooks/README.md; an empty proof after `</think>` is counted apart, as `no_proof`)."""
     return float(np.mean([bool(r.get("truncated")) for r in rows])) if rows else float("nan")
 
 
