@@ -49,16 +49,37 @@ def _series(rows: list[dict], x: str, y: str) -> list[tuple]:
     return [(r[x], r[y]) for r in rows if _number(r.get(y)) and r.get(x) is not None]
 
 
+def unit_of(name: str) -> str | None:
+    """The unit a metric's name says (tokens, nats, seconds), or None: such series never share an axis with others."""
+    n = name.lower()
+    if "length" in n or "tokens" in n:
+        return "tokens"
+    if "entropy" in n:
+        return "nats"
+    if n.endswith("_s") or "seconds" in n:
+        return "seconds"
+    return None
+
+
 def scale_groups(series: dict[str, list[float]]) -> list[list[str]]:
-    """Group series names that can share a y axis: all in [0, 1] (rates, fractions), or within SCALE_RATIO of each other."""
-    unit = [n for n, v in series.items() if v and min(v) >= 0 and max(v) <= 1]
-    rest = sorted((n for n in series if n not in unit), key=lambda n: -max(abs(v) for v in series[n]))
-    groups = [unit] if unit else []
-    for name in rest:
-        top = max(abs(v) for v in series[name])
-        last = groups[-1] if groups and groups[-1] is not unit else None
-        if last and top * SCALE_RATIO >= max(abs(v) for v in series[last[0]]):
-            last.append(name)
+    """Group series names that can share a y axis: same unit by name (tokens, nats, seconds), else all in [0, 1]
+    (rates, fractions, 0-1 rewards), else within SCALE_RATIO of each other."""
+    top = {n: max(abs(v) for v in vals) for n, vals in series.items()}
+    groups: list[list[str]] = []
+    units = {n: unit_of(n) for n in series}
+    for unit in dict.fromkeys(u for u in units.values() if u):
+        groups += _by_magnitude([n for n in series if units[n] == unit], top)
+    rest = [n for n in series if not units[n]]
+    unit_interval = [n for n in rest if min(series[n]) >= 0 and max(series[n]) <= 1]
+    groups += [unit_interval] if unit_interval else []
+    return groups + _by_magnitude([n for n in rest if n not in unit_interval], top)
+
+
+def _by_magnitude(names: list[str], top: dict) -> list[list[str]]:
+    groups: list[list[str]] = []
+    for name in sorted(names, key=lambda n: -top[n]):
+        if groups and top[name] * SCALE_RATIO >= top[groups[-1][0]]:
+            groups[-1].append(name)
         else:
             groups.append([name])
     return groups
@@ -82,6 +103,9 @@ def curves(rows: list[dict], x: str, ys: list[str], title: str, yaxis: str = "")
         label = yaxis if len(groups) == 1 and yaxis else ", ".join(group)
         fig.update_yaxes(title_text=label, row=row, col=1)
     fig.update_xaxes(title_text=x, row=len(groups), col=1)
+    xs = [p[0] for v in pts.values() for p in v]
+    if all(isinstance(v, int) for v in xs) and max(xs) - min(xs) <= 12:
+        fig.update_xaxes(dtick=1)  # a few integer steps: no 1.2, 1.4, ... ticks
     fig.update_layout(title=title + note, height=160 + 200 * len(groups), template="plotly_white")
     return fig
 

@@ -98,7 +98,9 @@ def score_figure(summary):
     import plotly.graph_objects as go
     fig = go.Figure()
     for (bench, sc), grp in summary.groupby(["benchmark", "scaffold"], sort=False):
+        # the value written on each bar: a score of 0 is a result, not a missing bar
         fig.add_bar(x=list(grp["checkpoint"]), y=list(grp["mean_score_pct"]), name=f"{bench} / {sc}",
+                    text=[f"{v:.1f}" for v in grp["mean_score_pct"]], textposition="outside",
                     error_y=dict(type="data", symmetric=False, array=list(grp["ci_high"] - grp["mean_score_pct"]),
                                  arrayminus=list(grp["mean_score_pct"] - grp["ci_low"])))
     fig.update_layout(barmode="group", title="Score by checkpoint and scaffold (95% bootstrap CI over problems)",

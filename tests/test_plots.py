@@ -14,7 +14,8 @@ def test_series_of_different_scales_get_their_own_panels():
     # tokens, nats and fractions: three y axes; the two fractions (both in [0, 1]) share one
     assert len(set(axis_of.values())) == 3
     assert axis_of["clip_ratio"] == axis_of["truncation_rate"] != axis_of["length"] != axis_of["entropy"]
-    assert fig.layout.yaxis.title.text == "clip_ratio, truncation_rate"
+    titles = {fig.layout[k].title.text for k in fig.layout if k.startswith("yaxis")}
+    assert titles == {"length", "entropy", "clip_ratio, truncation_rate"}
 
 
 def test_series_of_one_scale_share_one_axis_with_the_given_title():
@@ -25,8 +26,15 @@ def test_series_of_one_scale_share_one_axis_with_the_given_title():
 
 def test_scale_groups_split_by_order_of_magnitude():
     groups = plots.scale_groups({"loss": [3.0, -2.0], "grad_norm": [40.0, 12.0], "kl": [0.5, 1.5], "tokens": [900.0]})
-    # 40 vs 3 is more than SCALE_RATIO apart; 3 vs 1.5 is not
+    # tokens by name; 40 vs 3 is more than SCALE_RATIO apart; 3 vs 1.5 is not
     assert groups == [["tokens"], ["grad_norm"], ["loss", "kl"]]
+
+
+def test_units_by_name_never_share_an_axis():
+    """16 tokens and 10.8 nats are one order of magnitude, but not one quantity."""
+    rows = [{"step": i, "length": 16.0, "entropy": 10.8} for i in (1, 2)]
+    fig = plots.curves(rows, "step", ["length", "entropy"], "Completion length and entropy")
+    assert len({tr.yaxis for tr in fig.data}) == 2 and fig.layout.xaxis2.dtick == 1
 
 
 def test_empty_figures_become_one_sentence():
