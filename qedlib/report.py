@@ -130,8 +130,11 @@ def tokens_figure(summary):
     import plotly.graph_objects as go
     fig = go.Figure()
     for sc, grp in summary.groupby("scaffold", sort=False):
-        fig.add_scatter(x=list(grp["tokens_per_problem"]), y=list(grp["mean_score_pct"]), mode="markers+text", name=sc,
-                        text=[f"{c} ({b})" for c, b in zip(grp["checkpoint"], grp["benchmark"])], textposition="top center",
+        points: dict = {}  # checkpoints at the same point share one marker and one label (no overprinted text)
+        for t, v, c, b in zip(grp["tokens_per_problem"], grp["mean_score_pct"], grp["checkpoint"], grp["benchmark"]):
+            points.setdefault((round(t, 1), round(v, 1)), []).append(f"{c} ({b})")
+        fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers+text", name=sc,
+                        text=[", ".join(names) for names in points.values()], textposition="top center",
                         marker=dict(size=12))
     fig.update_layout(title="Score vs tokens per problem", xaxis_title="generated tokens per problem (all calls)",
                       yaxis_title="mean score (% of 7)", yaxis_range=[0, 100], template="plotly_white")

@@ -116,3 +116,11 @@ def test_pass_at_k_with_one_sample_is_a_sentence(tmp_path):
     html = out["html"].read_text()
     assert "at least two samples per problem" in html and html.count("Plotly.newPlot") == 2
     assert len(html) > 3_000_000  # plotly.js still embedded, in the first plotted figure
+
+
+def test_tokens_figure_labels_coinciding_checkpoints_once():
+    import pandas as pd
+    summary = pd.DataFrame([{"scaffold": "single", "tokens_per_problem": 16.0, "mean_score_pct": 0.0, "checkpoint": c,
+                             "benchmark": "toy"} for c in ("base", "sft")])
+    (trace,) = report.tokens_figure(summary).data
+    assert list(trace.x) == [16.0] and list(trace.text) == ["base (toy), sft (toy)"]
