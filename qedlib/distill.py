@@ -218,7 +218,7 @@ class _Progress:
     """tqdm bar with tokens/s and running cost in the postfix."""
 
     def __init__(self, total: int, desc: str, cost0: float, enabled: bool):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
         self.bar = tqdm(total=total, desc=desc, unit="sample", disable=not enabled or total == 0)
         self.t0, self.tokens, self.cost = time.perf_counter(), 0, cost0
 

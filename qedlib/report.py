@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -97,7 +98,9 @@ def score_figure(summary):
     import plotly.graph_objects as go
     fig = go.Figure()
     for (bench, sc), grp in summary.groupby(["benchmark", "scaffold"], sort=False):
+        # the value written on each bar: a score of 0 is a result, not a missing bar
         fig.add_bar(x=list(grp["checkpoint"]), y=list(grp["mean_score_pct"]), name=f"{bench} / {sc}",
+                    text=[f"{v:.1f}" for v in grp["mean_score_pct"]], textposition="outside",
                     error_y=dict(type="data", symmetric=False, array=list(grp["ci_high"] - grp["mean_score_pct"]),
                                  arrayminus=list(grp["mean_score_pct"] - grp["ci_low"])))
     fig.update_layout(barmode="group", title="Score by checkpoint and scaffold (95% bootstrap CI over problems)",
@@ -106,8 +109,12 @@ def score_figure(summary):
 
 
 def pass_at_k_figure(curve):
-    """pass@k against k per checkpoint and scaffold, with bootstrap intervals."""
+    """pass@k against k per checkpoint and scaffold, with bootstrap intervals (a Note when there is only k = 1)."""
     import plotly.graph_objects as go
+    from .plots import Note
+    if curve is None or not len(curve) or curve["k"].max() < 2:
+        return Note("**pass@k**: nothing to plot, a curve needs at least two samples per problem (`eval.samples`); "
+                    "with one, pass@1 is the success rate in the scores table.")
     fig = go.Figure()
     for key, grp in curve.groupby(["benchmark", "checkpoint", "scaffold"], sort=False):
         fig.add_scatter(x=list(grp["k"]), y=list(grp["pass_at_k"]), mode="lines+markers", name=" / ".join(map(str, key)),
@@ -123,8 +130,11 @@ def tokens_figure(summary):
     import plotly.graph_objects as go
     fig = go.Figure()
     for sc, grp in summary.groupby("scaffold", sort=False):
-        fig.add_scatter(x=list(grp["tokens_per_problem"]), y=list(grp["mean_score_pct"]), mode="markers+text", name=sc,
-                        text=[f"{c} ({b})" for c, b in zip(grp["checkpoint"], grp["benchmark"])], textposition="top center",
+        points: dict = {}  # checkpoints at the same point share one marker and one label (no overprinted text)
+        for t, v, c, b in zip(grp["tokens_per_problem"], grp["mean_score_pct"], grp["checkpoint"], grp["benchmark"]):
+            points.setdefault((round(t, 1), round(v, 1)), []).append(f"{c} ({b})")
+        fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers+text", name=sc,
+                        text=[", ".join(names) for names in points.values()], textposition="top center",
                         marker=dict(size=12))
     fig.update_layout(title="Score vs tokens per problem", xaxis_title="generated tokens per problem (all calls)",
                       yaxis_title="mean score (% of 7)", yaxis_range=[0, 100], template="plotly_white")
@@ -132,14 +142,11 @@ def tokens_figure(summary):
 
 
 def report_figures(rows: list[dict], summary, threshold: float = 6, n_boot: int = 1000, seed: int = 0) -> dict:
-    """The report's figures by name (empty when there are no eval rows)."""
+    """The report's figures by name (empty when there are no eval rows; a plots.Note where one has nothing to show)."""
     if not rows:
         return {}
     curve = stats.pass_at_k_curve(rows, ("benchmark", "checkpoint", "scaffold"), threshold, n_boot, seed)
-    figs = {"scores": score_figure(summary), "tokens": tokens_figure(summary)}
-    if len(curve):
-        figs["pass_at_k"] = pass_at_k_figure(curve)
-    return figs
+    return {"scores": score_figure(summary), "tokens": tokens_figure(summary), "pass_at_k": pass_at_k_figure(curve)}
 
 
 # ---------------------------------------------------------------- writing
@@ -172,13 +179,45 @@ def with_both_means(summary, rows: list[dict], by: tuple = ("checkpoint", "bench
     return summary
 
 
+# The stage table's columns: (header with unit, metrics.json key, factor, stages whose key means that or None for
+# any); a column shows when some stage has it. ("samples" is generated samples in 01, samples per problem in 05.)
+STAGE_COLUMNS = [
+    ("steps", "steps", 1, None), ("samples generated", "samples", 1, ("01_distill",)),
+    ("samples kept", "kept", 1, ("01_distill",)), ("teacher grade (mean, 0-7)", "mean_grade", 1, None),
+    ("train loss, first", "train_loss_first", 1, None), ("train loss, last", "train_loss_last", 1, None),
+    ("eval loss", "eval_loss", 1, None), ("think block closed after SFT (%)", "think_closed_after", 100, None),
+    ("reward, first step (0-1)", "reward_first", 1, None), ("reward, last step (0-1)", "reward_last", 1, None),
+    ("rollouts truncated (%)", "truncation_rate", 100, ("03_rubric_rl", "04_reasoning_cache_rl")),
+    ("weights changed (%)", "weights_changed_frac", 100, None), ("graded eval rows", "rows", 1, ("05_eval",)),
+    ("eval samples per problem", "samples", 1, ("05_eval",)), ("cost ($)", "cost_usd", 1, None),
+]
+
+
+def stage_table(records: list[dict]) -> tuple[list[str], list[list]]:
+    """Headers and rows of the report's stage table: stage, wall time (s), then the STAGE_COLUMNS some stage has."""
+    def cell(record, key, factor, stages):
+        v = record["metrics"].get(key)
+        return v * factor if _number(v) and (stages is None or record["stage"] in stages) else None
+    cols = [c for c in STAGE_COLUMNS if any(cell(r, *c[1:]) is not None for r in records)]
+    rows = [[r["stage"], r["wall_s"]] + [cell(r, *c[1:]) for c in cols] for r in records]
+    return ["stage", "wall time (s)"] + [c[0] for c in cols], rows
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+STAGES_NOTE = ("Key numbers per stage ('-': the stage does not have it); each stage's full metrics are in "
+               "`<stage>/metrics.json` of the run folder.")
+
+
 def _sections(run_dir, rows, summary) -> list[tuple[str, str]]:
     info = run_info(run_dir)
     sec = [("Run", _md_table(["key", "value"], [["run folder", str(Path(run_dir).resolve())], ["git commit", info.get("commit")],
                                                 ["hardware", info.get("hardware")], ["params", info.get("params_file", "-")]]))]
-    stage_rows = [[s["stage"], s["wall_s"], "; ".join(f"{k}={_short(v)}" for k, v in list(s["metrics"].items())[:24])]
-                  for s in stage_metrics(run_dir)]
-    sec.append(("Stages", _md_table(["stage", "wall time (s)", "metrics.json"], stage_rows) if stage_rows else "No stage has written metrics.json yet."))
+    records = stage_metrics(run_dir)
+    sec.append(("Stages", STAGES_NOTE + "\n\n" + _md_table(*stage_table(records)) if records
+                else "No stage has written metrics.json yet."))
     if summary is not None and len(summary):
         cols = [c for c in SUMMARY_COLUMNS if c in summary.columns] + [c for c in summary.columns if c.startswith(("pass@", "score_pct_"))]
         sec.append(("Scores (mean % of 7, 95% bootstrap CI over problems)",
@@ -190,13 +229,6 @@ def _sections(run_dir, rows, summary) -> list[tuple[str, str]]:
     else:
         sec.append(("Scores", "No evaluation results yet (run 05_eval)."))
     return sec
-
-
-def _short(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    s = str(v)
-    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def write_report(run_dir, rows: Optional[list[dict]] = None, summary=None, threshold: float = 6, n_boot: int = 1000,
@@ -212,8 +244,11 @@ def write_report(run_dir, rows: Optional[list[dict]] = None, summary=None, thres
     md = ["# QED Workbook run report", ""]
     for title, body in sections:
         md += [f"## {title}", "", body, ""]
+    from .plots import Note
+    plotted = [name for name, f in figs.items() if not isinstance(f, Note)]
     if figs:
-        md += ["## Figures", "", f"Interactive figures ({', '.join(figs)}) are in report.html.", ""]
+        md += ["## Figures", ""] + ([f"Interactive figures ({', '.join(plotted)}) are in report.html.", ""] if plotted else [])
+        md += [f.text + "\n" for f in figs.values() if isinstance(f, Note)]
     md_path = run_dir / "report.md"
     md_path.write_text("\n".join(md))
     html_path = run_dir / "report.html"
@@ -235,13 +270,17 @@ def refresh(run_dir, cfg) -> dict:
 
 
 def _md_table_to_html(body: str) -> str:
+    """A section body (paragraphs, then at most one Markdown table) as HTML; `code` spans become <code>."""
     lines = [l for l in body.splitlines() if l.startswith("|")]
+    text = "\n".join(l for l in body.splitlines() if not l.startswith("|")).strip()
+    code = lambda t: re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(t))
+    paras = "".join(f"<p>{code(p)}</p>" for p in text.split("\n\n") if p.strip())
     if len(lines) < 2:
-        return f"<p>{html.escape(body)}</p>"
+        return paras
     cells = lambda l: [c.strip() for c in l.strip().strip("|").split(" | ")]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cells(lines[0]))
     body_rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(l)) + "</tr>" for l in lines[2:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body_rows}</tbody></table>"
+    return f"{paras}<table><thead><tr>{head}</tr></thead><tbody>{body_rows}</tbody></table>"
 
 
 def _html(sections, figs: dict) -> str:
@@ -253,10 +292,12 @@ def _html(sections, figs: dict) -> str:
         parts.append(f"<h2>{html.escape(title)}</h2>{_md_table_to_html(body)}")
     if figs:
         parts.append("<h2>Figures</h2>")
-    for i, (name, fig) in enumerate(figs.items()):
-        # plotly.js is embedded inline once, in the first figure; the others reuse it. No CDN.
+    from .plots import Note
+    first = next((name for name, f in figs.items() if not isinstance(f, Note)), None)
+    for name, fig in figs.items():
+        # plotly.js is embedded inline once, in the first plotted figure; the others reuse it. No CDN.
         parts.append(f"<div class='figure' id='fig-{name}'>" +
-                     fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{name}") + "</div>")
+                     fig.to_html(full_html=False, include_plotlyjs=(name == first), div_id=f"plot-{name}") + "</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

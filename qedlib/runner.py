@@ -95,8 +95,31 @@ def start_stage(params_file: str, run_dir: str, overrides: dict, stage: str) -> 
     say_config_changes(folder / "config.yaml", cfg, [stage])
     save_config(cfg, folder / "config.yaml")
     seed_everything(cfg.seed)
+    quiet_outputs()
     print(f"[qedlib] stage {stage}: run folder {Path(run_dir).resolve()}  params {params_file}")
     return cfg, folder
+
+
+# FutureWarnings raised inside libraries we cannot change, about calls we do not make ourselves.
+LIBRARY_FUTURE_WARNINGS = (
+    # TRL 1.16's unwrap_model_for_generation reads model.is_gradient_checkpointing, renamed in transformers 5.23
+    r"`is_gradient_checkpointing` is deprecated",
+)
+
+
+def quiet_outputs() -> None:
+    """Clean notebook outputs: figures viewable everywhere, no library progress bars that a saved notebook
+    shows stuck at 0% (transformers' weight loading / shard writing, datasets' map and save), no library
+    FutureWarnings we cannot fix at their source. Our own warnings still show."""
+    import warnings
+    from .plots import setup_notebook_rendering
+    setup_notebook_rendering()
+    for message in LIBRARY_FUTURE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    import datasets
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def _is_model(path: Path) -> bool:
@@ -198,7 +221,10 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
                                 parameters={"params_file": str(Path(params_file).resolve()),
                                             "run_dir": str(run_dir), "overrides": overrides},
                                 progress_bar={"desc": f"  {stage} cells", "mininterval": 5.0, "ncols": 90},
-                                log_output=False)
+                                log_output=False,
+                                # nbclient: keep the widgets' state in the notebook's metadata, so the sample and
+                                # result browsers render outside JupyterLab too (viewers with a widget manager)
+                                store_widget_state=True)
         except pm.PapermillExecutionError as e:
             raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
                                f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None

@@ -15,7 +15,6 @@ call (see qedlib.launch for one-GPU, many-GPU and SLURM commands).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -353,6 +352,7 @@ def trl_args(cfg: Config, output_dir: Path, device: str, has_eval: bool, **extra
     """The TRL SFTConfig for cfg.sft (bf16 per device, packing/padding-free, checkpoints, logging)."""
     from trl import SFTConfig as TRLSFTConfig
     from .models import cpu_has_bf16
+    from .training import checkpointing_args
     s = cfg.sft
     bf16 = device == "cuda" or (device == "cpu" and cpu_has_bf16())
     eval_steps = s.eval_steps or s.save_steps
@@ -361,7 +361,6 @@ def trl_args(cfg: Config, output_dir: Path, device: str, has_eval: bool, **extra
         warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay, num_train_epochs=s.epochs, max_steps=s.max_steps,
         per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
         gradient_accumulation_steps=s.grad_accum, max_grad_norm=s.max_grad_norm,
-        gradient_checkpointing=s.gradient_checkpointing,
         ddp_find_unused_parameters=False, bf16=bf16, use_cpu=device == "cpu",
         logging_steps=s.logging_steps, save_strategy="steps", save_steps=s.save_steps,
         save_total_limit=s.save_total_limit, eval_strategy="steps" if has_eval else "no",
@@ -371,9 +370,7 @@ def trl_args(cfg: Config, output_dir: Path, device: str, has_eval: bool, **extra
         include_num_input_tokens_seen="non_padding", disable_tqdm=os.environ.get("QED_LAUNCHED") == "1",
         dataloader_num_workers=0, save_only_model=False,
     )
-    # transformers >= 5.23 has activation_checkpointing; the GPU set (5.19, held by vLLM) does not know it
-    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TRLSFTConfig)}:
-        kwargs["activation_checkpointing"] = s.gradient_checkpointing
+    kwargs.update(checkpointing_args(TRLSFTConfig, s.gradient_checkpointing))
     kwargs.update(extra)
     return TRLSFTConfig(**kwargs)
 

@@ -20,6 +20,18 @@ def last_checkpoint(folder: str | Path) -> Optional[str]:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def checkpointing_args(args_cls, on: bool) -> dict:
+    """The activation-checkpointing switch under the name this transformers' TrainingArguments (`args_cls`) knows.
+
+    transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old
+    name, which TRL's configs set by default (True); the GPU set (5.19, held by vLLM) knows only the old name.
+    """
+    import dataclasses
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(args_cls)}:
+        return {"activation_checkpointing": on}
+    return {"gradient_checkpointing": on}
+
+
 def check_master_weights(weights_dtype: str, launch, where: str) -> None:
     """Refuse bf16 trained weights unless DeepSpeed keeps fp32 masters: plain AdamW would round lr-1e-6
     updates away (bf16 has 8 bits of mantissa)."""

@@ -93,9 +93,9 @@ def test_runner_names_the_failing_notebook_and_cell(tmp_path, monkeypatch):
     from qedlib import runner
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
-    cells = [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "outputs": [], "execution_count": None,
+    cells = [{"id": "params", "cell_type": "code", "metadata": {"tags": ["parameters"]}, "outputs": [], "execution_count": None,
               "source": "params_file = ''\nrun_dir = ''\noverrides = {}"},
-             {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+             {"id": "fails", "cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
               "source": "raise ValueError('bad row 7 in data.jsonl')"}]
     nb = {"cells": cells, "metadata": {"kernelspec": {"name": "qed", "display_name": "qed", "language": "python"}},
           "nbformat": 4, "nbformat_minor": 5}
