@@ -610,7 +610,7 @@ def worked_example(rows: list[dict], problems: list, dc, grades: list[dict]) -> 
         return None
     row = max(pool, key=lambda r: (r["points"], -r["sample_index"]))
     problem = {p.id: p for p in problems}[row["problem_id"]]
-    grade = {g["key"]: g for g in grades}[row["key"]]
+    grade = {g["key"]: g for g in grades}[grade_key(row["key"], dc.judge)]
     prompt = build_prompt(dc.judge.prompt, dc.judge.mode, problem, row["proof"])
     return {"row": row, "rubric": problem.rubric or "", "judge_prompt": prompt.text, "prompt_prefix": prompt.prefix,
             "mode": dc.judge.mode, "grade": grade}

@@ -107,7 +107,8 @@ def generation_hash(cfg, endpoint) -> str:
     """Hash of what one eval generation depends on: the model (path and weights), the endpoint, sampling, scaffold settings, thinking."""
     from .io import settings_hash
     ev = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in _NOT_GENERATION}
-    return settings_hash({"weights": weights_fingerprint(endpoint.model), "endpoint": endpoint, "eval": ev,
+    weights = weights_fingerprint(endpoint.model) if endpoint is not None else None  # None: a policy passed in
+    return settings_hash({"weights": weights, "endpoint": endpoint, "eval": ev,
                           "thinking": cfg.thinking})
 
 

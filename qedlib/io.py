@@ -155,3 +155,15 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 def write_metrics(stage_folder: str | Path, metrics: dict) -> Path:
     """Write a stage's machine-readable metrics.json (tests and the report read it back)."""
     return write_json(Path(stage_folder) / "metrics.json", metrics)
+
+
+def folder_size(folder: str | Path) -> int:
+    """Bytes under a folder (files only, symlinks not followed, a hard-linked file counted once, as `du` does)."""
+    seen, total = set(), 0
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config, save_config
-from .io import STAGES, read_json, stage_dir, write_json
+from .io import STAGES, read_json, stage_dir, write_json, folder_size
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -237,18 +237,6 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
     print(f"[qedlib] report: {written['md']} and {written['html']}", flush=True)
     print(f"[qedlib] run folder {run_dir}: {folder_size(run_dir) / 2**30:.2f} GiB", flush=True)
     return run_dir
-
-
-def folder_size(folder: str | Path) -> int:
-    """Bytes under a folder (files only, symlinks not followed, a hard-linked file counted once, as `du` does)."""
-    seen, total = set(), 0
-    for p in Path(folder).rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            st = p.stat()
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
 
 
 def _select_stages(stages: list[str] | None) -> list[str]:

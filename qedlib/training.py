@@ -87,13 +87,13 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: str, model_dir: str | Path | N
     """
     import filecmp
     import os
-    from .runner import folder_size
+    from .io import folder_size
     ckpt_dir = Path(ckpt_dir)
     if keep == "all" or not ckpt_dir.is_dir():
         return 0
     before = folder_size(ckpt_dir.parent)  # the stage folder: a hard link frees the copy, not the file
     last = last_checkpoint(ckpt_dir) if keep == "last" else None
-    for sub in ckpt_dir.iterdir():
+    for sub in ckpt_dir.glob("checkpoint-*"):  # only checkpoints: tracker logs (runs/) stay
         if last is None or sub != Path(last):
             shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
     if last is not None:
@@ -105,7 +105,7 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: str, model_dir: str | Path | N
             if f.is_file() and twin and twin.is_file() and not f.samefile(twin) and filecmp.cmp(f, twin, shallow=False):
                 f.unlink()
                 os.link(twin, f)
-    else:
+    elif not any(ckpt_dir.iterdir()):
         ckpt_dir.rmdir()
     return before - folder_size(ckpt_dir.parent)
 

@@ -28,8 +28,9 @@ def _sample(pid, i, proof=LONG_PROOF, reasoning="Try n = 2k + 1.", truncated=Fal
             "truncated": truncated, "prompt_tokens": 10, "completion_tokens": 90, "cost": 0.0}
 
 
-def _grade(pid, i, points):
-    return {"key": f"{pid}#{i}", "problem_id": pid, "sample_index": i, "valid": True, "points": points,
+def _grade(pid, i, points, dc=None):
+    key = distill.grade_key(f"{pid}#{i}", (dc or _dc()).judge)  # a grade is keyed by its judge's settings
+    return {"key": key, "problem_id": pid, "sample_index": i, "valid": True, "points": points,
             "reason": None, "judge_text": f"assessment of {pid}#{i}", "cost": 0.0, "probs": {}}
 
 
@@ -40,7 +41,7 @@ def _dc(**over):
 def _rows(points=(2.29, 2.88, 2.5, 2.6), dc=None):
     samples = [_sample("p1", 0), _sample("p1", 1, proof=LONG_PROOF + " QED."), _sample("p2", 0, truncated=True),
                _sample("p2", 1)]
-    grades = [_grade(s["problem_id"], s["sample_index"], p) for s, p in zip(samples, points)]
+    grades = [_grade(s["problem_id"], s["sample_index"], p, dc) for s, p in zip(samples, points)]
     return distill.select_samples(samples, grades, dc or _dc(), PROBLEMS), grades
 
 
