@@ -81,10 +81,16 @@ def build_tiny(force: bool = False) -> Path:
     out = cache_dir() / TINY
     if (out / "config.json").exists() and not force:
         return out
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-    import torch
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(prepare_embedded())
+    return _save_tiny_qwen3(tok, out)
+
+
+def _save_tiny_qwen3(tok, out: Path) -> Path:
+    """A random 2-layer, 64-wide Qwen3 (seed 0) for `tok`, saved with it atomically into `out`."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
     cfg = Qwen3Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
@@ -97,7 +103,7 @@ def build_tiny(force: bool = False) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    tmp.rename(out)  # atomic: a half-written folder never looks ready
     return out
 
 
@@ -109,9 +115,8 @@ def build_tiny_1k(force: bool = False) -> Path:
     if (out / "config.json").exists() and not force:
         return out
     import json
-    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import PreTrainedTokenizerFast
     text = [json.loads(line).get(k) or "" for line in (Path(__file__).parent / "data" / "problems.jsonl").open()
             for k in ("problem", "reference_solution", "rubric")]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -123,19 +128,7 @@ def build_tiny_1k(force: bool = False) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   bos_token="<|im_start|>")
     tok.chat_template = CHATML_TRAINING_TEMPLATE
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(cfg).to(torch.float32)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return _save_tiny_qwen3(tok, out)
 
 
 def resolve_model(ref: str) -> str:
