@@ -706,6 +706,10 @@ def findings(metrics: dict, rows: list[dict]) -> str:
     if metrics["kept"]:
         out.append(f"Kept {metrics['kept']} samples of {metrics['kept_problems']} problems (mean grade "
                    f"{metrics['mean_grade_kept']:.2f}); they become stage 02's training set.")
+        cut = sum(1 for r in rows if r["status"] == "kept" and r.get("truncated"))
+        if cut:
+            out.append(f"{cut} of them were cut at the token budget (`distill.drop_truncated` is off): SFT will "
+                       "imitate proofs that stop mid-sentence, and the grades above are grades of fragments.")
     else:
         out.append("Nothing was kept: stage 02 has no data (lower `distill.min_grade` or raise the token budget).")
     return " ".join(out)

@@ -505,9 +505,14 @@ def findings(steps: list[dict], metrics: dict, rl) -> str:
         top = max(norms)
         med = sorted(n for n, _, _ in norms)[len(norms) // 2]
         c = _corr([n for n, _, _ in norms], [t for _, _, t in norms])
-        link = (f"; across steps the gradient norm correlates with the truncation rate at r = {c:+.2f} (truncated "
-                "rollouts are the longest, and a token-sum loss gives long sequences the largest gradients)"
-                if c is not None else "")
+        if c is None:
+            link = ""
+        elif c >= 0.5:
+            link = (f"; across steps the gradient norm rises with the truncation rate (r = {c:+.2f}): truncated "
+                    "rollouts are the longest, and a token-sum loss gives long sequences the largest gradients")
+        else:
+            link = (f"; across steps the gradient norm does not rise with the truncation rate (r = {c:+.2f} over "
+                    f"{len(norms)} steps), so truncated rollouts are not what drives its spikes here")
         out.append(f"**Gradient norm.** Largest {top[0]:.3g} at step {top[1]} (median {med:.3g}; clipped to "
                    f"{rl.max_grad_norm}){link}.")
     clip = _mean([r.get("clip_ratio") for r in steps])

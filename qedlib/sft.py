@@ -625,9 +625,10 @@ def think_findings(m: dict) -> str:
     out = [f"Generations that close `</think>`: {m['think_closed_before']:.0%} before SFT, "
            f"{m['think_closed_after']:.0%} after."]
     if m.get("think_tokens_after") is not None:
-        before = "none closed" if m.get("think_tokens_before") is None else f"{m['think_tokens_before']:.1f} tokens"
-        out.append(f"The think block holds on average {before} before and {m['think_tokens_after']:.1f} tokens "
-                   f"after; {m['empty_think_after']:.0%} of the SFT model's generations close an empty one.")
+        before = ("" if m.get("think_tokens_before") is None
+                  else f"{m['think_tokens_before']:.1f} tokens before SFT and ")
+        out.append(f"A closed think block holds on average {before}{m['think_tokens_after']:.1f} tokens after SFT; "
+                   f"{m['empty_think_after']:.0%} of the SFT model's generations close an empty one.")
         if m["empty_think_after"] >= 0.5:
             why = (f" ({m['targets_empty_think']:.0%} of the training targets have an empty think block, "
                    "so that is what it imitates)") if m.get("targets_empty_think") else ""

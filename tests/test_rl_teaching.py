@@ -67,7 +67,10 @@ def test_findings_are_computed_from_the_runs_numbers():
     text = findings(STEPS, {"weights_changed_frac": 0.0}, RLConfig(num_generations=4, max_completion_length=64))
     assert "std of 0.030" in text and "25% of groups" in text and "all 4 rollouts" in text
     assert "40% of rollouts never closed" in text and "mean reward 0.200" in text and "averaged 0.333" in text
-    assert "Largest 0.5 at step 1 (median 0.3" in text and "r = +1.00" in text
+    assert "Largest 0.5 at step 1 (median 0.3" in text and "rises with the truncation rate (r = +1.00)" in text
+    # the opposite sign is not explained as truncation-driven
+    against = [dict(r, truncation_rate=1 - r["truncation_rate"]) for r in STEPS]
+    assert "does not rise with the truncation rate (r = -1.00 over 3 steps)" in findings(against, {}, RLConfig())
     assert "0.00% of tokens" in text and "steps_per_generation 1" in text and "[0, 5]" in text
     assert "trained nothing" in text
     # no group had a signal, yet the weights changed: weight decay and the entropy bonus, not the reward
