@@ -167,6 +167,7 @@ class SFTConfig:
     eval_steps: Optional[int] = None  # eval loss every N steps (None: every save_steps); final eval always runs
     save_total_limit: Optional[int] = 2  # keep only the newest N checkpoints (workbook default)
     keep_checkpoints: Literal["last", "all", "none"] = "last"  # once the stage has finished: last = the final checkpoint's weights and trainer state (hard-linked to model/, no optimizer state), all = every checkpoint as saved, none = no checkpoints
+    save_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the saved model/ that RL starts from (training keeps fp32 masters either way); bfloat16 halves it, rounding each weight to bf16
     chat_template: Optional[str] = None  # Jinja file with {% generation %} markers, for a model whose template qedlib does not know
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | qed_varlen_sdpa; auto: see sft.attention_for
 

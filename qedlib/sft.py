@@ -452,7 +452,8 @@ def save_model(trainer, cfg: Config, run_dir: str | Path) -> Path:
     """Save the trained model + tokenizer at <run>/02_sft/model (LoRA merged when lora.merge); atomic."""
     from .training import save_trained
     folder = stage_dir(run_dir, STAGE)
-    return save_trained(trainer, folder / "model", cfg.sft.lora.enabled, cfg.sft.lora.merge, folder / "adapter")
+    return save_trained(trainer, folder / "model", cfg.sft.lora.enabled, cfg.sft.lora.merge, folder / "adapter",
+                        save_dtype=cfg.sft.save_dtype)
 
 
 def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None) -> dict:

@@ -42,13 +42,15 @@ def check_master_weights(weights_dtype: str, launch, where: str) -> None:
                          "whose optimizer keeps fp32 master weights. Use float32 (bf16 autocast computes in bf16).")
 
 
-def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_dir: str | Path | None = None) -> Path:
+def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_dir: str | Path | None = None,
+                 save_dtype: str = "float32") -> Path:
     """Save a trained model for the next stage, atomically; every process must call it.
 
     `trainer.save_model` gathers ZeRO-3 / FSDP shards and writes on the main process only (a
     rank-0 `save_pretrained` would write ZeRO-3's empty partitions, or hang under FSDP2). A LoRA
     adapter is saved to `adapter_dir` (default `<out_dir>-adapter`) and, with `merge`, merged in
-    fp32 on the main process, so updates far below bf16's spacing survive the merge.
+    fp32 on the main process, so updates far below bf16's spacing survive the merge. `save_dtype`
+    bfloat16 rounds the saved full model (not an unmerged adapter) to bf16 after the merge.
     """
     import torch
     out = Path(out_dir)
@@ -68,10 +70,39 @@ def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_
         elif lora:
             shutil.copytree(adapter, tmp)  # an adapter folder; later stages merge it once on use
         trainer.processing_class.save_pretrained(str(tmp))
+        if save_dtype != "float32" and not (lora and not merge):
+            cast_saved_weights(tmp, save_dtype)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     acc.wait_for_everyone()
     return out
+
+
+def cast_saved_weights(model_dir: str | Path, dtype: str) -> None:
+    """Rewrite a saved model's floating-point safetensors (and config.json's dtype) in `dtype`, file by file."""
+    import json
+    import torch
+    from safetensors.torch import load_file, save_file
+    target = getattr(torch, dtype)
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"save_dtype {dtype}: no *.safetensors in {model_dir} to cast")
+    total = 0
+    for f in files:
+        tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in load_file(str(f)).items()}
+        total += sum(v.numel() * v.element_size() for v in tensors.values())
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        meta = json.loads(index.read_text())
+        meta.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(meta, indent=2))
+    config = model_dir / "config.json"
+    if config.exists():
+        cfg = json.loads(config.read_text())
+        cfg.update({k: dtype for k in ("dtype", "torch_dtype") if k in cfg} or {"dtype": dtype})
+        config.write_text(json.dumps(cfg, indent=2))
 
 
 # What a finished stage no longer needs in its kept checkpoint: optimizer and scheduler state (a rerun with
