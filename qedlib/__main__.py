@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .layout import PIPELINE
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qedlib", description="QED Workbook")
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("name", help="benchmark name (see --list)", nargs="?")
     b.add_argument("--list", action="store_true", help="list benchmarks")
     t = sub.add_parser("train", help="run a training stage in this process (what accelerate launch calls)")
-    t.add_argument("stage", choices=["sft", "rubric_rl", "rc_rl"])
+    t.add_argument("stage", choices=PIPELINE)
     t.add_argument("--params", required=True)
     t.add_argument("--run-dir", required=True)
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
@@ -47,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"embedded model: {prepare_embedded()}")
             print(f"tiny test model: {build_tiny()}")
         elif args.cmd == "run":
-            from .runner import REPO, run_pipeline
+            from .layout import OUTPUTS
+            from .runner import run_pipeline
             overrides = dict(parse_override(s) for s in args.sets)
-            run_dir = run_pipeline(args.params, args.run_name, args.stages, overrides,
-                                   args.outputs or REPO / "outputs")
+            run_dir = run_pipeline(args.params, args.run_name, args.stages, overrides, args.outputs or OUTPUTS)
             print(f"[qedlib] done: {run_dir}")
         elif args.cmd == "plan":
             from .plan import PROMPT_TOKENS, PlanError, main as plan_main
@@ -74,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             from .config import load_config
             overrides = dict(parse_override(s) for s in args.sets)
             cfg = load_config(args.params, overrides)
-            module = {"sft": "qedlib.sft", "rubric_rl": "qedlib.rubric_rl", "rc_rl": "qedlib.rc_rl"}[args.stage]
-            importlib.import_module(module).train(cfg, args.run_dir)
+            importlib.import_module(f"qedlib.{args.stage}").train(cfg, args.run_dir)  # each trained stage has a module of its name
         elif args.cmd == "export-official":
             from .export import default_out, export_official
             files = export_official(args.run_dir, args.out)

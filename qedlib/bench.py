@@ -1,7 +1,8 @@
 """Benchmarks: `python -m qedlib bench NAME` prints a markdown table whose last line starts with `headline:`.
 
-Each benchmark lives next to the code it measures and is registered here by "module:function";
-the function prints its own table and returns the headline string.
+Each benchmark is registered here by "module:function" and imported only when run (the registry
+names modules by string, so moving a benchmark is a one-line change here); the function prints its
+own table (qedlib.tables.markdown_table) and returns the headline string.
 """
 from __future__ import annotations
 
@@ -14,14 +15,6 @@ BENCHMARKS = {
     "rl-learning": ("qedlib.rl:bench_learning", "reward curve of GRPO on a learnable reward (embedded model)"),
     "rl-step": ("qedlib.bench_rl_step:run", "one GRPO step, async batched judge vs plain TRL calling it per completion"),
 }
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    """A markdown table."""
-    fmt = lambda v: f"{v:,.2f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def run_benchmark(name: str, **kwargs) -> str:

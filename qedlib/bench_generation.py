@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .bench import table
+from .tables import markdown_table
 from .config import Endpoint, Sampling
 from .data import load_problems
 from .generation import make_generator
@@ -25,7 +25,7 @@ def run(model: str = EMBEDDED, prompts: int = 16, max_new_tokens: int = 64) -> s
             toks = sum(c.completion_tokens for group in out for c in group)
             speed[(dtype, bs)] = toks / dt
             rows.append([dtype, bs, len(msgs), toks, round(dt, 2), round(toks / dt, 1)])
-    print(table(["dtype", "batch", "prompts", "new tokens", "seconds", "tokens/s"], rows))
+    print(markdown_table(["dtype", "batch", "prompts", "new tokens", "seconds", "tokens/s"], rows))
     best = max(speed, key=speed.get)
     return (f"batch {prompts} {best[0]} {speed[best]:.0f} tok/s vs batch 1 float32 {speed[('float32', 1)]:.0f} tok/s "
             f"({speed[best] / speed[('float32', 1)]:.1f}x)")

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 
-from .bench import table
+from .tables import markdown_table
 
 KEY_ENV = "QED_BENCH_JUDGE_KEY"  # llm-katan wants an Authorization header (any value)
 
@@ -134,7 +134,7 @@ def run(models: tuple = ("tiny-qwen3-1k", "tiny-qwen3"), prompts: int = 4, group
             rows += one_model(model, server, prompts, group, max_completion_length, steps)
     print(f"{prompts} problems x {group} rollouts of <= {max_completion_length} tokens; llm-katan echo judge at "
           f"{latency_ms} ms on loopback; step s = TRL's step_time of step {steps} of {steps} (warm)")
-    print(table(["model", "trainer", "completions", "judge calls", "grading s", "step s", "plain / ours"], rows))
+    print(markdown_table(["model", "trainer", "completions", "judge calls", "grading s", "step s", "plain / ours"], rows))
     ours, plain = rows[0], rows[1]
     return (f"one warm GRPO step with the judge reward ({ours[0]}, {ours[2]} completions, {latency_ms} ms judge): "
             f"ours {ours[5]:.1f}s vs plain TRL {plain[5]:.1f}s, {plain[6]:.1f}x faster "

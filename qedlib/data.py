@@ -139,7 +139,6 @@ IMO_PROOFBENCH = {"id": "Problem ID", "problem": "Problem", "reference_solution"
                   "source": "Source"}
 IMO_ANSWERBENCH = {"id": "Problem ID", "problem": "Problem", "answer": "Short Answer",
                    "category": "Category", "source": "Source"}
-FINEPROOFS_RL = {"problem": "problem", "rubric": "rubrics", "source": "source", "category": "category"}
 PROOFBENCH_HUB = "hub:wenjiema02/ProofBench"  # 435 rows: 145 problems x 3 graded model solutions
 PROOFBENCH = {"id": "problem_id", "problem": "problem", "reference_solution": "reference_solution",
               "rubric": "marking_scheme", "source": "metadata.contest"}

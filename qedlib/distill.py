@@ -31,6 +31,8 @@ from typing import Optional
 
 from .display import NOT_IN_PAPER, experiments_markdown
 from .io import JsonlLog, read_json, settings_hash, write_json
+from .layout import DISTILL, stage_dir
+from .resume_keys import judge_hash
 
 SFT_COLUMNS = ["problem", "reasoning_content", "proof", "category", "competition", "grade", "source", "messages"]
 FINEPROOFS_SFT = "lm-provers/FineProofs-SFT"
@@ -48,12 +50,6 @@ def teacher_hash(dc) -> str:
     """Hash of what a teacher sample depends on: teacher model, sampling (not n), thinking, system prompt."""
     return settings_hash({"teacher": dc.teacher, "sampling": dataclasses.replace(dc.sampling, n=1),
                           "thinking": dc.thinking, "system_prompt": dc.system_prompt})
-
-
-def judge_hash(judge) -> str:
-    """Hash of what a grade depends on besides the proof: the judge settings and the grade parser's version."""
-    from .grading import PARSER_VERSION
-    return settings_hash({"judge": judge, "parser": PARSER_VERSION})
 
 
 def grade_key(sample: str, judge) -> str:
@@ -756,7 +752,7 @@ EXPERIMENTS = [
 
 def try_it(params_file: str = "params/cpu.yaml") -> str:
     """Markdown for the notebook's "Try it" section, built from EXPERIMENTS (one source, tested)."""
-    return experiments_markdown(EXPERIMENTS, params_file, "01_distill")
+    return experiments_markdown(EXPERIMENTS, params_file, DISTILL)
 
 
 def prepare_problems(cfg, stage_folder: str | Path, teacher=None) -> dict:
@@ -789,8 +785,8 @@ def prepare_problems(cfg, stage_folder: str | Path, teacher=None) -> dict:
 
 def run(cfg, run_dir: str | Path, progress: bool = False) -> dict:
     """Run the whole distillation stage into <run_dir>/01_distill; return (and write) its metrics."""
-    from .io import stage_dir, write_metrics
-    folder = stage_dir(run_dir, "01_distill")
+    from .io import write_metrics
+    folder = stage_dir(run_dir, DISTILL)
     dc = cfg.distill
     t0 = time.perf_counter()
     teacher = make_teacher(dc)

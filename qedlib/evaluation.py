@@ -26,6 +26,7 @@ from . import stats
 from .data import DataError, Problem, load_problems
 from .grading import extract_boxed  # noqa: F401  (kept importable from here)
 from .io import JsonlLog, read_json, read_jsonl, write_json
+from .layout import EVAL
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
 BENCHMARK_KINDS = {
@@ -72,7 +73,7 @@ def load_benchmarks(specs: list, limit: Optional[int] = None, default_prompt: st
 
 def models_under_test(cfg, run_dir) -> list[tuple[str, object]]:
     """(name, config.Endpoint) for each model to evaluate: eval.endpoint, else each checkpoint that exists."""
-    from .runner import checkpoint
+    from .layout import checkpoint
     if cfg.eval.endpoint is not None:
         return [(cfg.eval.endpoint.model, cfg.eval.endpoint)]
     out = []
@@ -181,7 +182,7 @@ class Evaluation:
 
     def row_key(self, name: str, bench: Benchmark, scaffold: str, problem_id: str, sample: int) -> str:
         """Key of one result row: the generation's key ~ hash of the judge settings (with this benchmark's prompt)."""
-        from .distill import judge_hash
+        from .resume_keys import judge_hash
         judge = dataclasses.replace(self.cfg.eval.judge, prompt=bench.judge_prompt)
         return f"{self.gen_key(name, bench, scaffold, problem_id, sample)}~{judge_hash(judge)}"
 
@@ -279,7 +280,7 @@ class Evaluation:
 
 def evaluate(cfg, run_dir, stage_folder=None, judge_generator=None, policy_factory=None) -> list[dict]:
     """Run the whole eval section of a config: its benchmarks, checkpoints (or endpoint) and scaffolds."""
-    folder = Path(stage_folder) if stage_folder else Path(run_dir) / "05_eval"
+    folder = Path(stage_folder) if stage_folder else Path(run_dir) / EVAL
     ev = cfg.eval
     unknown = [s for s in ev.scaffolds if s not in scaffold_lib.SCAFFOLDS]
     if unknown:
@@ -533,7 +534,7 @@ def means_findings(metrics: dict) -> str:
 def paper_table(metrics: dict, scaffold: str = "single"):
     """The paper's three benchmarks (base -> SFT -> full RL) next to this run's scores per benchmark, one row per checkpoint."""
     import pandas as pd
-    from .report import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
+    from .paper import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
     names = {"imo-proofbench": "IMO-ProofBench", "proofbench": "ProofBench", "imo-answerbench": "IMO-AnswerBench"}
     out = []
     for ck in _ordered(metrics.get("checkpoints", [])):
@@ -548,8 +549,8 @@ def paper_table(metrics: dict, scaffold: str = "single"):
 
 
 def paper_findings() -> str:
-    """What the paper's three columns say about each stage, computed from report.PAPER_RESULTS."""
-    from .report import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
+    """What the paper's three columns say about each stage, computed from paper.PAPER_RESULTS."""
+    from .paper import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
     rows = [PAPER_ROW_OF_CHECKPOINT[k] for k in ("base", "sft", "rc_rl")]
     parts = []
     for b, label in (("imo-proofbench", "IMO-ProofBench"), ("proofbench", "ProofBench"), ("imo-answerbench", "IMO-AnswerBench")):

@@ -24,6 +24,7 @@ from typing import Optional
 from . import stats
 from .evaluation import load_benchmarks, read_results, result_key
 from .io import JsonlLog, read_jsonl, write_jsonl
+from .layout import CONFIG_FILE, EVAL
 from .prompts import parse_rubric
 
 ANSWER_SCHEMA = [{"title": "Final answer", "desc": "1 point when the final answer is equivalent to the reference "
@@ -37,10 +38,10 @@ class ExportError(RuntimeError):
 def eval_config(run_dir):
     """The config stage 5 ran with: RUN_DIR/05_eval/config.yaml, else RUN_DIR/config.yaml."""
     from .config import load_config
-    for path in (Path(run_dir) / "05_eval" / "config.yaml", Path(run_dir) / "config.yaml"):
+    for path in (Path(run_dir) / EVAL / CONFIG_FILE, Path(run_dir) / CONFIG_FILE):
         if path.exists():
             return load_config(path)
-    raise FileNotFoundError(f"{run_dir}: no 05_eval/config.yaml or config.yaml: is this a run folder "
+    raise FileNotFoundError(f"{run_dir}: no {EVAL}/{CONFIG_FILE} or {CONFIG_FILE}: is this a run folder "
                             f"(python -m qedlib run PARAMS writes one under outputs/)?")
 
 
@@ -197,7 +198,7 @@ def _group_rows(rows: list[dict], path: Path) -> dict:
 
 def default_out(run_dir) -> Path:
     """Where the export goes unless told: RUN_DIR/05_eval/official."""
-    return Path(run_dir) / "05_eval" / "official"
+    return Path(run_dir) / EVAL / "official"
 
 
 def export_official(run_dir, out=None) -> list[Path]:
@@ -206,11 +207,11 @@ def export_official(run_dir, out=None) -> list[Path]:
     DIR defaults to RUN_DIR/05_eval/official. Every benchmark problem is in every run file, in the
     benchmark's order; a problem with no result row is written with score null, never dropped.
     """
-    stage = Path(run_dir) / "05_eval"
+    stage = Path(run_dir) / EVAL
     cfg = eval_config(run_dir)
     rows = read_results(stage)
     if not rows:
-        raise ExportError(f"{stage / 'results.jsonl'} has no rows: run 05_eval first")
+        raise ExportError(f"{stage / 'results.jsonl'} has no rows: run {EVAL} first")
     out = Path(out) if out is not None else default_out(run_dir)
     gens_path = stage / "generations.jsonl"
     gens = JsonlLog(gens_path, key="key").records if gens_path.exists() else {}

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .generation import free_accelerator_memory, release_trainer
+from .layout import OUTPUTS, REPO
 from .training import StepTimer, peak_flops
 
-REPO = Path(__file__).resolve().parents[1]
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -474,7 +474,7 @@ def run_check(out: str | Path | None = None, cpu: bool = False, sections: list[s
     if not cpu:
         require_cuda()
     t_start = time.perf_counter()
-    folder = Path(out) if out else REPO / "outputs" / "gpu-check" / time.strftime(f"%Y%m%d-%H%M%S-{'cpu' if cpu else 'gpu'}")
+    folder = Path(out) if out else OUTPUTS / "gpu-check" / time.strftime(f"%Y%m%d-%H%M%S-{'cpu' if cpu else 'gpu'}")
     folder.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(tokenizer_path())
     if tok.pad_token is None:

@@ -720,7 +720,7 @@ def bench_judge_concurrency(proofs: int = 64, latency_ms: int = 500, levels: tup
     """Grade `proofs` proofs against a llm-katan echo server with `latency_ms` latency at each concurrency level."""
     import os
     import time
-    from .bench import table
+    from .tables import markdown_table as table
     from .config import Endpoint, Judge
     from .judge_server import JudgeServer, free_port, katan_echo_command
     problem = Problem("bench", "Prove that the sum of two odd integers is even.",

@@ -1,4 +1,4 @@
-"""Run folders and crash-safe files: atomic JSON writes, append-only JSONL with resume.
+"""Crash-safe files: atomic JSON writes, append-only JSONL with resume.
 
 Every stage notebook writes through these so a crash, a timeout or a kill loses at most the
 record in flight, and a rerun skips what is done.
@@ -12,14 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-STAGES = ["01_distill", "02_sft", "03_rubric_rl", "04_reasoning_cache_rl", "05_eval"]
-
-
-def stage_dir(run_dir: str | Path, stage: str) -> Path:
-    """The folder of one stage inside a run folder (created)."""
-    d = Path(run_dir) / stage
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+from .layout import METRICS_FILE
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -154,7 +147,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 def write_metrics(stage_folder: str | Path, metrics: dict) -> Path:
     """Write a stage's machine-readable metrics.json (tests and the report read it back)."""
-    return write_json(Path(stage_folder) / "metrics.json", metrics)
+    return write_json(Path(stage_folder) / METRICS_FILE, metrics)
 
 
 def folder_size(folder: str | Path) -> int:

@@ -36,9 +36,9 @@ from collections import deque
 from pathlib import Path
 
 from .config import Launch
+from .layout import TRAINED
 
 CONFIG_DIR = Path(__file__).resolve().parent / "accelerate"
-STAGE_FOLDERS = {"sft": "02_sft", "rubric_rl": "03_rubric_rl", "rc_rl": "04_reasoning_cache_rl"}
 
 
 def accelerate_config_path(name_or_path: str) -> Path:
@@ -74,8 +74,8 @@ def _format_value(v) -> str:
 def launch_command(stage: str, params_file: str | Path, run_dir: str | Path, overrides: dict | None,
                    launch: Launch) -> list[str]:
     """The `accelerate launch ... -m qedlib train STAGE ...` command as a list (print it with shlex.join)."""
-    if stage not in STAGE_FOLDERS:
-        raise ValueError(f"stage {stage!r}: expected one of {', '.join(STAGE_FOLDERS)}")
+    if stage not in TRAINED:
+        raise ValueError(f"stage {stage!r}: expected one of {', '.join(TRAINED)}")
     import torch
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     extra = [str(a) for a in launch.extra_args]
@@ -101,7 +101,7 @@ def accelerate_train(stage: str, params_file: str | Path, run_dir: str | Path, o
                      launch: Launch, tail_lines: int = 60) -> int:
     """Run a training stage under `accelerate launch`, streaming its log; raise RuntimeError on failure."""
     cmd = launch_command(stage, params_file, run_dir, overrides, launch)
-    log_path = Path(run_dir) / STAGE_FOLDERS[stage] / "launch.log"
+    log_path = Path(run_dir) / TRAINED[stage] / "launch.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", QED_LAUNCHED="1", TOKENIZERS_PARALLELISM="false")
     repo = str(Path(__file__).resolve().parent.parent)

@@ -19,17 +19,18 @@ from pathlib import Path
 import yaml
 
 from . import config as C
+from .layout import DISTILL, EVAL, RC_RL, RUBRIC_RL, SFT
 
 PKG = Path(__file__).resolve().parent
 NOTEBOOKS = PKG.parent / "notebooks"
 
 # Who consumes each params section (modules under qedlib/, and the stage's notebook).
 SECTION_READERS = {
-    "distill": (["distill.py", "decontam.py", "data.py"], "01_distill.ipynb"),
-    "sft": (["sft.py", "training.py", "attention.py", "launch.py"], "02_sft.ipynb"),
-    "rubric_rl": (["rubric_rl.py", "rl.py", "training.py", "launch.py"], "03_rubric_rl.ipynb"),
-    "rc_rl": (["rc_rl.py", "rl.py", "training.py", "launch.py"], "04_reasoning_cache_rl.ipynb"),
-    "eval": (["evaluation.py", "scaffolds.py", "stats.py", "report.py", "calibration.py"], "05_eval.ipynb"),
+    "distill": (["distill.py", "decontam.py", "data.py"], f"{DISTILL}.ipynb"),
+    "sft": (["sft.py", "training.py", "attention.py", "launch.py"], f"{SFT}.ipynb"),
+    "rubric_rl": (["rubric_rl.py", "rl.py", "training.py", "launch.py"], f"{RUBRIC_RL}.ipynb"),
+    "rc_rl": (["rc_rl.py", "rl.py", "training.py", "launch.py"], f"{RC_RL}.ipynb"),
+    "eval": (["evaluation.py", "scaffolds.py", "stats.py", "report.py", "calibration.py"], f"{EVAL}.ipynb"),
 }
 # Config classes read wherever they are used (a Sampling is read by the generator it is handed to).
 CLASS_READERS = {

@@ -638,7 +638,7 @@ def make_plan(params: str | Path, overrides: dict | None = None, prompt_tokens: 
 
 def render(plan: Plan) -> str:
     """The plan as text; the last line is the largest per-device estimate."""
-    from .bench import table
+    from .tables import markdown_table
     out = []
     for s in plan.stages:
         out.append(f"== {s.stage} ==")
@@ -650,7 +650,7 @@ def render(plan: Plan) -> str:
                    + (f" of {plan.gpu_gib:g} GiB: fits {plan.fits(s)}" if plan.gpu_gib else " (no GPU planned)"))
         out += [f"  PROBLEM    {r}" for r in s.problems]
         out.append("")
-    out.append(table(["stage", "GiB per device", "GPU GiB", "fits"],
+    out.append(markdown_table(["stage", "GiB per device", "GPU GiB", "fits"],
                      [[s.stage, round(_gib(s.total), 2), plan.gpu_gib if plan.gpu_gib else "-", plan.fits(s)]
                       for s in plan.stages]))
     out.append("")

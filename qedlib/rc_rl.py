@@ -19,13 +19,13 @@ from pathlib import Path
 from .config import Endpoint, Sampling
 from .data import load_source
 from .generation import TransformersGenerator, VLLMGenerator, make_generator, release_trainer, render_prompt, run_sync
-from .io import stage_dir, write_json, write_jsonl
+from .io import write_json, write_jsonl
 from .models import resolve_model
 from .reasoning_cache import cache_state_prompts, rc_rollout, summary_unclosed_rate
 from .rl import sharded
-from .runner import checkpoint
+from .layout import RC_RL, checkpoint, stage_dir
 
-STAGE = "04_reasoning_cache_rl"
+STAGE = RC_RL
 
 
 def sample_states(n_states: int, k: int, rng: random.Random) -> list[int]:

@@ -15,21 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 from . import stats
-from .io import STAGES
-
-# RECIPE "Headline results": grade % (mean points/7, avg of 3 runs); IMO-AnswerBench is accuracy %.
-PAPER_RESULTS = {
-    "imo-proofbench": {"Qwen3-4B-Thinking-2507 (base)": 20.4, "QED-Nano-SFT": 39.5, "QED-Nano (SFT + rubric RL + RC RL)": 40.0,
-                       "QED-Nano + test-time scaffold": 54.0, "GPT-OSS-120B": 43.1, "DeepSeek-Math-V2": 57.9, "Gemini 3 Pro": 58.7},
-    "proofbench": {"Qwen3-4B-Thinking-2507 (base)": 19.5, "QED-Nano-SFT": 33.3, "QED-Nano (SFT + rubric RL + RC RL)": 44.9,
-                   "QED-Nano + test-time scaffold": 54.4, "GPT-OSS-120B": 47.5, "DeepSeek-Math-V2": 60.6, "Gemini 3 Pro": 66.7},
-    "imo-answerbench": {"Qwen3-4B-Thinking-2507 (base)": 55.8, "QED-Nano-SFT": 57.5, "QED-Nano (SFT + rubric RL + RC RL)": 67.5,
-                        "GPT-OSS-120B": 70.5, "DeepSeek-Math-V2": 75.8, "Gemini 3 Pro": 83.2},
-}
-# Which of our checkpoints corresponds to which paper row.
-PAPER_ROW_OF_CHECKPOINT = {"base": "Qwen3-4B-Thinking-2507 (base)", "sft": "QED-Nano-SFT",
-                           "rc_rl": "QED-Nano (SFT + rubric RL + RC RL)"}
-PAPER_TOKENS_PER_PROBLEM = {"single": 93_700, "rc": 237_000, "dsm": 1_600_000, "rsa": 2_000_000}  # IMO-ProofBench
+from .layout import DISTILL, EVAL, METRICS_FILE, RC_RL, RUBRIC_RL, RUN_FILE, STAGES, TIMINGS_FILE, git_commit, hardware
+from .paper import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
+from .tables import markdown_table
 
 
 def _flatten(d: dict, prefix: str = "", depth: int = 2) -> dict:
@@ -48,10 +36,10 @@ def _flatten(d: dict, prefix: str = "", depth: int = 2) -> dict:
 def stage_metrics(run_dir) -> list[dict]:
     """One record per stage that wrote metrics.json: its wall time and flattened metrics."""
     run_dir = Path(run_dir)
-    timings = _read(run_dir / "timings.json") or (_read(run_dir / "run.json") or {}).get("timings_s", {})
+    timings = _read(run_dir / TIMINGS_FILE) or (_read(run_dir / RUN_FILE) or {}).get("timings_s", {})
     out = []
     for stage in STAGES:
-        m = _read(run_dir / stage / "metrics.json")
+        m = _read(run_dir / stage / METRICS_FILE)
         if m is None:
             continue
         out.append({"stage": stage, "wall_s": timings.get(stage), "metrics": _flatten(m)})
@@ -60,9 +48,8 @@ def stage_metrics(run_dir) -> list[dict]:
 
 def run_info(run_dir) -> dict:
     """Commit, hardware and params of the run (run.json when the pipeline runner wrote it, else this process)."""
-    info = _read(Path(run_dir) / "run.json") or {}
+    info = _read(Path(run_dir) / RUN_FILE) or {}
     if "commit" not in info or "hardware" not in info:
-        from .runner import git_commit, hardware
         info = {**info, "commit": info.get("commit") or git_commit(), "hardware": info.get("hardware") or hardware()}
     return info
 
@@ -150,10 +137,7 @@ def report_figures(rows: list[dict], summary, threshold: float = 6, n_boot: int 
 
 
 # ---------------------------------------------------------------- writing
-def _md_table(headers: list[str], rows: list[list]) -> str:
-    fmt = lambda v: "-" if v is None or stats.is_nan(v) else (f"{v:.3g}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(fmt(v).replace("|", "/") for v in r) + " |" for r in rows])
+FLOATS = ".3g"  # every report table shows three significant digits
 
 
 SUMMARY_COLUMNS = ["checkpoint", "benchmark", "scaffold", "mean_score_pct", "mean_pct_invalid_dropped", "mean_pct_invalid_as_0",
@@ -182,14 +166,14 @@ def with_both_means(summary, rows: list[dict], by: tuple = ("checkpoint", "bench
 # The stage table's columns: (header with unit, metrics.json key, factor, stages whose key means that or None for
 # any); a column shows when some stage has it. ("samples" is generated samples in 01, samples per problem in 05.)
 STAGE_COLUMNS = [
-    ("steps", "steps", 1, None), ("samples generated", "samples", 1, ("01_distill",)),
-    ("samples kept", "kept", 1, ("01_distill",)), ("teacher grade (mean, 0-7)", "mean_grade", 1, None),
+    ("steps", "steps", 1, None), ("samples generated", "samples", 1, (DISTILL,)),
+    ("samples kept", "kept", 1, (DISTILL,)), ("teacher grade (mean, 0-7)", "mean_grade", 1, None),
     ("train loss, first", "train_loss_first", 1, None), ("train loss, last", "train_loss_last", 1, None),
     ("eval loss", "eval_loss", 1, None), ("think block closed after SFT (%)", "think_closed_after", 100, None),
     ("reward, first step (0-1)", "reward_first", 1, None), ("reward, last step (0-1)", "reward_last", 1, None),
-    ("rollouts truncated (%)", "truncation_rate", 100, ("03_rubric_rl", "04_reasoning_cache_rl")),
-    ("weights changed (%)", "weights_changed_frac", 100, None), ("graded eval rows", "rows", 1, ("05_eval",)),
-    ("eval samples per problem", "samples", 1, ("05_eval",)), ("cost ($)", "cost_usd", 1, None),
+    ("rollouts truncated (%)", "truncation_rate", 100, (RUBRIC_RL, RC_RL)),
+    ("weights changed (%)", "weights_changed_frac", 100, None), ("graded eval rows", "rows", 1, (EVAL,)),
+    ("eval samples per problem", "samples", 1, (EVAL,)), ("cost ($)", "cost_usd", 1, None),
 ]
 
 
@@ -213,21 +197,22 @@ STAGES_NOTE = ("Key numbers per stage ('-': the stage does not have it); each st
 
 def _sections(run_dir, rows, summary) -> list[tuple[str, str]]:
     info = run_info(run_dir)
-    sec = [("Run", _md_table(["key", "value"], [["run folder", str(Path(run_dir).resolve())], ["git commit", info.get("commit")],
-                                                ["hardware", info.get("hardware")], ["params", info.get("params_file", "-")]]))]
+    run_rows = [["run folder", str(Path(run_dir).resolve())], ["git commit", info.get("commit")],
+                ["hardware", info.get("hardware")], ["params", info.get("params_file", "-")]]
+    sec = [("Run", markdown_table(["key", "value"], run_rows, FLOATS))]
     records = stage_metrics(run_dir)
-    sec.append(("Stages", STAGES_NOTE + "\n\n" + _md_table(*stage_table(records)) if records
+    sec.append(("Stages", STAGES_NOTE + "\n\n" + markdown_table(*stage_table(records), FLOATS) if records
                 else "No stage has written metrics.json yet."))
     if summary is not None and len(summary):
         cols = [c for c in SUMMARY_COLUMNS if c in summary.columns] + [c for c in summary.columns if c.startswith(("pass@", "score_pct_"))]
         sec.append(("Scores (mean % of 7, 95% bootstrap CI over problems)",
-                    SCORES_NOTE + "\n\n" + _md_table(cols, summary[cols].values.tolist())))
+                    SCORES_NOTE + "\n\n" + markdown_table(cols, summary[cols].values.tolist(), FLOATS)))
         comp = paper_comparison(summary)
         if comp:
             sec.append(("Paper comparison (RECIPE headline results; the paper used Qwen3-4B at full budgets)",
-                        _md_table(list(comp[0]), [list(c.values()) for c in comp])))
+                        markdown_table(list(comp[0]), [list(c.values()) for c in comp], FLOATS)))
     else:
-        sec.append(("Scores", "No evaluation results yet (run 05_eval)."))
+        sec.append(("Scores", f"No evaluation results yet (run {EVAL})."))
     return sec
 
 
@@ -263,7 +248,7 @@ def refresh(run_dir, cfg) -> dict:
     metrics and wall time, which do not exist yet while 05_eval writes its first version.
     """
     from . import evaluation
-    eval_dir = Path(run_dir) / "05_eval"
+    eval_dir = Path(run_dir) / EVAL
     rows = evaluation.read_results(eval_dir) if (eval_dir / "results.jsonl").exists() else []  # no eval yet: stages only
     summary = evaluation.summary_table(rows, cfg) if rows else None
     return write_report(run_dir, rows, summary, cfg.eval.success_threshold, cfg.eval.bootstrap, cfg.seed)

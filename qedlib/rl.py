@@ -573,7 +573,7 @@ def bench_learning(model: str = "smollm2-135m", steps: int = 30, lr: float = 1.0
     steps of 2 problems x 8 rollouts of 16 tokens can move a 135M model.
     """
     import tempfile
-    from .bench import table
+    from .tables import markdown_table as table
     from .config import RLConfig
     from .data import load_problems
     from .models import resolve_model

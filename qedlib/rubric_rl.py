@@ -11,11 +11,11 @@ from pathlib import Path
 
 from .data import load_source
 from .generation import release_trainer
-from .io import stage_dir, write_json, write_jsonl
+from .io import write_json, write_jsonl
 from .models import resolve_model
-from .runner import checkpoint
+from .layout import RUBRIC_RL, checkpoint, stage_dir
 
-STAGE = "03_rubric_rl"
+STAGE = RUBRIC_RL
 
 
 def make_grader(rl, folder: Path):

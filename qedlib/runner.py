@@ -7,40 +7,25 @@ stage's artifacts from the run folder. `start_stage` is what every notebook's se
 from __future__ import annotations
 
 import json
-import os
-import platform
-import random
-import subprocess
 import time
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config, save_config
-from .io import STAGES, read_json, stage_dir, write_json, folder_size
+from .io import read_json, write_json, folder_size
+from .layout import (CONFIG_FILE, DISTILL, EVAL, OUTPUTS, RC_RL, REPO, RUBRIC_RL, RUN_FILE, SFT, STAGES, TIMINGS_FILE,
+                     git_commit, hardware, stage_dir)
 
-REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 KERNEL = "qed"
-
-# Where each training stage leaves the model the next stage starts from.
-MODEL_DIRS = {"sft": "02_sft/model", "rubric_rl": "03_rubric_rl/model", "rc_rl": "04_reasoning_cache_rl/model"}
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch."""
-    import numpy as np
-    import torch
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # The config sections whose values produce each stage's results; a stage also redoes its work when an
 # earlier stage's results change (its input data or starting model).
-STAGE_KEYS = {"01_distill": ("seed", "base_model", "distill"),
-              "02_sft": ("thinking", "sft"),
-              "03_rubric_rl": ("rubric_rl",),
-              "04_reasoning_cache_rl": ("rc_rl",),
-              "05_eval": ("generation", "eval")}
+STAGE_KEYS = {DISTILL: ("seed", "base_model", "distill"),
+              SFT: ("thinking", "sft"),
+              RUBRIC_RL: ("rubric_rl",),
+              RC_RL: ("rc_rl",),
+              EVAL: ("generation", "eval")}
 
 
 # Keys that change what is kept or logged, not any stage's results.
@@ -92,9 +77,10 @@ def start_stage(params_file: str, run_dir: str, overrides: dict, stage: str) -> 
     in the stage folder, seed; return (cfg, folder)."""
     cfg = load_config(params_file, overrides)
     folder = stage_dir(run_dir, stage)
-    say_config_changes(folder / "config.yaml", cfg, [stage])
-    save_config(cfg, folder / "config.yaml")
-    seed_everything(cfg.seed)
+    say_config_changes(folder / CONFIG_FILE, cfg, [stage])
+    save_config(cfg, folder / CONFIG_FILE)
+    from transformers import set_seed
+    set_seed(cfg.seed)  # python, numpy, torch (and CUDA when present)
     quiet_outputs()
     print(f"[qedlib] stage {stage}: run folder {Path(run_dir).resolve()}  params {params_file}")
     return cfg, folder
@@ -122,63 +108,6 @@ def quiet_outputs() -> None:
     datasets.disable_progress_bars()
 
 
-def _is_model(path: Path) -> bool:
-    """A full model folder or a LoRA adapter folder (merged on first use by models.resolve_model)."""
-    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
-
-
-PIPELINE = ("sft", "rubric_rl", "rc_rl")  # the trained stages, in pipeline order
-
-
-def checkpoint(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = None) -> str:
-    """Resolve a model reference that may name a stage of this run.
-
-    "base" -> cfg.base_model; "sft" / "rubric_rl" / "rc_rl" -> that stage's saved model;
-    "previous" -> the model of the stage before `stage` in the pipeline (rubric_rl: sft; rc_rl:
-    rubric_rl), falling back to earlier stages and then the base model when it was not run, so that
-    rerunning a stage in a finished run starts where the pipeline says, not from a later stage's
-    model; anything else is a model reference (embedded name, folder or hub id).
-    """
-    if ref == "base":
-        return cfg.base_model
-    if ref in MODEL_DIRS:
-        path = Path(run_dir) / MODEL_DIRS[ref]
-        if not _is_model(path):
-            raise FileNotFoundError(f"checkpoint {ref!r}: {path} has no model; run that stage first "
-                                    f"(python -m qedlib run PARAMS --stages ...)")
-        return str(path)
-    if ref == "previous":
-        if stage not in PIPELINE:
-            raise ValueError(f"model 'previous' is relative to a training stage ({', '.join(PIPELINE)}), "
-                             f"got stage={stage!r}")
-        before = PIPELINE[:PIPELINE.index(stage)]
-        for name in reversed(before):
-            path = Path(run_dir) / MODEL_DIRS[name]
-            if _is_model(path):
-                if name != before[-1]:
-                    print(f"[qedlib] {stage}: 'previous' is {before[-1]}, which has no model in {run_dir}; "
-                          f"starting from {name}")
-                return str(path)
-        return cfg.base_model
-    return ref
-
-
-def git_commit() -> str:
-    """The repo's current commit (or 'unknown')."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def hardware() -> str:
-    """A one-line description of the machine."""
-    import torch
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
-
-
 def _failed_cell(nb_path: Path) -> str:
     try:
         nb = json.loads(nb_path.read_text())
@@ -196,7 +125,7 @@ def _failed_cell(nb_path: Path) -> str:
 
 
 def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str] | None = None,
-                 overrides: dict | None = None, outputs: str | Path = REPO / "outputs") -> Path:
+                 overrides: dict | None = None, outputs: str | Path = OUTPUTS) -> Path:
     """Execute the notebooks in order; return the run folder. Stops at the first failing stage."""
     import papermill as pm
     overrides = dict(overrides or {})
@@ -204,11 +133,11 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
     run_dir = (Path(outputs) / (run_name or cfg.run_name)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     wanted = _select_stages(stages)
-    say_config_changes(run_dir / "config.yaml", cfg, wanted)  # before anything runs: what will not be resumed
-    save_config(cfg, run_dir / "config.yaml")
-    timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
+    say_config_changes(run_dir / CONFIG_FILE, cfg, wanted)  # before anything runs: what will not be resumed
+    save_config(cfg, run_dir / CONFIG_FILE)
+    timings = read_json(run_dir / TIMINGS_FILE) if (run_dir / TIMINGS_FILE).exists() else {}
     info = {"params_file": str(params_file), "overrides": overrides, "commit": git_commit(), "hardware": hardware()}
-    write_json(run_dir / "run.json", {**info, "timings_s": timings})  # the report (in 05_eval) reads it
+    write_json(run_dir / RUN_FILE, {**info, "timings_s": timings})  # the report (in the eval stage) reads it
     for stage in wanted:
         src = NOTEBOOKS / f"{stage}.ipynb"
         out = stage_dir(run_dir, stage) / f"{stage}.ipynb"
@@ -229,10 +158,10 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
             raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
                                f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
         timings[stage] = round(time.perf_counter() - t0, 1)
-        write_json(run_dir / "timings.json", timings)
-        write_json(run_dir / "run.json", {**info, "timings_s": timings})
+        write_json(run_dir / TIMINGS_FILE, timings)
+        write_json(run_dir / RUN_FILE, {**info, "timings_s": timings})
         print(f"[qedlib] {stage} done in {timings[stage]:.0f} s", flush=True)
-    from . import report
+    from . import report  # here, not at the top: a notebook's start_stage need not import the eval stack
     written = report.refresh(run_dir, cfg)  # now with every finished stage's metrics and wall time
     print(f"[qedlib] report: {written['md']} and {written['html']}", flush=True)
     print(f"[qedlib] run folder {run_dir}: {folder_size(run_dir) / 2**30:.2f} GiB", flush=True)

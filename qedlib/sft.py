@@ -27,10 +27,11 @@ from typing import Any, Optional
 from . import attention
 from .config import Config
 from .display import NOT_IN_PAPER
-from .io import read_json, stage_dir, write_json
+from .io import read_json, write_json
+from .layout import DISTILL, SFT, checkpoint, stage_dir
 from .models import CHATML_TRAINING_TEMPLATE, pick_device, resolve_model
 
-STAGE = "02_sft"
+STAGE = SFT
 SFT_COLUMNS = ["problem", "reasoning_content", "proof", "category", "competition", "grade", "source", "messages"]
 # Column names used by the public FineProofs-SFT release for our fields.
 FINEPROOFS_ALIASES = {"gemini-3-pro-grade": "grade"}
@@ -98,7 +99,7 @@ def sft_row(problem: str, reasoning: str, proof: str, **extra) -> dict:
 def _read_rows(source: str, cfg_sft, run_dir: str | Path) -> tuple[list[dict], str]:
     from .data import DataError, read_records
     if source == "distill":
-        path = Path(run_dir) / "01_distill" / "dataset"
+        path = Path(run_dir) / DISTILL / "dataset"
         if not path.exists():
             raise FileNotFoundError(f"sft.dataset = 'distill' but {path} does not exist: run 01_distill first "
                                     "(python -m qedlib run PARAMS --stages 01_distill), or point sft.dataset at "
@@ -435,7 +436,6 @@ def build_trainer(cfg: Config, run_dir: str | Path, train_ds, eval_ds=None, call
                   model_ref: Optional[str] = None):
     """The TRL SFTTrainer for cfg.sft on pre-tokenized (input_ids, labels) datasets; returns (trainer, extras)."""
     from trl import SFTTrainer
-    from .runner import checkpoint
     folder = stage_dir(run_dir, STAGE)
     tok, model, choice = load_for_training(cfg, model_ref or checkpoint(cfg, run_dir, cfg.sft.model, "sft"))
     has_eval = eval_ds is not None and len(eval_ds) > 0
@@ -458,7 +458,6 @@ def save_model(trainer, cfg: Config, run_dir: str | Path) -> Path:
 
 def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None) -> dict:
     """Run stage 2 training in this process (or as one rank under accelerate); return its metrics."""
-    from .runner import checkpoint
     t0 = time.perf_counter()
     folder = stage_dir(run_dir, STAGE)
     data, counts = load_sft_data(cfg, run_dir)
@@ -544,7 +543,6 @@ def sample_before_after(cfg: Config, run_dir: str | Path, model_dir: str | Path,
     import copy
     from .data import load_problems
     from .generation import make_generator
-    from .runner import checkpoint
     if problems is None:
         problems = load_problems("shipped", split="eval", limit=cfg.sft.sample_problems)
     prompts = [[{"role": "user", "content": p.problem}] for p in problems]
@@ -683,7 +681,7 @@ EXPERIMENTS = [
 def try_it(params_file: str = "params/cpu.yaml") -> str:
     """Markdown for the notebook's "Try it" section, built from EXPERIMENTS (one source, tested)."""
     from .display import experiments_markdown
-    return experiments_markdown(EXPERIMENTS, params_file, "01_distill 02_sft")
+    return experiments_markdown(EXPERIMENTS, params_file, f"{DISTILL} {SFT}")
 
 
 # ---------------------------------------------------------------- benchmark
@@ -772,7 +770,7 @@ def _bench_gpu(steps: int = 8, seq: int = 4096) -> list:
 def bench_packing(model: str = "smollm2-135m", steps: int = 4, batch_size: int = 8) -> str:
     """SFT tokens/s on the shipped data: padding-free and packed vs padded batches (+ GPU MFU when CUDA)."""
     import torch
-    from .bench import table
+    from .tables import markdown_table as table
     rows = _bench_cpu(model, steps, batch_size)
     base = rows[0][-1]
     body = [r + [f"{r[-1] / base:.2f}x", "n/a (CPU)"] for r in rows]

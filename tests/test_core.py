@@ -132,7 +132,7 @@ def test_cli_reports_a_bad_params_file(tmp_path, capsys):
 
 def test_previous_is_the_stage_before_in_the_pipeline(tmp_path, capsys):
     from qedlib.config import Config
-    from qedlib.runner import MODEL_DIRS, checkpoint
+    from qedlib.layout import MODEL_DIRS, checkpoint
     cfg = Config(base_model="base-model")
     assert checkpoint(cfg, tmp_path, "previous", "rubric_rl") == "base-model"  # nothing trained yet
     for name in ("sft", "rubric_rl", "rc_rl"):  # a finished run

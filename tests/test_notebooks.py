@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from qedlib.io import STAGES
+from qedlib.layout import STAGES
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 

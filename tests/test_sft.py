@@ -268,7 +268,7 @@ def test_lora_adapter_without_merge_is_usable_by_later_stages(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from qedlib.models import load_model
-    from qedlib.runner import checkpoint
+    from qedlib.layout import checkpoint
     run, params = make_run(tmp_path, max_steps=2, lr=1.0e-2,
                            **{"lora": {"enabled": True, "r": 4, "alpha": 8, "merge": False}})
     cfg = load_config(params)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qedlib.config import load_config
-from qedlib.io import STAGES
+from qedlib.layout import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "params" / "smoke.yaml"
