@@ -153,7 +153,8 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
                                 log_output=False,
                                 # nbclient: keep the widgets' state in the notebook's metadata, so the sample and
                                 # result browsers render outside JupyterLab too (viewers with a widget manager)
-                                store_widget_state=True)
+                                store_widget_state=True,
+                                kernel_manager_class=local_kernel_manager())
         except pm.PapermillExecutionError as e:
             raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
                                f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
@@ -166,6 +167,20 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
     print(f"[qedlib] report: {written['md']} and {written['html']}", flush=True)
     print(f"[qedlib] run folder {run_dir}: {folder_size(run_dir) / 2**30:.2f} GiB", flush=True)
     return run_dir
+
+
+def local_kernel_manager():
+    """nbclient's kernel manager, talking to the kernel over local IPC sockets (not TCP on localhost).
+
+    ipykernel >= 7 warns at every start that a TCP kernel is unencrypted; IPC sockets are files
+    that only this user can open, so there is nothing to warn about, and no port to collide on.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**{"transport": "ipc", **kwargs})
+    return IPCKernelManager
 
 
 def _select_stages(stages: list[str] | None) -> list[str]:
