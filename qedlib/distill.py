@@ -32,9 +32,9 @@ from typing import Optional
 from .display import NOT_IN_PAPER, experiments_markdown
 from .io import JsonlLog, read_json, settings_hash, write_json
 from .layout import DISTILL, stage_dir
+from .policy import SFT_COLUMNS, sft_messages
 from .resume_keys import judge_hash
 
-SFT_COLUMNS = ["problem", "reasoning_content", "proof", "category", "competition", "grade", "source", "messages"]
 FINEPROOFS_SFT = "lm-provers/FineProofs-SFT"
 FINEPROOFS_GRADE = "gemini-3-pro-grade"  # the public set's 0-7 grade column
 SAMPLES_FILE, GRADES_FILE = "samples.jsonl", "grades.jsonl"
@@ -468,12 +468,6 @@ def funnel(n_loaded: int, removed: dict[str, int], rows: list[dict], n_expected:
 
 
 # ---------------------------------------------------------------- dataset
-def sft_messages(problem: str, reasoning: str, proof: str) -> list[dict]:
-    """The SFT chat: the bare problem, then "<think>\\n{reasoning}\\n</think>\\n\\n{proof}"."""
-    return [{"role": "user", "content": problem},
-            {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{proof}"}]
-
-
 def sft_features():
     """The datasets.Features of the SFT schema shared with FineProofs-SFT (grade as float 0-7)."""
     from datasets import Features, List, Value

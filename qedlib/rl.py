@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 from .generation import split_thinking
 from .models import pick_device
+from .training import lora_config
 
 
 # ---------------------------------------------------------------- rewards
@@ -289,15 +290,6 @@ def vllm_context(tokenizer, prompts: list[str], rl, extra_prompt_tokens: int = 0
     return -(-need // 1024) * 1024
 
 
-def lora_config(lora):
-    """A peft LoraConfig from our Lora settings, or None when disabled."""
-    if not lora.enabled:
-        return None
-    from peft import LoraConfig
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
-
-
 def make_trainer(rl, model_path: str, dataset, reward_funcs: list, args, rollout_func=None):
     """A GRPOTrainer with the paper's ratio and entropy aggregation (see QedGRPOTrainer)."""
     import os
@@ -393,16 +385,6 @@ def qed_grpo_trainer_class():
 def torch_isnan(t):
     import torch
     return torch.isnan(t)
-
-
-def train_or_launch(stage: str, launch, train, cfg, run_dir, params_file: str, overrides: dict, result_file) -> dict:
-    """Run `train(cfg, run_dir)` here, or under `accelerate launch` (num_processes > 1 or a config) and read its result."""
-    if launch.num_processes > 1 or launch.accelerate_config:
-        from .io import read_json
-        from .launch import accelerate_train
-        accelerate_train(stage, params_file, run_dir, overrides, launch)
-        return read_json(result_file)
-    return train(cfg, run_dir)
 
 
 def save_policy(trainer, out_dir: str | Path, merge: bool = True) -> Path:
@@ -563,33 +545,6 @@ def side_run(train, cfg, section: str, **changes) -> tuple[list[dict], dict]:
         metrics = train(new, tmp)
         steps = list(read_jsonl(next(Path(tmp).glob("*/steps.jsonl"))))
     return steps, metrics
-
-
-# ---------------------------------------------------------------- the learning check
-def bench_learning(model: str = "smollm2-135m", steps: int = 30, lr: float = 1.0e-4) -> str:
-    """GRPO on the verifiable format reward with the embedded model: does the reward go up?
-
-    Learning-check settings, not the paper's: a higher lr (1e-4) and grad clip 1.0 so that 30
-    steps of 2 problems x 8 rollouts of 16 tokens can move a 135M model.
-    """
-    import tempfile
-    from .tables import markdown_table as table
-    from .config import RLConfig
-    from .data import load_problems
-    from .models import resolve_model
-    rl = RLConfig(num_generations=8, prompts_per_step=2, max_steps=steps, max_completion_length=16, lr=lr,
-                  max_grad_norm=1.0, reward="format", temperature=1.0, save_steps=10_000)
-    probs = load_problems("shipped", split="train")
-    out = tempfile.mkdtemp(prefix="qed-rl-bench-")
-    t0 = time.perf_counter()
-    rows, _ = train_on_problems(rl, resolve_model(model), probs, out, thinking=False, seed=0)
-    dt = time.perf_counter() - t0
-    print(table(["step", "reward", "reward std", "entropy", "grad norm"],
-                [[r["step"], round(r["reward"], 3), round(r["reward_std"] or 0, 3), round(r["entropy"] or 0, 3),
-                  round(r["grad_norm"] or 0, 3)] for r in rows]))
-    s = summarise_steps(rows, tail=5)
-    return (f"format reward {s['reward_first']:.2f} (first 5 steps) -> {s['reward_last']:.2f} (last 5) "
-            f"in {steps} steps, {dt / steps:.1f} s/step, {model}")
 
 
 def problem_prompts(tokenizer, problems, thinking: bool):

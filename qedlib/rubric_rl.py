@@ -72,6 +72,6 @@ def judge_view(cfg, problems, steps: list[dict]) -> tuple[str, str, str]:
 
 def run(cfg, run_dir, params_file: str, overrides: dict) -> dict:
     """Train in-process, or launch `accelerate` with num_processes > 1; return the metrics."""
-    from .rl import train_or_launch
+    from .training import train_or_launch
     return train_or_launch("rubric_rl", cfg.rubric_rl.launch, train, cfg, run_dir, params_file, overrides,
                            stage_dir(run_dir, STAGE) / "train_result.json")

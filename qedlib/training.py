@@ -1,4 +1,5 @@
-"""Pieces every training stage shares (SFT and both RL stages): checkpoints, saving, did the weights move.
+"""Pieces every training stage shares (SFT and both RL stages): LoRA settings, run here or under accelerate,
+checkpoints, saving, did the weights move.
 
 A building block below the stage modules (qedlib.sft, qedlib.rubric_rl, qedlib.rc_rl): it imports
 no stage.
@@ -18,6 +19,25 @@ def last_checkpoint(folder: str | Path) -> Optional[str]:
     from transformers.trainer_utils import get_last_checkpoint
     folder = Path(folder)
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def lora_config(lora):
+    """A peft LoraConfig from a stage's `lora` settings (config.Lora), or None when disabled."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+
+
+def train_or_launch(stage: str, launch, train, cfg, run_dir, params_file: str, overrides: dict, result_file) -> dict:
+    """Run `train(cfg, run_dir)` here, or under `accelerate launch` (num_processes > 1 or a config) and read its result."""
+    if launch.num_processes > 1 or launch.accelerate_config:
+        from .io import read_json
+        from .launch import accelerate_train
+        accelerate_train(stage, params_file, run_dir, overrides, launch)
+        return read_json(result_file)
+    return train(cfg, run_dir)
 
 
 def checkpointing_args(args_cls, on: bool) -> dict:

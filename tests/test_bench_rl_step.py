@@ -1,4 +1,4 @@
-"""`python -m qedlib bench rl-step` is wired: both trainers take a step against a real llm-katan echo judge."""
+"""Benchmarks are wired: the registry resolves; `bench rl-step` steps both trainers against an echo judge."""
 from __future__ import annotations
 
 from qedlib.bench import BENCHMARKS
@@ -6,6 +6,15 @@ from qedlib.bench import BENCHMARKS
 
 def test_rl_step_is_registered():
     assert BENCHMARKS["rl-step"][0] == "qedlib.bench_rl_step:run"
+
+
+def test_every_benchmark_resolves_and_the_training_ones_live_outside_the_stages():
+    import importlib
+    for name, (target, _) in BENCHMARKS.items():
+        module, fn = target.split(":")
+        assert callable(getattr(importlib.import_module(module), fn)), name
+    assert BENCHMARKS["sft-packing"][0] == "qedlib.bench_sft:run"
+    assert BENCHMARKS["rl-learning"][0] == "qedlib.bench_rl_learning:run"
 
 
 def test_rl_step_bench_runs_both_trainers_against_the_echo_judge(capsys):

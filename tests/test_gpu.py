@@ -28,11 +28,11 @@ def test_varlen_attention_on_cuda_in_bf16_matches_each_example_alone():
 
 def test_padding_free_sft_trains_on_cuda(tmp_path):
     import datasets
-    from qedlib import sft
+    from qedlib import policy, sft
     from qedlib.config import load_config
     from qedlib.models import TINY
     run = tmp_path / "run"
-    rows = [sft.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"{i} + {i} = {2 * i}." * (1 + i % 5))
+    rows = [policy.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"{i} + {i} = {2 * i}." * (1 + i % 5))
             for i in range(16)]
     datasets.Dataset.from_list(rows).save_to_disk(str(run / "01_distill" / "dataset"))
     params = tmp_path / "params.yaml"
@@ -44,8 +44,8 @@ def test_padding_free_sft_trains_on_cuda(tmp_path):
 
 
 def test_sft_packing_bench_reports_mfu():
-    from qedlib.sft import _bench_gpu
-    row = _bench_gpu(steps=3, seq=2048)
+    from qedlib.bench_sft import gpu_row
+    row = gpu_row(steps=3, seq=2048)
     assert row[4] > 0 and (row[5].endswith("%") or row[5] == "peak unknown")
 
 

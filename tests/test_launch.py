@@ -49,10 +49,10 @@ def test_failure_raises_with_the_log_tail(tmp_path):
 
 def test_two_cpu_processes_train_with_gloo(tmp_path, capsys):
     import datasets
-    from qedlib import sft
+    from qedlib import policy
     from qedlib.models import TINY
     run = tmp_path / "run"
-    rows = [sft.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"{i} + {i} = {2 * i}.") for i in range(8)]
+    rows = [policy.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"{i} + {i} = {2 * i}.") for i in range(8)]
     datasets.Dataset.from_list(rows).save_to_disk(str(run / "01_distill" / "dataset"))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"base_model": TINY, "device": "cpu", "sft": {
@@ -83,7 +83,7 @@ def test_shipped_fsdp2_config_trains_saves_and_resumes_on_two_cpu_processes(tmp_
     import datasets
     import torch
     from transformers import AutoModelForCausalLM
-    from qedlib import sft
+    from qedlib import policy
     from qedlib.launch import accelerate_config_path
     from qedlib.models import TINY, resolve_model
     shipped = yaml.safe_load(accelerate_config_path("fsdp").read_text())
@@ -91,7 +91,7 @@ def test_shipped_fsdp2_config_trains_saves_and_resumes_on_two_cpu_processes(tmp_
     config = tmp_path / "fsdp-cpu.yaml"
     config.write_text(yaml.safe_dump({**shipped, "use_cpu": True, "mixed_precision": "no", "num_processes": 2}))
     run = tmp_path / "run"
-    rows = [sft.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"{i} + {i} = {2 * i}.") for i in range(8)]
+    rows = [policy.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"{i} + {i} = {2 * i}.") for i in range(8)]
     datasets.Dataset.from_list(rows).save_to_disk(str(run / "01_distill" / "dataset"))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"base_model": TINY, "device": "cpu", "sft": {

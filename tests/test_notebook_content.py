@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qedlib import distill, sft
+from qedlib import distill, policy, sft, sft_data, sft_view
 from qedlib.config import load_config, parse_override
 from qedlib.data import Problem
 from qedlib.grading import build_prompt
@@ -82,51 +82,51 @@ def test_distill_findings_state_the_real_grade_range():
 def test_loss_segments_cover_the_example_and_train_only_the_assistant_turn():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(resolve_model(TINY))
-    messages = sft.sft_messages("Prove that the sum of two odd integers is even.", "", LONG_PROOF)
-    ids, labels = sft.tokenize_example(tok, messages, sft.training_chat_template(tok))
-    segs = sft.loss_segments(tok, ids, labels)
+    messages = policy.sft_messages("Prove that the sum of two odd integers is even.", "", LONG_PROOF)
+    ids, labels = sft_data.tokenize_example(tok, messages, sft_data.training_chat_template(tok))
+    segs = sft_data.loss_segments(tok, ids, labels)
     assert sum(s["tokens"] for s in segs) == len(ids)
     assert [s["loss"] for s in segs] == [False, True, False]  # prompt, assistant turn, template's trailing newline
-    assert segs[1]["text"] == sft.loss_text(tok, ids, labels) and LONG_PROOF.strip() in segs[1]["text"]
+    assert segs[1]["text"] == sft_data.loss_text(tok, ids, labels) and LONG_PROOF.strip() in segs[1]["text"]
     assert "Prove that" in segs[0]["text"] and segs[1]["tokens"] == sum(l != -100 for l in labels)
-    html = sft.render_loss_segments(segs)
+    html = sft_view.render_loss_segments(segs)
     assert LONG_PROOF.strip() in html and f"trained (loss): {segs[1]['tokens']} tokens" in html
 
 
 def test_think_block_length_and_empty_share():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(resolve_model(TINY))
-    assert sft.think_tokens("\n</think>\n\nProof.", tok) == 0
-    assert sft.think_tokens("I add the two numbers.\n</think>\n\nProof.", tok) > 3
-    assert sft.think_tokens("still thinking", tok) is None
+    assert sft_view.think_tokens("\n</think>\n\nProof.", tok) == 0
+    assert sft_view.think_tokens("I add the two numbers.\n</think>\n\nProof.", tok) > 3
+    assert sft_view.think_tokens("still thinking", tok) is None
     rows = [{"base": "no close", "sft": "\n</think>\n\nP."}, {"base": "a b c</think>x", "sft": "\n</think>\n\nQ."}]
-    stats = sft.think_block_stats(rows, tok)
+    stats = sft_view.think_block_stats(rows, tok)
     assert stats["think_tokens_before"] > 0 and stats["think_tokens_after"] == 0
     assert stats["empty_think_before"] == 0 and stats["empty_think_after"] == 1.0
-    ds = [sft.sft_row("P", "", "proof"), sft.sft_row("Q", "reason", "proof")]
+    ds = [policy.sft_row("P", "", "proof"), policy.sft_row("Q", "reason", "proof")]
     import datasets
-    assert sft.empty_reasoning_share(datasets.Dataset.from_list(ds)) == 0.5
+    assert sft_view.empty_reasoning_share(datasets.Dataset.from_list(ds)) == 0.5
 
 
 def test_sft_findings_name_overfitting_unmoved_weights_and_empty_think_blocks():
     m = {"train_loss_first": 3.0, "train_loss_last": 1.0, "steps": 20, "examples": 8, "weights_changed_frac": 0.004}
     rising = [{"step": 10, "eval_loss": 2.0}, {"step": 20, "eval_loss": 2.4}]
-    text = sft.training_findings(m, rising)
+    text = sft_view.training_findings(m, rising)
     assert "overfitting" in text and "2.000 (step 10) to 2.400" in text and "barely touched" in text
     falling = [{"step": 10, "eval_loss": 2.4}, {"step": 20, "eval_loss": 2.0}]
-    assert "no sign of overfitting" in sft.training_findings({**m, "weights_changed_frac": 0.9}, falling)
+    assert "no sign of overfitting" in sft_view.training_findings({**m, "weights_changed_frac": 0.9}, falling)
     closing = {"think_closed_before": 0.0, "think_closed_after": 1.0, "think_tokens_before": None,
                "think_tokens_after": 0.25, "empty_think_after": 0.75, "targets_empty_think": 1.0}
-    text = sft.think_findings(closing)
+    text = sft_view.think_findings(closing)
     assert "0% before SFT, 100% after" in text and "75%" in text and "*format*" in text and "100% of the training" in text
-    assert "*format*" not in sft.think_findings({**closing, "empty_think_after": 0.0, "think_tokens_after": 40.0})
+    assert "*format*" not in sft_view.think_findings({**closing, "empty_think_after": 0.0, "think_tokens_after": 40.0})
 
 
 def test_training_prints_no_raw_log_dicts(tmp_path, capsys):
     import datasets
     import yaml
     run = tmp_path / "run"
-    rows = [sft.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"Indeed {2 * i}.") for i in range(6)]
+    rows = [policy.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"Indeed {2 * i}.") for i in range(6)]
     datasets.Dataset.from_list(rows).save_to_disk(str(run / "01_distill" / "dataset"))
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump({"base_model": TINY, "device": "cpu", "sft": {
@@ -151,7 +151,7 @@ def test_quiet_progress_replaces_the_notebook_table_too():
 
 
 # ---------------------------------------------------------------- "Try it"
-@pytest.mark.parametrize("module", [distill, sft], ids=["01_distill", "02_sft"])
+@pytest.mark.parametrize("module", [distill, sft_view], ids=["01_distill", "02_sft"])
 def test_every_try_it_override_loads_and_the_command_says_the_same(module):
     assert 3 <= len(module.EXPERIMENTS) <= 5
     text = module.try_it()
@@ -179,7 +179,7 @@ def test_decontamination_experiment_removes_the_held_out_problems():
 def test_settings_tables_fit_and_name_real_keys():
     from qedlib.display import settings_table
     cfg = load_config(CPU)
-    for module in (distill, sft):
+    for module in (distill, sft_view):
         table = settings_table(cfg, module.SETTINGS)
         assert len(table) <= 15 and "paper" in table.columns
 
@@ -188,8 +188,8 @@ def test_settings_tables_fit_and_name_real_keys():
 @pytest.mark.parametrize("name,calls", [
     ("01_distill", ["settings_table(cfg, distill.SETTINGS)", "distill.worked_example(", "distill.findings(",
                     "metrics_table(metrics, distill.METRICS)"]),
-    ("02_sft", ["settings_table(cfg, sft.SETTINGS)", "sft.loss_segments(", "sft.training_findings(",
-                "sft.think_block_stats(", "sft.think_findings(", "metrics_table(metrics, sft.METRICS)"]),
+    ("02_sft", ["settings_table(cfg, sft_view.SETTINGS)", "sft_data.loss_segments(", "sft_view.training_findings(",
+                "sft_view.think_block_stats(", "sft_view.think_findings(", "metrics_table(metrics, sft_view.METRICS)"]),
 ])
 def test_notebooks_show_the_mechanism_and_no_raw_dicts(name, calls):
     nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", 4)
@@ -202,5 +202,5 @@ def test_notebooks_show_the_mechanism_and_no_raw_dicts(name, calls):
                    for c in nb.cells if c.cell_type == "code")
     assert "around 3-4" not in "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     last = nb.cells[-1]  # the notebook ends with "Try it": exactly the module's experiments (one source)
-    module = {"01_distill": distill, "02_sft": sft}[name]
+    module = {"01_distill": distill, "02_sft": sft_view}[name]
     assert last.cell_type == "markdown" and last.source.startswith("## Try it") and module.try_it() in last.source

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qedlib import sft
+from qedlib import policy, sft, sft_data, sft_view
 from qedlib.config import load_config
 from qedlib.models import TINY, resolve_model
 
@@ -22,7 +22,7 @@ def make_rows(n: int, long_every: int = 0) -> list[dict]:
     rows = []
     for i in range(n):
         proof = f"Indeed {i} + {i} = {2 * i}." + (" And so on." * 60 if long_every and i % long_every == 0 else "")
-        rows.append(sft.sft_row(f"Prove that {i} + {i} = {2 * i}.", f"Add {i} to itself.", proof, grade=7,
+        rows.append(policy.sft_row(f"Prove that {i} + {i} = {2 * i}.", f"Add {i} to itself.", proof, grade=7,
                                 source="test", category="algebra", competition="none"))
     return rows
 
@@ -53,12 +53,12 @@ def expected_assistant_turn(tok, messages, template=None) -> str:
 def test_loss_tokens_are_exactly_the_assistant_turn(template_name):
     tok = tiny_tokenizer()  # SmolLM2's tokenizer and template
     if template_name == "qwen3-thinking":
-        tok.chat_template = sft.QWEN3_THINKING_TEMPLATE
-    messages = sft.sft_messages("Prove that $n^2+n$ is even.", "n(n+1) has an even factor.",
+        tok.chat_template = sft_data.QWEN3_THINKING_TEMPLATE
+    messages = policy.sft_messages("Prove that $n^2+n$ is even.", "n(n+1) has an even factor.",
                                 "Write $n^2+n=n(n+1)$; one of two consecutive integers is even.")
-    template = sft.training_chat_template(tok)
-    ids, labels = sft.tokenize_example(tok, messages, template)
-    got = sft.loss_text(tok, ids, labels)
+    template = sft_data.training_chat_template(tok)
+    ids, labels = sft_data.tokenize_example(tok, messages, template)
+    got = sft_data.loss_text(tok, ids, labels)
     want = expected_assistant_turn(tok, messages)
     assert got == want
     assert got.endswith("<|im_end|>") and "</think>" in got and "Prove that" not in got
@@ -75,7 +75,7 @@ def test_unknown_template_is_refused_with_a_fix():
     tok = tiny_tokenizer()
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(ValueError, match="sft.chat_template"):
-        sft.training_chat_template(tok)
+        sft_data.training_chat_template(tok)
 
 
 # ---------------------------------------------------------------- data
@@ -84,8 +84,8 @@ def test_load_distill_jsonl_parquet_and_fineproofs_columns(tmp_path):
     import pandas as pd
     run, params = make_run(tmp_path, n=6)
     cfg = load_config(params)
-    ds, counts = sft.load_sft_data(cfg, run)
-    assert len(ds) == 6 and set(sft.SFT_COLUMNS) <= set(ds.column_names)
+    ds, counts = sft_data.load_sft_data(cfg, run)
+    assert len(ds) == 6 and set(policy.SFT_COLUMNS) <= set(ds.column_names)
     # FineProofs-SFT names the grade column differently and may repeat a problem: keep the best.
     rows = [{"problem": "P1", "reasoning_content": "r", "proof": "weak", "gemini-3-pro-grade": 3},
             {"problem": "P1", "reasoning_content": "r", "proof": "strong", "gemini-3-pro-grade": 7},
@@ -93,13 +93,13 @@ def test_load_distill_jsonl_parquet_and_fineproofs_columns(tmp_path):
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = load_config(params, {"sft.dataset": str(jsonl)})
-    ds, counts = sft.load_sft_data(cfg, run)
+    ds, counts = sft_data.load_sft_data(cfg, run)
     assert counts["duplicates_dropped"] == 1
     p1 = [r for r in ds.to_list() if r["problem"] == "P1"][0]
     assert p1["proof"] == "strong" and p1["messages"][1]["content"] == "<think>\nr\n</think>\n\nstrong"
     pq = tmp_path / "d.parquet"
     pd.DataFrame(rows).to_parquet(pq)
-    ds, _ = sft.load_sft_data(load_config(params, {"sft.dataset": str(pq), "sft.one_per_problem": False}), run)
+    ds, _ = sft_data.load_sft_data(load_config(params, {"sft.dataset": str(pq), "sft.one_per_problem": False}), run)
     assert len(ds) == 3
     assert isinstance(ds, datasets.Dataset)
 
@@ -108,16 +108,16 @@ def test_bad_rows_name_the_row_and_column(tmp_path):
     run, params = make_run(tmp_path, n=2)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"problem": "P", "proof": "x"}) + "\n" + json.dumps({"problem": "", "proof": "x"}) + "\n")
-    with pytest.raises(sft.SFTDataError, match=r"row 1: column 'problem'"):
-        sft.load_sft_data(load_config(params, {"sft.dataset": str(bad)}), run)
+    with pytest.raises(sft_data.SFTDataError, match=r"row 1: column 'problem'"):
+        sft_data.load_sft_data(load_config(params, {"sft.dataset": str(bad)}), run)
     with pytest.raises(FileNotFoundError, match="01_distill"):
-        sft.load_sft_data(load_config(params), tmp_path / "empty-run")
+        sft_data.load_sft_data(load_config(params), tmp_path / "empty-run")
 
 
 def test_split_by_problem_holds_out_whole_problems():
     import datasets
     rows = make_rows(10) + make_rows(10)  # every problem twice
-    train, evals = sft.split_by_problem(datasets.Dataset.from_list(rows), 0.2, seed=0)
+    train, evals = sft_data.split_by_problem(datasets.Dataset.from_list(rows), 0.2, seed=0)
     assert len(evals) == 4 and len(train) == 16
     assert not set(train["problem"]) & set(evals["problem"])
 
@@ -126,13 +126,13 @@ def test_overlong_rows_are_dropped_or_truncated_and_counted():
     import datasets
     tok = tiny_tokenizer()
     ds = datasets.Dataset.from_list(make_rows(9, long_every=3))  # rows 0, 3, 6 are long
-    kept, stats = sft.build_tokenized(ds, tok, max_length=120, overlong="drop")
+    kept, stats = sft_data.build_tokenized(ds, tok, max_length=120, overlong="drop")
     assert stats["dropped_overlong"] == 3 and stats["truncated"] == 0 and len(kept) == 6
-    cut, stats = sft.build_tokenized(ds, tok, max_length=120, overlong="truncate")
+    cut, stats = sft_data.build_tokenized(ds, tok, max_length=120, overlong="truncate")
     assert stats["truncated"] == 3 and stats["dropped_overlong"] == 0 and len(cut) == 9
     assert max(len(x) for x in cut["input_ids"]) == 120
-    with pytest.raises(sft.SFTDataError, match="sft.max_length"):
-        sft.build_tokenized(ds, tok, max_length=20, overlong="drop")
+    with pytest.raises(sft_data.SFTDataError, match="sft.max_length"):
+        sft_data.build_tokenized(ds, tok, max_length=20, overlong="drop")
 
 
 def test_padding_free_batch_gives_the_same_loss_as_padded():
@@ -146,7 +146,7 @@ def test_padding_free_batch_gives_the_same_loss_as_padded():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     import datasets
     tok = tiny_tokenizer()
-    data, _ = sft.build_tokenized(datasets.Dataset.from_list(make_rows(3, long_every=2)), tok, 512)
+    data, _ = sft_data.build_tokenized(datasets.Dataset.from_list(make_rows(3, long_every=2)), tok, 512)
     examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data]
     model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32).eval()
     padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(examples)
@@ -337,9 +337,9 @@ def test_qlora_off_gpu_is_refused_with_the_reason(tmp_path):
 def test_log_frame_and_curves_from_history():
     history = [{"loss": 2.0, "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_second": 100.0, "step": 1},
                {"eval_loss": 1.9, "step": 1}, {"loss": 1.5, "learning_rate": 5e-4, "grad_norm": 0.8, "step": 2}]
-    df = sft.log_frame(history)
+    df = sft_view.log_frame(history)
     assert list(df["step"]) == [1, 2] and df.loc[0, "eval_loss"] == 1.9
-    fig = sft.training_curves(history)
+    fig = sft_view.training_curves(history)
     assert len(fig.data) == 5  # loss, lr, grad norm, tokens/s, eval loss
 
 
@@ -350,3 +350,56 @@ def test_bf16_trained_weights_need_deepspeeds_fp32_masters():
         check_master_weights("bfloat16", Launch(), "sft")
     check_master_weights("bfloat16", Launch(accelerate_config="zero2-offload"), "sft")  # DeepSpeed keeps fp32 masters
     check_master_weights("float32", Launch(), "sft")
+
+
+# ---------------------------------------------------------------- one SFT target for distill and SFT
+def test_distill_counts_the_tokens_sft_trains_on():
+    """01_distill's token count of a sample equals the tokens 02_sft trains on, whether SFT reads the
+    dataset's messages or builds them from reasoning_content + proof (whitespace included)."""
+    import datasets
+    from qedlib import distill
+    from qedlib.data import Problem
+    tok = tiny_tokenizer()
+    problem = Problem(id="p1", problem="Prove that $n^2+n$ is even.")
+    sample = {"key": "p1#0", "problem_id": "p1", "reasoning": "\n  n(n+1) has an even factor. \n",
+              "proof": "\n\nWrite $n^2+n=n(n+1)$; one of two consecutive integers is even.  \n"}
+    counted = distill.sft_token_counts([sample], [problem], tok)["p1#0"]
+    row = {"status": "kept", "problem": problem.problem, "reasoning": sample["reasoning"], "proof": sample["proof"],
+           "category": "", "competition": "", "points": 7, "source": "test"}
+    written = distill.build_dataset([row]).to_list()
+    without_messages = [{k: v for k, v in r.items() if k != "messages"} for r in written]
+    for rows in (written, without_messages):
+        jsonl_like = [sft_data.normalise_row(r, i, "test") for i, r in enumerate(rows)]
+        tokenized, _ = sft_data.build_tokenized(datasets.Dataset.from_list(jsonl_like), tok, 4096)
+        assert len(tokenized[0]["input_ids"]) == counted
+    assert written[0]["messages"] == policy.sft_messages(problem.problem, sample["reasoning"], sample["proof"])
+
+
+# ---------------------------------------------------------------- notebook 02 is the stage's steps
+def test_notebook_02_calls_the_stage_steps_in_short_cells_without_logic():
+    import nbformat
+    nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / "02_sft.ipynb", 4)
+    cells = [c.source for c in nb.cells if c.cell_type == "code"]
+    code = "\n".join(cells)
+    for step in ("sft.prepare_data(cfg, run_dir)", "sft.train_or_launch(cfg, run_dir, params_file, overrides, data)",
+                 "sft.sample_before_after(cfg, run_dir,"):
+        assert step in code, step
+    for src in cells:
+        lines = [ln for ln in src.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        assert len(lines) <= 10, src
+        assert not any(ln.lstrip().startswith(("def ", "class ", "for ", "if ", "while ", "with ")) for ln in lines), src
+    # what the notebook no longer repeats: the data steps and the launch choice live in qedlib.sft
+    assert "accelerate_train" not in code and "build_tokenized" not in code and "checkpoint(" not in code
+
+
+def test_train_or_launch_in_process_trains_on_the_prepared_data(tmp_path):
+    """The notebook's path: prepare_data once, then train on it (the dataset is not read again)."""
+    import shutil
+    run, params = make_run(tmp_path, n=6, max_steps=2, eval_fraction=0.34)
+    cfg = load_config(params)
+    data = sft.prepare_data(cfg, run)
+    assert len(data.eval_rows) == 2 and data.eval_stats["kept"] == 2 and data.train_stats["kept"] == 4
+    shutil.rmtree(run / "01_distill" / "dataset")  # a second read would fail
+    m = sft.train_or_launch(cfg, run, str(params), {}, data)
+    assert m["steps"] == 2 and m["examples"] == 4 and m["eval_examples"] == 2 and m["eval_loss"] is not None
+    assert json.loads((run / "02_sft" / "train_metrics.json").read_text())["steps"] == 2
