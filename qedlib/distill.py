@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from .display import NOT_IN_PAPER, experiments_markdown
-from .io import JsonlLog, read_json, settings_hash, write_json
+from .io import JsonlLog, read_json, replace_folder, settings_hash, write_json
 
 SFT_COLUMNS = ["problem", "reasoning_content", "proof", "category", "competition", "grade", "source", "messages"]
 FINEPROOFS_SFT = "lm-provers/FineProofs-SFT"
@@ -511,8 +511,7 @@ def save_dataset(ds, stage_folder: str | Path) -> Path:
     tmp = out.with_name("dataset.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_folder(tmp, out)
     return out
 
 

@@ -25,7 +25,7 @@ from . import scaffolds as scaffold_lib
 from . import stats
 from .data import DataError, Problem, load_problems
 from .grading import extract_boxed  # noqa: F401  (kept importable from here)
-from .io import JsonlLog, read_json, read_jsonl, write_json
+from .io import JsonlLog, atomic_write, read_json, read_jsonl, write_json
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
 BENCHMARK_KINDS = {
@@ -319,9 +319,8 @@ def write_parquet(rows: list[dict], path) -> Path:
         if col in df.columns:
             df[col] = df[col].map(lambda v: json.dumps(v))
     path = Path(path)
-    tmp = path.with_suffix(".parquet.tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_write(path, "wb") as f:
+        df.to_parquet(f, index=False)
     return path
 
 

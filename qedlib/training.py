@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .io import replace_folder
+
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense bf16 FLOP/s, datasheets
 
 
@@ -68,8 +70,7 @@ def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_
         elif lora:
             shutil.copytree(adapter, tmp)  # an adapter folder; later stages merge it once on use
         trainer.processing_class.save_pretrained(str(tmp))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        replace_folder(tmp, out)
     acc.wait_for_everyone()
     return out
 
