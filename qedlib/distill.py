@@ -52,7 +52,7 @@ def teacher_hash(dc) -> str:
 
 def judge_hash(judge) -> str:
     """Hash of what a grade depends on besides the proof: the judge settings and the grade parser's version."""
-    from .grading import PARSER_VERSION
+    from .verdicts import PARSER_VERSION
     return settings_hash({"judge": judge, "parser": PARSER_VERSION})
 
 
@@ -203,7 +203,7 @@ def sample_record(problem, index: int, completion, dc) -> dict:
     `truncated` is true when the budget ran out (finish_reason "length") or, with thinking on,
     when the thinking never closed: such a sample has no proof.
     """
-    from .grading import no_proof_reason
+    from .verdicts import no_proof_reason
     no_proof = no_proof_reason(completion.final, completion.think_closed or not dc.thinking) == "truncated"
     return {"key": sample_key(problem.id, index, teacher_hash(dc)), "settings": teacher_hash(dc), "problem_id": problem.id, "sample_index": index,
             "teacher": dc.teacher.model, "thinking": dc.thinking, "text": completion.text,

@@ -9,8 +9,8 @@ regenerating or regrading anything finished. Statistics are in qedlib.stats, the
 qedlib.report.
 
 Scoring: a missing proof (truncated thinking, nothing after `</think>`) or a missing final answer
-is a valid 0 (grading.no_proof_reason); answer benchmarks score 7 (equivalent) or 0 through
-grading.check_answer. An invalid grade (the judge failed, or an answer nobody could decide) has
+is a valid 0 (verdicts.no_proof_reason); answer benchmarks score 7 (equivalent) or 0 through
+verdicts.check_answer. An invalid grade (the judge failed, or an answer nobody could decide) has
 no score; summaries show the mean with invalid grades dropped AND with them counted as 0.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Optional
 from . import scaffolds as scaffold_lib
 from . import stats
 from .data import DataError, Problem, load_problems
-from .grading import extract_boxed  # noqa: F401  (kept importable from here)
+from .verdicts import extract_boxed  # noqa: F401  (kept importable from here)
 from .io import JsonlLog, atomic_write, read_json, read_jsonl, write_json
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).

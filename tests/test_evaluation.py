@@ -252,7 +252,7 @@ def hand_metrics():
 
 def flat_calibration(judge=2.8):
     from qedlib import calibration as C
-    from qedlib.grading import Grade
+    from qedlib.verdicts import Grade
     rows = [{"problem": Problem("p", "x"), "problem_id": "p", "proof": "", "reference_grade": g, "kind": "", "note": ""}
             for g in (7, 3, 0)]
 
