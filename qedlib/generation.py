@@ -316,8 +316,8 @@ class OpenAIGenerator:
     def _pool(self):
         """The client and concurrency bound of the running event loop (made on its first call)."""
         loop = asyncio.get_running_loop()
-        for old in [lp for lp in self._pools if lp.is_closed()]:  # a finished asyncio.run: its sockets went with it
-            del self._pools[old]
+        for old in [lp for lp in list(self._pools) if lp.is_closed()]:  # a finished asyncio.run's client: drop it
+            self._pools.pop(old, None)
         if loop not in self._pools:
             import httpx
             n = self.endpoint.max_concurrency
