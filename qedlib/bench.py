@@ -10,7 +10,7 @@ import importlib
 
 BENCHMARKS = {
     "generation": ("qedlib.bench_generation:run", "batched vs one-at-a-time tokens/s, transformers backend"),
-    "judge-concurrency": ("qedlib.grading:bench_judge_concurrency", "64 grades against a 0.5 s-latency server at concurrency 1/4/16"),
+    "judge-concurrency": ("qedlib.bench_grading:run", "64 grades against a 0.5 s-latency server at concurrency 1/4/16"),
     "sft-packing": ("qedlib.bench_sft:run", "SFT tokens/s with packing/padding-free vs padded batches"),
     "rl-learning": ("qedlib.bench_rl_learning:run", "reward curve of GRPO on a learnable reward (embedded model)"),
     "rl-step": ("qedlib.bench_rl_step:run", "one GRPO step, async batched judge vs plain TRL calling it per completion"),

@@ -22,7 +22,8 @@ KEY_ENV = "QED_BENCH_JUDGE_KEY"  # llm-katan wants an Authorization header (any 
 def plain_judge_reward(base_url: str, problems: dict, max_tokens: int, calls: list):
     """A TRL reward function that grades one completion at a time with a blocking HTTP call."""
     import httpx
-    from .grading import build_prompt, parse_score
+    from .grading import build_prompt
+    from .verdicts import parse_score
 
     def judge_reward(prompts, completions, problem_id, **kw):
         rewards = []

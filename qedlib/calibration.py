@@ -16,7 +16,6 @@ from collections import defaultdict
 from .data import DataError, Problem, load_problems, read_rows, shipped_path
 
 BUCKETS = ("0", "1-3", "4-6", "7")
-CALIBRATION_FIELDS = ("problem_id", "proof", "reference_grade", "kind", "note")
 
 
 def bucket_of(points: float) -> str:
@@ -118,7 +117,7 @@ def calibrate(grader, rows: list[dict]) -> dict:
     valid = [t for t in table if t["valid"]]
     n = len(table)
     agreement, pairs = pairwise_agreement(valid)
-    from .grading import invalid_table
+    from .verdicts import invalid_table
     result = {
         "judge": grader.settings(),
         "rows": n,

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Optional
 
 from .display import NOT_IN_PAPER, experiments_markdown
-from .io import JsonlLog, read_json, settings_hash, write_json
+from .io import JsonlLog, read_json, replace_folder, settings_hash, write_json
 from .layout import DISTILL, stage_dir
 from .policy import SFT_COLUMNS, sft_messages
-from .resume_keys import judge_hash
+from .verdicts import judge_hash
 
 FINEPROOFS_SFT = "lm-provers/FineProofs-SFT"
 FINEPROOFS_GRADE = "gemini-3-pro-grade"  # the public set's 0-7 grade column
@@ -199,7 +199,7 @@ def sample_record(problem, index: int, completion, dc) -> dict:
     `truncated` is true when the budget ran out (finish_reason "length") or, with thinking on,
     when the thinking never closed: such a sample has no proof.
     """
-    from .grading import no_proof_reason
+    from .verdicts import no_proof_reason
     no_proof = no_proof_reason(completion.final, completion.think_closed or not dc.thinking) == "truncated"
     return {"key": sample_key(problem.id, index, teacher_hash(dc)), "settings": teacher_hash(dc), "problem_id": problem.id, "sample_index": index,
             "teacher": dc.teacher.model, "thinking": dc.thinking, "text": completion.text,
@@ -501,8 +501,7 @@ def save_dataset(ds, stage_folder: str | Path) -> Path:
     tmp = out.with_name("dataset.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_folder(tmp, out)
     return out
 
 

@@ -9,8 +9,8 @@ regenerating or regrading anything finished. Statistics are in qedlib.stats, the
 qedlib.report.
 
 Scoring: a missing proof (truncated thinking, nothing after `</think>`) or a missing final answer
-is a valid 0 (grading.no_proof_reason); answer benchmarks score 7 (equivalent) or 0 through
-grading.check_answer. An invalid grade (the judge failed, or an answer nobody could decide) has
+is a valid 0 (verdicts.no_proof_reason); answer benchmarks score 7 (equivalent) or 0 through
+verdicts.check_answer. An invalid grade (the judge failed, or an answer nobody could decide) has
 no score; summaries show the mean with invalid grades dropped AND with them counted as 0.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Optional
 from . import scaffolds as scaffold_lib
 from . import stats
 from .data import DataError, Problem, load_problems
-from .grading import extract_boxed  # noqa: F401  (kept importable from here)
-from .io import JsonlLog, read_json, read_jsonl, write_json
+from .verdicts import extract_boxed  # noqa: F401  (kept importable from here)
+from .io import JsonlLog, atomic_write, read_json, read_jsonl, write_json
 from .layout import EVAL
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
@@ -182,7 +182,7 @@ class Evaluation:
 
     def row_key(self, name: str, bench: Benchmark, scaffold: str, problem_id: str, sample: int) -> str:
         """Key of one result row: the generation's key ~ hash of the judge settings (with this benchmark's prompt)."""
-        from .resume_keys import judge_hash
+        from .verdicts import judge_hash
         judge = dataclasses.replace(self.cfg.eval.judge, prompt=bench.judge_prompt)
         return f"{self.gen_key(name, bench, scaffold, problem_id, sample)}~{judge_hash(judge)}"
 
@@ -320,9 +320,8 @@ def write_parquet(rows: list[dict], path) -> Path:
         if col in df.columns:
             df[col] = df[col].map(lambda v: json.dumps(v))
     path = Path(path)
-    tmp = path.with_suffix(".parquet.tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_write(path, "wb") as f:
+        df.to_parquet(f, index=False)
     return path
 
 

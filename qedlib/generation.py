@@ -297,6 +297,11 @@ class OpenAIGenerator:
     Bounded concurrency, per-call timeout, retries with exponential back-off and jitter on
     timeouts, connection errors, 429 and 5xx. A call that still fails yields a Completion with
     `finish_reason="error"` and the reason, never an exception that loses the batch.
+
+    One pooled `httpx.AsyncClient` and one concurrency bound per event loop, shared by every call
+    made on that loop (`acomplete` from many coroutines, e.g. TRL's concurrent reward calls, reuse
+    its connections). A blocking `generate` runs on a loop of its own and closes that loop's client
+    when it returns; `aclose` / `close` (close_generator) close the others.
     """
 
     def __init__(self, endpoint):
@@ -305,7 +310,33 @@ class OpenAIGenerator:
         if not self.base_url:
             raise EndpointError(f"endpoint {endpoint.model!r}: set base_url or base_url_env")
         self._api_key = _env(endpoint.api_key_env, "endpoint API key") if endpoint.api_key_env else None
-        self.stats = {"requests": 0, "retries": 0, "errors": 0}
+        self.stats = {"requests": 0, "retries": 0, "errors": 0, "clients": 0}
+        self._pools: dict = {}  # event loop -> (httpx.AsyncClient, asyncio.Semaphore) used on that loop
+
+    def _pool(self):
+        """The client and concurrency bound of the running event loop (made on its first call)."""
+        loop = asyncio.get_running_loop()
+        for old in [lp for lp in list(self._pools) if lp.is_closed()]:  # a finished asyncio.run's client: drop it
+            self._pools.pop(old, None)
+        if loop not in self._pools:
+            import httpx
+            n = self.endpoint.max_concurrency
+            self._pools[loop] = (httpx.AsyncClient(limits=httpx.Limits(max_connections=n)), asyncio.Semaphore(n))
+            self.stats["clients"] += 1
+        return self._pools[loop]
+
+    async def aclose(self) -> None:
+        """Close the running event loop's client (a later call on this loop opens a new one)."""
+        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        if pool is not None:
+            await pool[0].aclose()
+
+    def close(self) -> None:
+        """Close the clients of loops that are not running; drop the rest (close_generator calls this)."""
+        pools, self._pools = self._pools, {}
+        for loop, (client, _) in pools.items():
+            if not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(client.aclose())
 
     def _headers(self) -> dict:
         return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
@@ -349,7 +380,11 @@ class OpenAIGenerator:
             closed = False  # ran out of budget while still reasoning
         return Completion(text, r, final, closed, finish, p, c, cost_of(self.endpoint, p, c))
 
-    async def _call(self, client, sem, messages, sampling, thinking, extra) -> Completion:
+    async def acomplete(self, messages: list[dict], sampling, thinking: bool = False,
+                        extra: dict | None = None) -> Completion:
+        """One completion of one chat prompt (`sampling.n` is ignored), retried as the endpoint says,
+        under the generator's concurrency bound; a call that fails for good is an error Completion."""
+        client, sem = self._pool()
         path, body = self._payload(messages, sampling, extra)
         last = "no attempt"
         async with sem:
@@ -380,18 +415,21 @@ class OpenAIGenerator:
     async def agenerate(self, prompts: list[list[dict]], sampling, thinking: bool = False,
                         extra: dict | None = None) -> list[list[Completion]]:
         """n completions per prompt, all requests concurrently under the concurrency bound."""
-        import httpx
-        sem = asyncio.Semaphore(self.endpoint.max_concurrency)
-        limits = httpx.Limits(max_connections=self.endpoint.max_concurrency)
-        async with httpx.AsyncClient(limits=limits) as client:
-            tasks = [self._call(client, sem, m, sampling, thinking, extra) for m in prompts for _ in range(sampling.n)]
-            flat = await asyncio.gather(*tasks)
+        flat = await asyncio.gather(*(self.acomplete(m, sampling, thinking, extra)
+                                      for m in prompts for _ in range(sampling.n)))
         return [flat[k * sampling.n:(k + 1) * sampling.n] for k in range(len(prompts))]
 
     def generate(self, prompts: list[list[dict]], sampling, thinking: bool = False,
                  extra: dict | None = None) -> list[list[Completion]]:
         """Blocking wrapper of `agenerate` (works inside a running Jupyter event loop too)."""
-        return run_sync(self.agenerate(prompts, sampling, thinking, extra))
+        return run_sync(self.closing(self.agenerate(prompts, sampling, thinking, extra)))
+
+    async def closing(self, coro):
+        """Await `coro`, then close this loop's client: for a blocking call whose event loop ends with it."""
+        try:
+            return await coro
+        finally:
+            await self.aclose()
 
 
 def run_sync(coro):

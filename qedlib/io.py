@@ -8,24 +8,58 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from .layout import METRICS_FILE
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (temp file + rename): readers never see half a file."""
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temp file next to `path` for writing; on success fsync it and os.replace it onto `path`.
+
+    Readers see the old file or the whole new one, never half of it, even after a crash or power
+    loss (the fsync comes before the rename); on an exception the temp file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace_folder(tmp: str | Path, out: str | Path, overwrite: bool = True) -> Path:
+    """Move a finished temp folder to `out` with one rename (a half-written folder never looks ready).
+
+    `overwrite=False` keeps an `out` that another process (a second rank) finished first and drops `tmp`.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if overwrite:
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if overwrite or not out.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (`atomic_write`): readers never see half a file."""
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2, default=_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def read_json(path: str | Path) -> Any:
@@ -134,15 +168,11 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Write a whole JSONL file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    """Write a whole JSONL file atomically (`atomic_write`)."""
+    with atomic_write(path) as f:
         for r in rows:
             f.write(json.dumps(r, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def write_metrics(stage_folder: str | Path, metrics: dict) -> Path:

@@ -1,9 +1,9 @@
-"""Start a local OpenAI-compatible judge server (`vllm serve`, or any command) for the length of a stage.
+"""Start a local OpenAI-compatible judge server (`vllm serve`, or any command) for as long as a `with` block.
 
-Used by notebooks 03_rubric_rl, 04_reasoning_cache_rl and 05_eval on GPU machines, and by the
-judge-concurrency benchmark and tests (with the `llm-katan` echo server). The exact command is
-printed so the same server can be started on another node instead; then point the judge's
-endpoint `base_url` at it and skip the context manager.
+Used by the judge-concurrency and rl-step benchmarks and the tests (with the `llm-katan` echo
+server). No notebook starts a server itself: on a GPU machine, wrap a stage in `JudgeServer(model)`
+or run the printed command (on this node or another), then point the judge's endpoint `base_url`
+at it. Also home of `free_port`, which qedlib.launch uses for its rendezvous port.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class JudgeServerError(RuntimeError):
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
+    """A TCP port free on this machine right now (a local server, or the rendezvous of a single-node launch)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

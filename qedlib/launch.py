@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from collections import deque
 from pathlib import Path
 
 from .config import Launch
+from .judge_server import free_port
 from .layout import TRAINED
 
 CONFIG_DIR = Path(__file__).resolve().parent / "accelerate"
@@ -55,13 +55,6 @@ def accelerate_config_path(name_or_path: str) -> Path:
     names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise FileNotFoundError(f"launch.accelerate_config {name_or_path!r}: no such file and not a shipped config "
                             f"(shipped: {names})")
-
-
-def free_port() -> int:
-    """A TCP port free on this machine right now (rendezvous for a single-node launch)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _format_value(v) -> str:

@@ -12,6 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .io import replace_folder
+
 EMBEDDED = "smollm2-135m"  # the embedded default model
 TINY = "tiny-qwen3"  # random 2-layer Qwen3 with SmolLM2's tokenizer, for smoke tests
 TINY_1K = "tiny-qwen3-1k"  # the same with a 1,024-token BPE trained offline: compute ~0, for timing what is not the model
@@ -71,8 +73,7 @@ def prepare_embedded(force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # atomic: a half-written folder never looks ready
+    replace_folder(tmp, out)
     return out
 
 
@@ -102,8 +103,7 @@ def _save_tiny_qwen3(tok, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # atomic: a half-written folder never looks ready
+    replace_folder(tmp, out)
     return out
 
 
@@ -187,10 +187,7 @@ def merged_adapter(adapter: Path) -> Path:
     merged.save_pretrained(str(tmp))
     tok_src = adapter if (adapter / "tokenizer_config.json").exists() else resolve_model(base)
     AutoTokenizer.from_pretrained(tok_src).save_pretrained(str(tmp))
-    try:
-        tmp.rename(out)
-    except OSError:  # another process (a second rank) finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    replace_folder(tmp, out, overwrite=False)  # another process (a second rank) may have finished first
     return out
 
 

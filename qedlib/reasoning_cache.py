@@ -18,7 +18,6 @@ next turn starts from scratch), and the turn records `summary_status = "unclosed
 """
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass, replace
 
 from .prompts import fill
@@ -89,11 +88,10 @@ def summary_unclosed_rate(statuses) -> float | None:
 
 
 def _seed(seed: int | None, turn: int, role: int) -> None:
-    if seed is None:
-        return
-    import torch
-    random.seed(seed * 1000 + turn * 10 + role)
-    torch.manual_seed(seed * 1000 + turn * 10 + role)
+    """Seed every generator for one turn's reasoning (role 0) or summary (role 1): a fixed derivation, so reruns match."""
+    if seed is not None:
+        from transformers import set_seed
+        set_seed(seed * 1000 + turn * 10 + role)
 
 
 def rc_rollout(problems, policy, summariser, rc, sampling, thinking: bool = True, seed: int | None = None,
@@ -142,7 +140,3 @@ def cache_state_prompts(problem, trajectory: list[CacheState]) -> list[list[dict
         prompts.append(reasoning_messages(problem.problem, trajectory[-1].summary_out))
     return prompts
 
-
-def trajectory_tokens(trajectory: list[CacheState]) -> int:
-    """All tokens generated along a trajectory (reasoning + summaries)."""
-    return sum(s.completion_tokens + s.summary_tokens for s in trajectory)

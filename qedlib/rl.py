@@ -46,9 +46,9 @@ def format_reward_value(text: str, stopped: bool, thinking: bool) -> float:
 
 def answer_reward_value(final: str, answer: str | None) -> tuple[float | None, str]:
     """(1.0 / 0.0 / None, how): the final boxed answer checked against the reference by
-    `grading.check_answer` (exact or math-verify only where reliable); None when it cannot decide
+    `verdicts.check_answer` (exact or math-verify only where reliable); None when it cannot decide
     without a judge (dropped from the group, counted as invalid with that reason)."""
-    from .grading import check_answer
+    from .verdicts import check_answer
     verdict, how = check_answer(answer, final)
     return (None if verdict is None else float(verdict)), how
 

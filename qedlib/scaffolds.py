@@ -16,19 +16,13 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
+from .generation import Completion, cost_of
 from .policy import proof_messages
 from .prompts import fill
+from .reasoning_cache import rc_rollout
+from .verdicts import SCALE, parse_score
 
 SCAFFOLDS = ["single", "rc", "self_check", "rsa", "dsm", "nomos"]
-
-# The paper's settings (RECIPE, stage 5), mirrored by the EvalConfig defaults.
-PAPER_DEFAULTS = {
-    "rc": {"turns": 3},
-    "self_check": {"passes": 5, "failures": 10},
-    "rsa": {"population": 8, "merge": 3, "rounds": 3},
-    "dsm": {"proofs": 4, "verifications": 4, "rounds": 2},
-    "nomos": {"samples": 16},
-}
 
 
 @dataclass
@@ -108,11 +102,12 @@ def parse_tag(text: str, tag: str) -> Optional[str]:
     return found[-1] if found else None
 
 
-def parse_verify_score(text: str) -> Optional[int]:
-    """The 0-7 rating of a self-verification (`<score>N</score>`), None when missing or out of range."""
-    raw = parse_tag(text, "score")
-    m = re.match(r"^\s*(\d+)", raw or "")
-    return int(m.group(1)) if m and 0 <= int(m.group(1)) <= 7 else None
+def verify_score(c, messages: list[dict]) -> Optional[int]:
+    """The 0-7 rating of a self-verification answer `c` to `messages`, read by the judge's rules
+    (`verdicts.parse_score`: the last numeric `<score>` tag, an echo of the prompt ignored); None when
+    missing or not an integer 0-7."""
+    points, _ = parse_score(c.final or c.text, SCALE, tag="score", prompt=messages[-1]["content"])
+    return None if points is None else int(points)
 
 
 def parse_choice(text: str) -> Optional[str]:
@@ -128,12 +123,10 @@ def _answer_text(c) -> str:
 
 # ---------------------------------------------------------------- helpers
 def _seed(seed: Optional[int], step: int) -> None:
-    if seed is None:
-        return
-    import sys
-    random.seed(seed * 7919 + step)
-    if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(seed * 7919 + step)
+    """Seed every generator for scaffold step `step` (a fixed derivation, so a rerun samples the same)."""
+    if seed is not None:
+        from transformers import set_seed
+        set_seed(seed * 7919 + step)
 
 
 def _within_budget(r: ScaffoldResult, s: ScaffoldSettings, calls: int = 1) -> bool:
@@ -168,8 +161,6 @@ def single_pass(problems, policy, sampling, settings: ScaffoldSettings, seed=Non
 
 def reasoning_cache(problems, policy, sampling, settings: ScaffoldSettings, seed=None, summariser=None, **_):
     """RC at test time via reasoning_cache.rc_rollout (the policy summarises itself unless given a summariser)."""
-    from .generation import cost_of
-    from .reasoning_cache import rc_rollout
     if settings.rc is None:
         raise ValueError("scaffold 'rc' needs settings.rc (config.RCSettings, eval.rc in params)")
     trajs = rc_rollout(problems, policy, summariser or policy, settings.rc, sampling, thinking=settings.thinking,
@@ -204,8 +195,8 @@ def self_check(problems, policy, sampling, settings: ScaffoldSettings, seed=None
         verdicts = _batch(policy, reqs, sampling, 1, settings.thinking, results, seed, step)
         step += 1
         to_fix = []
-        for (i, _), group in zip(reqs, verdicts):
-            score = parse_verify_score(group[0].final or group[0].text)
+        for (i, msgs), group in zip(reqs, verdicts):
+            score = verify_score(group[0], msgs)
             ok = score is not None and score >= settings.self_check_pass_score and results[i].think_closed
             results[i].trace.append({"step": "verify", "score": score, "pass": ok})
             if ok:
@@ -225,7 +216,6 @@ def self_check(problems, policy, sampling, settings: ScaffoldSettings, seed=None
 
 
 def _as_completion(r: ScaffoldResult):
-    from .generation import Completion
     return Completion(text=r.final, reasoning=r.reasoning, final=r.final, think_closed=r.think_closed,
                       finish_reason=r.finish_reason)
 
@@ -291,7 +281,7 @@ def dsm(problems, policy, sampling, settings: ScaffoldSettings, seed=None, **_) 
     pools: list[list[dict]] = [[] for _ in problems]  # {"c": Completion, "scores": [...], "critiques": [...]}
 
     def verify(new: dict[int, list], step: int) -> None:
-        reqs, owners = [], []
+        reqs, owners = [], []  # owners[k]: the pool entry verified by reqs[k]
         for i, comps in new.items():
             planned = 0  # verifications of this problem already queued (charged only after the batch)
             for c in comps:
@@ -301,9 +291,10 @@ def dsm(problems, policy, sampling, settings: ScaffoldSettings, seed=None, **_) 
                     reqs.append((i, _user("scaffold_verify", problem=problems[i].problem, proof=c.final)))
                     owners.append(entry)
                     planned += nv
-        for entry, group in zip(owners, _batch(policy, reqs, sampling, nv, settings.thinking, results, seed, step)):
+        outs = _batch(policy, reqs, sampling, nv, settings.thinking, results, seed, step)
+        for entry, (_, msgs), group in zip(owners, reqs, outs):
             for v in group:
-                entry["scores"].append(parse_verify_score(v.final or v.text))
+                entry["scores"].append(verify_score(v, msgs))
                 entry["critiques"].append(v.final or v.text)
 
     outs = _batch(policy, [(i, solve_messages(p.problem, settings.task)) for i, p in enumerate(problems)],
@@ -348,8 +339,8 @@ def nomos(problems, policy, sampling, settings: ScaffoldSettings, seed=None, **_
                 owners.append((i, j))
                 planned += 1
     scores = [[None] * len(g) for g in samples]
-    for (i, j), group in zip(owners, _batch(policy, reqs, sampling, 1, settings.thinking, results, seed, 1)):
-        scores[i][j] = parse_verify_score(group[0].final or group[0].text)
+    for (i, j), (_, msgs), group in zip(owners, reqs, _batch(policy, reqs, sampling, 1, settings.thinking, results, seed, 1)):
+        scores[i][j] = verify_score(group[0], msgs)
     kept = []
     for i, group in enumerate(samples):
         # existing proofs first, then self-score (missing counts as -1), then sample order

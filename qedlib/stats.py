@@ -133,12 +133,6 @@ def tokens_per_problem(rows: list[dict]) -> float:
     return float(np.mean([r.get("tokens", 0) for r in rows])) if rows else float("nan")
 
 
-def call_cost(prompt_tokens: int, completion_tokens: int, price_in_per_mtok: float,
-              price_out_per_mtok: float) -> float:
-    """USD cost of tokens at a per-million-token price pair (config.Endpoint prices)."""
-    return (prompt_tokens * price_in_per_mtok + completion_tokens * price_out_per_mtok) / 1e6
-
-
 def total_cost(rows: list[dict]) -> dict:
     """Summed USD cost of generation (`cost_run`) and grading (`grade_cost`) over rows."""
     gen = sum((r.get("cost_run") or {}).get("cost", 0.0) for r in rows)

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .io import replace_folder
+
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense bf16 FLOP/s, datasheets
 
 
@@ -92,8 +94,7 @@ def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_
         trainer.processing_class.save_pretrained(str(tmp))
         if save_dtype != "float32" and not (lora and not merge):
             cast_saved_weights(tmp, save_dtype)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        replace_folder(tmp, out)
     acc.wait_for_everyone()
     return out
 

@@ -6,7 +6,8 @@ import pytest
 from qedlib import calibration as C
 from qedlib.config import Endpoint, Judge, Sampling
 from qedlib.data import DataError, Problem
-from qedlib.grading import Grade, Grader
+from qedlib.grading import Grader
+from qedlib.verdicts import Grade
 
 
 class ScriptedGrader:

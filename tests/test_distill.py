@@ -6,12 +6,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import chat_reply
 
 from qedlib import distill
 from qedlib.config import load_config
@@ -133,50 +132,23 @@ def test_resume_after_kill_9(tmp_path, tiny_teacher):
 
 
 # ---------------------------------------------------------------- OpenAI-compatible backend
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        problem = body["messages"][-1]["content"]
-        if body["model"] == "judge":  # grading: answer by what the proof says
-            if "JUDGE-DOWN" in problem:
-                self.send_response(400)
-                self.end_headers()
-                return
-            score = "" if "NO-TAG" in problem else "\n<score>5</score>"
-            self._json({"choices": [{"message": {"content": "The proof is fine." + score}, "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 100, "completion_tokens": 9}})
-            return
-        if "server error" in problem:
-            self.send_response(400)
-            self.end_headers()
-            self.wfile.write(b"bad request")
-            return
-        if "reasoning field" in problem:  # a vLLM/SGLang reasoning parser: separate field
-            msg = {"content": "Proof. Field.", "reasoning_content": "thought in a field"}
-        else:  # inline thinking
-            msg = {"content": "thought inline</think>\n\nProof. Inline."}
-        self._json({"choices": [{"message": msg, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 7, "completion_tokens": 11}})
-
-    def _json(self, data):
-        raw = json.dumps(data).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+def teacher_and_judge(body):
+    """The fake teacher answers in both reasoning styles; the fake judge by what the proof says."""
+    problem = body["messages"][-1]["content"]
+    if body["model"] == "judge":
+        if "JUDGE-DOWN" in problem:
+            return 400, b""
+        return chat_reply("The proof is fine." + ("" if "NO-TAG" in problem else "\n<score>5</score>"), completion_tokens=9)
+    if "server error" in problem:
+        return 400, b"bad request"
+    if "reasoning field" in problem:  # a vLLM/SGLang reasoning parser: separate field
+        return chat_reply("Proof. Field.", reasoning="thought in a field", prompt_tokens=7, completion_tokens=11)
+    return chat_reply("thought inline</think>\n\nProof. Inline.", prompt_tokens=7, completion_tokens=11)
 
 
 @pytest.fixture
-def openai_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
+def openai_server(fake_openai):
+    return fake_openai(teacher_and_judge).url
 
 
 def test_openai_teacher_both_reasoning_styles_and_errors_not_logged(tmp_path, openai_server):

@@ -8,7 +8,6 @@ import pytest
 from qedlib import evaluation
 from qedlib.config import load_config
 from qedlib.data import Problem
-from qedlib.generation import make_generator
 
 RUBRIC = "Checkpoints (7 points total):\n- [7 pts] A correct proof.\nZero-credit:\n- Restating the claim."
 
@@ -45,15 +44,9 @@ class Counting:
         return self.gen.generate(prompts, sampling, thinking)
 
 
-@pytest.fixture(scope="module")
-def tiny_gen():
-    from qedlib.config import Endpoint
-    return make_generator(Endpoint(model="tiny-qwen3", device="cpu", dtype="float32", batch_size=8))
-
-
-def test_rows_have_official_columns_and_metrics(tmp_path, tiny_gen):
+def test_rows_have_official_columns_and_metrics(tmp_path, tiny_generator):
     cfg = tiny_cfg(tmp_path)
-    rows = evaluation.evaluate(cfg, tmp_path, judge_generator=tiny_gen, policy_factory=lambda ep: tiny_gen)
+    rows = evaluation.evaluate(cfg, tmp_path, judge_generator=tiny_generator, policy_factory=lambda ep: tiny_generator)
     assert len(rows) == 3 * 2
     for r in rows:
         for col in ("model_solution", "score", "grade", "cost_run", "grade_cost", "checkpoint", "benchmark", "scaffold",
@@ -77,18 +70,18 @@ def test_rows_have_official_columns_and_metrics(tmp_path, tiny_gen):
     assert len(pd.read_parquet(path)) == 6
 
 
-def test_killed_eval_resumes_without_regenerating_or_regrading(tmp_path, tiny_gen):
+def test_killed_eval_resumes_without_regenerating_or_regrading(tmp_path, tiny_generator):
     cfg = tiny_cfg(tmp_path)
     folder = tmp_path / "05_eval"
     # run 1: killed during the 4th policy call (chunk = 1 problem): 3 rows finished
-    dying = Counting(tiny_gen, fail_at=4)
-    judge1 = Counting(tiny_gen)
+    dying = Counting(tiny_generator, fail_at=4)
+    judge1 = Counting(tiny_generator)
     with pytest.raises(KeyboardInterrupt):
         evaluation.evaluate(cfg, tmp_path, judge_generator=judge1, policy_factory=lambda ep: dying)
     done = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
     assert len(done) == 3
     # run 2: only the 3 missing (problem, sample) pairs are generated and graded
-    policy2, judge2 = Counting(tiny_gen), Counting(tiny_gen)
+    policy2, judge2 = Counting(tiny_generator), Counting(tiny_generator)
     rows = evaluation.evaluate(cfg, tmp_path, judge_generator=judge2, policy_factory=lambda ep: policy2)
     assert len(rows) == 6 and policy2.prompts == 3
     assert judge2.prompts <= 3  # truncated proofs need no judge call at all
@@ -96,11 +89,11 @@ def test_killed_eval_resumes_without_regenerating_or_regrading(tmp_path, tiny_ge
     assert {r["key"] for r in done} <= {r["key"] for r in rows}
     # run 3: nothing left, nothing generated (the policy is not even built)
     built = []
-    evaluation.evaluate(cfg, tmp_path, judge_generator=judge2, policy_factory=lambda ep: built.append(ep) or tiny_gen)
+    evaluation.evaluate(cfg, tmp_path, judge_generator=judge2, policy_factory=lambda ep: built.append(ep) or tiny_generator)
     assert built == []
 
 
-def test_logged_generation_is_graded_not_regenerated(tmp_path, tiny_gen):
+def test_logged_generation_is_graded_not_regenerated(tmp_path, tiny_generator):
     cfg = tiny_cfg(tmp_path, samples=1, scaffolds=["single"])
     folder = tmp_path / "05_eval"
 
@@ -118,11 +111,11 @@ def test_logged_generation_is_graded_not_regenerated(tmp_path, tiny_gen):
                     c.final, c.think_closed = "A proof. " + c.text, True
             return out
 
-    pol = Closing(tiny_gen)
+    pol = Closing(tiny_generator)
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate(cfg, tmp_path, judge_generator=DeadJudge(tiny_gen), policy_factory=lambda ep: pol)
+        evaluation.evaluate(cfg, tmp_path, judge_generator=DeadJudge(tiny_generator), policy_factory=lambda ep: pol)
     assert pol.prompts == 1 and (folder / "generations.jsonl").exists() and not (folder / "results.jsonl").exists()
-    pol2, judge = Closing(tiny_gen), Counting(tiny_gen)
+    pol2, judge = Closing(tiny_generator), Counting(tiny_generator)
     rows = evaluation.evaluate(cfg, tmp_path, judge_generator=judge, policy_factory=lambda ep: pol2)
     assert len(rows) == 3 and pol2.prompts == 2 and judge.prompts == 3  # the logged proof was graded, not regenerated
     assert all(not r["truncated"] and r["model_solution"].startswith("A proof.") for r in rows)
@@ -174,7 +167,7 @@ def test_two_means_side_by_side(tmp_path):
     assert evaluation.summary_unclosed_rate(rc) == pytest.approx(4 / 8)
 
 
-def test_answer_benchmark_rows_are_binary_without_a_judge_call(tmp_path, tiny_gen):
+def test_answer_benchmark_rows_are_binary_without_a_judge_call(tmp_path, tiny_generator):
     """Answer rows: no boxed answer scores 0, a boxed reference scores 7, both decided without the judge."""
     bench = tmp_path / "answers.csv"
     bench.write_text("id,problem,answer\n007,What is 6 times 1?,6\n8,What is 1/2?,0.5\n")
@@ -188,8 +181,8 @@ def test_answer_benchmark_rows_are_binary_without_a_judge_call(tmp_path, tiny_ge
                     c.final, c.think_closed = ("So \\boxed{6}." if "6 times" in m[-1]["content"] else "</"), True
             return out
 
-    judge = Counting(tiny_gen)
-    rows = evaluation.evaluate(cfg, tmp_path, judge_generator=judge, policy_factory=lambda ep: Answers(tiny_gen))
+    judge = Counting(tiny_generator)
+    rows = evaluation.evaluate(cfg, tmp_path, judge_generator=judge, policy_factory=lambda ep: Answers(tiny_generator))
     by_id = {r["problem_id"]: r for r in rows}
     assert set(by_id) == {"007", "8"}  # CSV ids keep their text
     assert by_id["007"]["score"] == 7.0 and by_id["007"]["graded_by"] == "exact" and by_id["007"]["reference_answer"] == "6"
@@ -220,7 +213,7 @@ def test_extract_boxed():
     assert evaluation.extract_boxed("no answer") is None
 
 
-def test_judge_is_not_loaded_when_no_proof_needs_it(tmp_path, tiny_gen):
+def test_judge_is_not_loaded_when_no_proof_needs_it(tmp_path, tiny_generator):
     cfg = tiny_cfg(tmp_path, samples=1)
 
     class NeverCloses(Counting):
@@ -233,7 +226,7 @@ def test_judge_is_not_loaded_when_no_proof_needs_it(tmp_path, tiny_gen):
 
     run = evaluation.Evaluation(cfg, tmp_path / "05_eval")
     benches = evaluation.load_benchmarks(cfg.eval.benchmarks)
-    rows = run.run(benches, evaluation.models_under_test(cfg, tmp_path), ["single"], policy_factory=lambda ep: NeverCloses(tiny_gen))
+    rows = run.run(benches, evaluation.models_under_test(cfg, tmp_path), ["single"], policy_factory=lambda ep: NeverCloses(tiny_generator))
     assert len(rows) == 3 and all(r["truncated"] and r["score"] == 0.0 for r in rows)
     assert isinstance(run.judge_generator, evaluation.LazyGenerator) and run.judge_generator._gen is None
 
@@ -252,7 +245,7 @@ def hand_metrics():
 
 def flat_calibration(judge=2.8):
     from qedlib import calibration as C
-    from qedlib.grading import Grade
+    from qedlib.verdicts import Grade
     rows = [{"problem": Problem("p", "x"), "problem_id": "p", "proof": "", "reference_grade": g, "kind": "", "note": ""}
             for g in (7, 3, 0)]
 
@@ -300,13 +293,13 @@ def test_final_table_is_small_and_settings_resolve():
     assert len(settings_table(cfg, evaluation.SETTINGS)) == len(evaluation.SETTINGS) <= 15
 
 
-def test_worked_example_shows_the_judge_prompt_as_sent(tmp_path, tiny_gen):
+def test_worked_example_shows_the_judge_prompt_as_sent(tmp_path, tiny_generator):
     from qedlib.grading import build_prompt
     cfg = tiny_cfg(tmp_path, samples=1, judge={"endpoint": {"model": "tiny-qwen3", "device": "cpu", "dtype": "float32"},
                                                "mode": "score_prob"})
-    run = evaluation.Evaluation(cfg, tmp_path / "05_eval", judge_generator=tiny_gen)
+    run = evaluation.Evaluation(cfg, tmp_path / "05_eval", judge_generator=tiny_generator)
     benches = evaluation.load_benchmarks(cfg.eval.benchmarks)
-    rows = [{**r, "truncated": False} for r in run.run(benches, [("base", None)], ["single"], policy_factory=lambda ep: tiny_gen)]
+    rows = [{**r, "truncated": False} for r in run.run(benches, [("base", None)], ["single"], policy_factory=lambda ep: tiny_generator)]
     # a random model seldom closes </think>: grade one proof ourselves so the example has a judge call to show
     p = benches[0].problems[0]
     grade = run.grader("rubric").grade([p], ["Since 0 + 0 = 2 * 0, it is even."])[0]

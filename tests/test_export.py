@@ -11,7 +11,8 @@ import pytest
 from qedlib import evaluation, export
 from qedlib.config import load_config, save_config
 from qedlib.data import imobench_dir
-from qedlib.grading import Grade, Grader, build_prompt, invalid_grade, no_proof_grade
+from qedlib.grading import Grader, build_prompt
+from qedlib.verdicts import Grade, invalid_grade, no_proof_grade
 from qedlib.io import JsonlLog
 
 RUBRIC = ("Checkpoints (7 points total):\n- [2 pts] Writes n = 2k.\n- [5 pts] Concludes n + n = 2(2k).\n"

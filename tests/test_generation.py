@@ -208,3 +208,40 @@ def test_sampler_logprobs_are_the_models_at_the_temperature_before_top_p(tiny_mo
                 logits = gen.model(torch.tensor([enc + c.token_ids])).logits[0, len(enc) - 1:-1].float() / 0.8
             ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(c.token_logprobs), ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- OpenAI-compatible HTTP: one client per event loop
+def test_openai_generator_pools_one_client_per_loop_and_closes_it(fake_openai):
+    import asyncio
+    import threading
+    from conftest import chat_reply
+    from qedlib.generation import OpenAIGenerator
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def reply(body):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        threading.Event().wait(0.02)
+        with lock:
+            in_flight[0] -= 1
+        return chat_reply("thought</think>Proof.", completion_tokens=4)
+    server = fake_openai(reply)
+    gen = OpenAIGenerator(Endpoint(model="m", backend="openai", base_url=server.url, max_concurrency=3,
+                                   price_out_per_mtok=1.0))
+    sampling = Sampling(n=2, max_new_tokens=8)
+    out = gen.generate([[{"role": "user", "content": f"q{k}"}] for k in range(5)], sampling, thinking=True)
+    assert [len(g) for g in out] == [2] * 5 and out[0][0].final == "Proof." and out[0][0].cost == pytest.approx(4e-6)
+    assert gen.stats["clients"] == 1 and not gen._pools  # a blocking call closes the client of its own loop
+    assert peak[0] <= 3  # the endpoint's concurrency bound holds over the shared client
+
+    async def many_callers():  # like TRL's concurrent async reward calls: separate coroutines, one loop
+        msgs = [{"role": "user", "content": "q"}]
+        first = await asyncio.gather(*(gen.acomplete(msgs, sampling) for _ in range(6)))
+        second = await gen.agenerate([msgs], sampling)
+        assert len(gen._pools) == 1
+        await gen.aclose()
+        return first + second[0]
+    assert len(asyncio.run(many_callers())) == 8 and gen.stats["clients"] == 2  # one more loop, one more client
+    assert asyncio.run(many_callers()) and gen.stats["clients"] == 3 and peak[0] <= 3
+    assert server.calls == 10 + 2 * 8 and gen.stats["errors"] == 0

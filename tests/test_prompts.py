@@ -57,7 +57,7 @@ def test_fill_is_one_pass_and_keeps_latex_braces():
 
 
 def test_response_formats_have_no_numeric_example_tags():
-    from qedlib.grading import TAG, _tag_value
+    from qedlib.verdicts import TAG, _tag_value
     formats = P.response_formats()
     assert set(formats) == {"score_text", "score_prob", "points_text", "points_prob", "answer_text", "answer_prob"}
     for name, text in formats.items():

@@ -182,7 +182,7 @@ def test_thinking_summariser_unclosed_summary_is_never_used(tiny_model_path, shi
 
 def test_unclosed_summary_keeps_the_previous_one_and_is_counted_in_eval_rows(tiny_model_path, shipped_problems):
     from qedlib import evaluation
-    from qedlib.grading import Grade
+    from qedlib.verdicts import Grade
     from qedlib.rc_rl import score_by_turn
     from qedlib.scaffolds import ScaffoldSettings, run_scaffold
     tok = qwen3_style_tokenizer(tiny_model_path)

@@ -2,12 +2,10 @@
 into a run folder with a changed config says which stages recompute and why."""
 import json
 
-import pytest
-
 from qedlib import distill, evaluation, runner
 from qedlib.config import load_config, save_config
 from qedlib.data import Problem
-from qedlib.generation import Completion, make_generator
+from qedlib.generation import Completion
 
 PROBLEMS = [Problem("p1", "Prove that 1 + 1 = 2.", rubric="- [7 pts] all"),
             Problem("p2", "Prove that 2 + 2 = 4.", rubric="- [7 pts] all")]
@@ -97,20 +95,14 @@ def eval_cfg(tmp_path, temperature=0.8):
                                              "cache": False}})
 
 
-@pytest.fixture(scope="module")
-def tiny_gen():
-    from qedlib.config import Endpoint
-    return make_generator(Endpoint(model="tiny-qwen3", device="cpu", dtype="float32", batch_size=8))
-
-
-def test_eval_rows_resume_unchanged_and_recompute_on_new_temperature(tmp_path, tiny_gen, capsys):
+def test_eval_rows_resume_unchanged_and_recompute_on_new_temperature(tmp_path, tiny_generator, capsys):
     folder = tmp_path / "05_eval"
-    policy = Counting(tiny_gen)
-    rows = evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, tiny_gen, lambda ep: policy)
+    policy = Counting(tiny_generator)
+    rows = evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, tiny_generator, lambda ep: policy)
     assert len(rows) == 2 and policy.prompts == 2
-    assert len(evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, tiny_gen, lambda ep: policy)) == 2
+    assert len(evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, tiny_generator, lambda ep: policy)) == 2
     assert policy.prompts == 2  # resumed: nothing generated
-    rows = evaluation.evaluate(eval_cfg(tmp_path, 0.3), tmp_path, folder, tiny_gen, lambda ep: policy)
+    rows = evaluation.evaluate(eval_cfg(tmp_path, 0.3), tmp_path, folder, tiny_generator, lambda ep: policy)
     assert len(rows) == 2 and policy.prompts == 4  # recomputed
     assert "2 rows of other settings" in capsys.readouterr().out
     assert len((folder / "results.jsonl").read_text().splitlines()) == 4  # old rows kept in the file ...

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from qedlib import stats
+from qedlib.config import Endpoint
+from qedlib.generation import cost_of
 
 
 def brute_pass_at_k(outcomes: list[bool], k: int) -> float:
@@ -91,7 +93,8 @@ def test_tokens_cost_and_summary():
              "checkpoint": "m", "benchmark": "b", "scaffold": "single"}]
     assert stats.tokens_per_problem(rows) == 200
     assert stats.total_cost(rows) == {"generation_usd": 2.0, "grading_usd": 0.5, "total_usd": 2.5}
-    assert stats.call_cost(1_000_000, 2_000_000, 0.5, 2.0) == pytest.approx(4.5)
+    ep = Endpoint(model="m", price_in_per_mtok=0.5, price_out_per_mtok=2.0)
+    assert cost_of(ep, 1_000_000, 2_000_000) == pytest.approx(4.5)  # the one cost function every generator uses
     df = stats.summarise(rows, ks=[1], n_boot=100)
     rec = df.iloc[0]
     assert rec["mean_score_pct"] == pytest.approx(50.0)
