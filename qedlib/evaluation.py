@@ -25,7 +25,7 @@ from . import scaffolds as scaffold_lib
 from . import stats
 from .data import DataError, Problem, load_problems
 from .grading import extract_boxed  # noqa: F401  (kept importable from here)
-from .io import JsonlLog, read_json, read_jsonl, write_json
+from .io import JsonlLog, read_json, write_json
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
 BENCHMARK_KINDS = {
@@ -407,14 +407,6 @@ def eval_metrics(rows: list[dict], cfg, benchmarks: Optional[list] = None) -> di
     for (b, ck, sc), grp in bgroups.items():
         metrics["by_benchmark"].setdefault(b, {}).setdefault(ck, {})[sc] = block(grp)
     return metrics
-
-
-def trajectory_text(stage_folder, key: str) -> dict:
-    """The logged generation record (trace, tokens, calls) behind one result row."""
-    for rec in read_jsonl(Path(stage_folder) / "generations.jsonl"):
-        if rec["key"] == key:
-            return rec
-    raise KeyError(f"no generation with key {key!r} in {stage_folder}/generations.jsonl")
 
 
 # ---------------------------------------------------------------- reading the results (notebook 05)
