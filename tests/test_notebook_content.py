@@ -204,3 +204,17 @@ def test_notebooks_show_the_mechanism_and_no_raw_dicts(name, calls):
     last = nb.cells[-1]  # the notebook ends with "Try it": exactly the module's experiments (one source)
     module = {"01_distill": distill_view, "02_sft": sft}[name]
     assert last.cell_type == "markdown" and last.source.startswith("## Try it") and module.try_it() in last.source
+
+
+@pytest.mark.parametrize("name", ["01_distill", "03_rubric_rl", "04_reasoning_cache_rl", "05_eval"])
+def test_notebook_cells_are_short_calls_without_logic(name):
+    """Cells of at most 10 lines that call qedlib: no functions, classes, branches (statements or `x if c else y`)
+    or loops of their own (a `for` that shows a list of figures is the one loop allowed)."""
+    nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", 4)
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        lines = [ln for ln in cell.source.splitlines() if ln.strip()]
+        assert 1 <= len(lines) <= 10, f"{name} code cell {i}: {len(lines)} lines"
+        assert not re.search(r"^\s*(def|class|if|elif|else|while|try|with open)\b|\blambda\b|\bif\b.+\belse\b", cell.source, re.M), \
+            f"{name} code cell {i} holds logic:\n{cell.source}"
+        loops = re.findall(r"^\s*for .*:\n(.*)", cell.source, re.M)
+        assert all(body.strip().endswith(".show()") for body in loops), f"{name} code cell {i}: a loop that is not showing figures"
