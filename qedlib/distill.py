@@ -1,19 +1,19 @@
 """Stage 1, distillation: teacher proofs -> graded, filtered SFT data (notebooks/01_distill.ipynb).
 
-The steps, each a small function the notebook calls in order:
+The notebook is the stage: each of its cells calls one of these steps in order, and each step writes
+its own artifacts into the stage folder (what it shows is in qedlib.distill_view):
 
-1. `load_stage_problems` (shipped set, a file, or a hub dataset with a column mapping) and
-   `decontaminate` against the evaluation benchmarks (qedlib.decontam);
-2. optional `screen_problems` (drop incomplete/wrong/computational problems, keep a difficulty
-   band) and `write_rubrics` (for problems with a reference solution but no rubric);
-3. `generate_samples`: n teacher samples per problem, appended to `samples.jsonl` one record at a
+1. `prepare_problems`: load `distill.problems` (shipped set, a file, or a hub dataset with a column
+   mapping), `decontaminate` against the evaluation benchmarks (qedlib.decontam; decontamination.json),
+   optionally `screen_problems` (screening.jsonl) and `write_rubrics` (rubrics.jsonl), keep what the
+   judge can grade;
+2. `generate_samples`: n teacher samples per problem, appended to `samples.jsonl` one record at a
    time as they arrive (a rerun skips finished keys; a kill loses only what was in flight);
-4. `grade_samples`: every sample graded by the judge, appended to `grades.jsonl` likewise;
-5. `select_samples`: the selection rules from params, every sample labelled kept or why not;
-6. `build_dataset`: a `datasets.Dataset` with the FineProofs-SFT columns, saved in the stage
-   folder; `load_fineproofs_sft` maps the public FineProofs-SFT to the same schema.
-
-`run(cfg, run_dir)` does the whole stage (what the notebook does, without the displays).
+3. `grade_samples`: every sample graded by the judge, appended to `grades.jsonl` likewise;
+4. `select`: the selection rules from params, every sample labelled kept or why not; funnel.json;
+5. `build_dataset` + `save_dataset`: a `datasets.Dataset` with the FineProofs-SFT columns in
+   `dataset/`; `load_fineproofs_sft` maps the public FineProofs-SFT to the same schema;
+6. `stage_metrics`: the numbers the notebook writes to metrics.json.
 
 With `distill.thinking: false` (the CPU default: SmolLM2-135M writes no <think> blocks) the
 teacher's whole answer is the proof and the reasoning is empty; the SFT target is then
@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import html
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .display import NOT_IN_PAPER, experiments_markdown
 from .io import JsonlLog, read_json, replace_folder, settings_hash, write_json
 from .layout import DISTILL, stage_dir
 from .policy import SFT_COLUMNS, sft_messages
@@ -38,6 +36,7 @@ from .verdicts import judge_hash
 FINEPROOFS_SFT = "lm-provers/FineProofs-SFT"
 FINEPROOFS_GRADE = "gemini-3-pro-grade"  # the public set's 0-7 grade column
 SAMPLES_FILE, GRADES_FILE = "samples.jsonl", "grades.jsonl"
+FUNNEL_FILE = "funnel.json"  # the funnel rows of the last `select`
 SAMPLES_SETTINGS = "samples_settings.json"  # the teacher settings hash of the last generate_samples call
 
 
@@ -467,6 +466,18 @@ def funnel(n_loaded: int, removed: dict[str, int], rows: list[dict], n_expected:
     return out
 
 
+def select(cfg, stage_folder: str | Path, prep: dict, samples: list[dict], grades: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The selection step: every sample labelled (SFT tokens counted with the student's tokenizer when
+    `max_sft_tokens` is set) and the funnel written to funnel.json; returns (rows, funnel rows)."""
+    dc, problems = cfg.distill, prep["problems"]
+    tokenizer = student_tokenizer(cfg) if dc.max_sft_tokens else None
+    counts = sft_token_counts(samples, problems, tokenizer) if tokenizer else None
+    rows = select_samples(samples, grades, dc, problems, counts)
+    steps = funnel(prep["loaded"], prep["removed"], rows, len(problems) * dc.sampling.n)
+    write_json(Path(stage_folder) / FUNNEL_FILE, steps)
+    return rows, steps
+
+
 # ---------------------------------------------------------------- dataset
 def sft_features():
     """The datasets.Features of the SFT schema shared with FineProofs-SFT (grade as float 0-7)."""
@@ -534,34 +545,7 @@ def load_fineproofs_sft(hub_id: str = FINEPROOFS_SFT, config: str | None = None,
     return datasets.Dataset.from_list(rows, features=sft_features())
 
 
-# ---------------------------------------------------------------- displays
-def funnel_figure(steps: list[dict]):
-    """A plotly funnel of the stage's funnel rows."""
-    import plotly.graph_objects as go
-    fig = go.Figure(go.Funnel(y=[s["step"] for s in steps], x=[s["count"] for s in steps], textinfo="value"))
-    fig.update_layout(title="distillation funnel", height=80 + 40 * len(steps), margin=dict(l=220))
-    return fig
-
-
-def grade_histogram(rows: list[dict]):
-    """Histogram of valid grades (0-7), coloured by problem source."""
-    import pandas as pd
-    import plotly.express as px
-    df = pd.DataFrame([r for r in rows if r["points"] is not None] or [{"points": None, "source": ""}])
-    fig = px.histogram(df, x="points", color="source", nbins=28, range_x=[0, 7], barmode="stack",
-                       title="grades of the teacher's samples (0-7) by source")
-    return fig
-
-
-def length_histogram(rows: list[dict]):
-    """Distribution of teacher completion tokens, coloured by selection status."""
-    import pandas as pd
-    import plotly.express as px
-    df = pd.DataFrame(rows or [{"completion_tokens": 0, "status": ""}])
-    return px.histogram(df, x="completion_tokens", color="status", nbins=30, barmode="stack",
-                        title="teacher completion length (tokens) by selection status")
-
-
+# ---------------------------------------------------------------- the numbers the notebook shows
 def token_cost_table(samples: list[dict], grades: list[dict]) -> list[dict]:
     """Tokens and cost of the teacher and the judge."""
     return [{"role": "teacher", "calls": len(samples), "prompt_tokens": sum(s["prompt_tokens"] for s in samples),
@@ -570,20 +554,6 @@ def token_cost_table(samples: list[dict], grades: list[dict]) -> list[dict]:
              "prompt_tokens": sum(g.get("prompt_tokens", 0) for g in grades),
              "completion_tokens": sum(g.get("completion_tokens", 0) for g in grades),
              "cost_usd": round(sum(g.get("cost", 0.0) for g in grades), 6)}]
-
-
-def render_sample(row: dict) -> str:
-    """HTML for one sample: status, grade, proof, reasoning (folded) and the judge's assessment."""
-    e = html.escape
-    grade = "no grade" if row["points"] is None else f"{row['points']:.2f} / 7"
-    invalid = f" (invalid: {e(str(row['invalid_reason']))})" if row.get("invalid_reason") else ""
-    return (f"<b>{e(row['key'])}</b> · status <b>{e(row['status'])}</b> · grade {grade}{invalid} · "
-            f"{row['completion_tokens']} tokens, finish {e(row['finish_reason'])}"
-            f"<h4>Problem</h4><pre style='white-space:pre-wrap'>{e(row['problem'])}</pre>"
-            f"<h4>Proof</h4><pre style='white-space:pre-wrap'>{e(row['proof']) or '<i>(none)</i>'}</pre>"
-            f"<details><summary>Reasoning ({len(row['reasoning'])} chars)</summary>"
-            f"<pre style='white-space:pre-wrap'>{e(row['reasoning'])}</pre></details>"
-            f"<h4>Judge</h4><pre style='white-space:pre-wrap'>{e(row['judge_text'] or '')}</pre>")
 
 
 def worked_example(rows: list[dict], problems: list, dc, grades: list[dict]) -> dict | None:
@@ -603,46 +573,6 @@ def worked_example(rows: list[dict], problems: list, dc, grades: list[dict]) -> 
     prompt = build_prompt(dc.judge.prompt, dc.judge.mode, problem, row["proof"])
     return {"row": row, "rubric": problem.rubric or "", "judge_prompt": prompt.text, "prompt_prefix": prompt.prefix,
             "mode": dc.judge.mode, "grade": grade}
-
-
-def render_worked_example(ex: dict | None) -> str:
-    """HTML of `worked_example`: every part in full, the reasoning and the proof split at `</think>`."""
-    e = html.escape
-    if ex is None:
-        return "<i>no sample with a proof was graded: nothing to show</i>"
-    row, g = ex["row"], ex["grade"]
-    pre = lambda t: f"<pre style='white-space:pre-wrap'>{e(t) if t else '<i>(empty)</i>'}</pre>"  # noqa: E731
-    how = (f"expected score over 0-7 from the judge's next-token probabilities after {e(ex['prompt_prefix'])}"
-           if ex["mode"] == "score_prob" else "the number in the judge's score tag")
-    probs = ", ".join(f"{k}: {v:.2f}" for k, v in (g.get("probs") or {}).items())
-    return (f"<b>{e(row['key'])}</b> · status <b>{e(row['status'])}</b> · {row['completion_tokens']} teacher tokens, "
-            f"finish {e(row['finish_reason'])}<h4>Problem</h4>{pre(row['problem'])}<h4>Rubric</h4>{pre(ex['rubric'])}"
-            f"<h4>Teacher reasoning (before &lt;/think&gt;)</h4>{pre(row['reasoning'])}"
-            f"<h4>Teacher proof (after &lt;/think&gt;)</h4>{pre(row['proof'])}"
-            f"<h4>The judge prompt, exactly as sent (user message)</h4>{pre(ex['judge_prompt'])}"
-            f"<h4>Grade: {row['points']:.2f} / 7</h4><p>{how}"
-            + (f"; probabilities {e(probs)}" if probs else "") + f"</p><h4>Judge text</h4>{pre(g.get('judge_text', ''))}")
-
-
-def sample_browser(rows: list[dict]):
-    """An ipywidgets browser: pick a problem, page through its samples (reasoning, proof, grade, judge)."""
-    import ipywidgets as w
-    by_problem: dict[str, list[dict]] = {}
-    for r in rows:
-        by_problem.setdefault(r["problem_id"], []).append(r)
-    options = [(f"{pid} ({sum(r['status'] == 'kept' for r in rs)}/{len(rs)} kept)", pid) for pid, rs in by_problem.items()]
-    pick = w.Dropdown(options=options, description="problem")
-    page = w.IntSlider(min=0, max=0, description="sample")
-    view = w.HTML()
-
-    def show(*_):
-        rs = by_problem.get(pick.value, [])
-        page.max = max(0, len(rs) - 1)
-        view.value = render_sample(rs[min(page.value, page.max)]) if rs else "no samples"
-    pick.observe(show, "value")
-    page.observe(show, "value")
-    show()
-    return w.VBox([w.HBox([pick, page]), view])
 
 
 # ---------------------------------------------------------------- the whole stage
@@ -680,74 +610,6 @@ def stage_metrics(rows: list[dict], samples: list[dict], grades: list[dict], n_p
             "seconds": round(seconds, 1), "dataset_dir": str(dataset_dir)}
 
 
-def findings(metrics: dict, rows: list[dict]) -> str:
-    """What the stage's own numbers say: the real grade range, truncation, what selection kept and why."""
-    valid = sorted(r["points"] for r in rows if r["valid"] and r["points"] is not None)
-    n = metrics["samples"]
-    out = [f"**{n} samples** of {metrics['problems_used']} problems ({metrics['decontaminated']} removed as "
-           f"overlapping a benchmark); {metrics['truncated']} of {n} hit the teacher's token budget (truncated)."]
-    if valid:
-        lo, hi = valid[0], valid[-1]
-        out.append(f"Valid grades run from **{lo:.2f} to {hi:.2f}** out of 7 (mean {metrics['mean_grade']:.2f}).")
-        if hi - lo < 1.5:
-            out.append(f"All grades lie within {hi - lo:.2f} points of each other: the judge hardly separates these "
-                       "proofs, so keeping the best of each problem picks by the judge's taste, not proof quality.")
-    if metrics["kept"]:
-        out.append(f"Kept {metrics['kept']} samples of {metrics['kept_problems']} problems (mean grade "
-                   f"{metrics['mean_grade_kept']:.2f}); they become stage 02's training set.")
-        cut = sum(1 for r in rows if r["status"] == "kept" and r.get("truncated"))
-        if cut:
-            out.append(f"{cut} of them were cut at the token budget (`distill.drop_truncated` is off): SFT will "
-                       "imitate proofs that stop mid-sentence, and the grades above are grades of fragments.")
-    else:
-        out.append("Nothing was kept: stage 02 has no data (lower `distill.min_grade` or raise the token budget).")
-    return " ".join(out)
-
-
-# Key settings shown beside the paper's (qedlib.display.settings_table).
-SETTINGS = [("teacher", "distill.teacher.model", "DeepSeek-Math-V2"),
-            ("teacher thinking", "distill.thinking", True),
-            ("teacher temperature", "distill.sampling.temperature", 1.0),
-            ("teacher max new tokens", "distill.sampling.max_new_tokens", "~125k"),
-            ("teacher requests in flight", "distill.teacher.max_concurrency", 256),
-            ("samples per problem", "distill.sampling.n", NOT_IN_PAPER),
-            ("judge", "distill.judge.endpoint.model", NOT_IN_PAPER),
-            ("judge prompt", "distill.judge.prompt", "rubric"),
-            ("judge mode", "distill.judge.mode", "text"),
-            ("samples kept per problem", "distill.per_problem", "best"),
-            ("min grade kept (0-7)", "distill.min_grade", NOT_IN_PAPER),
-            ("drop truncated samples", "distill.drop_truncated", NOT_IN_PAPER),
-            ("decontaminate against", "distill.decontaminate", "the eval benchmarks")]
-
-# Final metrics shown as one small table (qedlib.display.metrics_table).
-METRICS = [("problems loaded", "problems"), ("removed by decontamination", "decontaminated"),
-           ("samples", "samples"), ("graded", "graded"), ("invalid grades", "invalid"), ("truncated", "truncated"),
-           ("kept", "kept"), ("problems kept", "kept_problems"), ("mean grade (valid)", "mean_grade"),
-           ("mean grade (kept)", "mean_grade_kept"), ("teacher completion tokens", "teacher_completion_tokens"),
-           ("cost (USD)", "cost"), ("seconds", "seconds")]
-
-# "Try it" experiments (notebook 01's last section): params overrides on params/cpu.yaml, each minutes on a laptop.
-EXPERIMENTS = [
-    {"name": "decontam-eval", "overrides": {"distill.problems.split": None},
-     "look_for": "load train and eval problems together: decontamination against `shipped:eval` now removes the "
-                 "12 held-out problems (the funnel's 'problems after decontamination' row drops by 12)."},
-    {"name": "strict-grade", "overrides": {"distill.min_grade": 2.5},
-     "look_for": "a stricter filter, set inside the 135M judge's narrow band of grades: the funnel gains a "
-                 "'below_min_grade' row and whole problems leave the SFT set, chosen by the judge's taste."},
-    {"name": "more-samples", "overrides": {"distill.sampling.n": 4},
-     "look_for": "four samples per problem: 'best of 4' should raise the mean kept grade over the mean of all "
-                 "grades; with a judge that barely separates proofs the gap stays small."},
-    {"name": "drop-truncated", "overrides": {"distill.drop_truncated": True, "distill.sampling.max_new_tokens": 256},
-     "look_for": "the paper's rule (a cut proof is never kept) with a larger budget: how many samples survive, "
-                 "and how long the teacher's answers are when allowed to finish."},
-]
-
-
-def try_it(params_file: str = "params/cpu.yaml") -> str:
-    """Markdown for the notebook's "Try it" section, built from EXPERIMENTS (one source, tested)."""
-    return experiments_markdown(EXPERIMENTS, params_file, DISTILL)
-
-
 def prepare_problems(cfg, stage_folder: str | Path, teacher=None) -> dict:
     """Load, decontaminate, optionally screen and write rubrics, keep what the judge can grade.
 
@@ -774,25 +636,3 @@ def prepare_problems(cfg, stage_folder: str | Path, teacher=None) -> dict:
         out["removed"][f"no {dc.judge.prompt} fields"] = ungradable  # the judge prompt could not be filled
     out["problems"] = problems
     return out
-
-
-def run(cfg, run_dir: str | Path, progress: bool = False) -> dict:
-    """Run the whole distillation stage into <run_dir>/01_distill; return (and write) its metrics."""
-    from .io import write_metrics
-    folder = stage_dir(run_dir, DISTILL)
-    dc = cfg.distill
-    t0 = time.perf_counter()
-    teacher = make_teacher(dc)
-    prep = prepare_problems(cfg, folder, teacher)
-    problems = prep["problems"]
-    generate_samples(problems, dc, folder, teacher, progress)
-    samples = read_samples(folder, problems, dc.sampling.n, dc)
-    grade_samples(problems, samples, make_grader(dc, folder, teacher), folder, progress=progress)
-    grades = read_grades(folder)
-    tok = student_tokenizer(cfg) if dc.max_sft_tokens else None
-    rows = select_samples(samples, grades, dc, problems, sft_token_counts(samples, problems, tok) if tok else None)
-    write_json(folder / "funnel.json", funnel(prep["loaded"], prep["removed"], rows, len(problems) * dc.sampling.n))
-    out = save_dataset(build_dataset(rows), folder)
-    metrics = stage_metrics(rows, samples, grades, prep["loaded"], prep["removed"], time.perf_counter() - t0, out)
-    write_metrics(folder, metrics)
-    return metrics

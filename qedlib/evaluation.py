@@ -25,7 +25,7 @@ from . import scaffolds as scaffold_lib
 from . import stats
 from .data import DataError, Problem, load_problems
 from .verdicts import extract_boxed  # noqa: F401  (kept importable from here)
-from .io import JsonlLog, atomic_write, read_json, read_jsonl, write_json
+from .io import JsonlLog, atomic_write, read_json, write_json
 from .layout import EVAL
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
@@ -240,6 +240,9 @@ class Evaluation:
             policy_factory=None) -> list[dict]:
         """Evaluate every model on every benchmark with every scaffold; return all result rows."""
         from .generation import Timer, close_generator, make_generator
+        unknown = [s for s in scaffolds if s not in scaffold_lib.SCAFFOLDS]
+        if unknown:
+            raise ValueError(f"eval.scaffolds: unknown {unknown}; choose from {scaffold_lib.SCAFFOLDS}")
         owned = policy_factory is None  # generators from a caller's factory are the caller's to close
         policy_factory = policy_factory or make_generator
         self._hashes.update({name: generation_hash(self.cfg, endpoint) for name, endpoint in models})
@@ -279,15 +282,13 @@ class Evaluation:
 
 
 def evaluate(cfg, run_dir, stage_folder=None, judge_generator=None, policy_factory=None) -> list[dict]:
-    """Run the whole eval section of a config: its benchmarks, checkpoints (or endpoint) and scaffolds."""
+    """Run the whole eval section of a config: its benchmarks, checkpoints (or endpoint) and scaffolds (the calls
+    notebook 05 makes, in its order; tests/test_evaluation.py checks the notebook)."""
     folder = Path(stage_folder) if stage_folder else Path(run_dir) / EVAL
     ev = cfg.eval
-    unknown = [s for s in ev.scaffolds if s not in scaffold_lib.SCAFFOLDS]
-    if unknown:
-        raise ValueError(f"eval.scaffolds: unknown {unknown}; choose from {scaffold_lib.SCAFFOLDS}")
     benches = load_benchmarks(ev.benchmarks, ev.benchmark_limit, ev.judge.prompt)
-    run = Evaluation(cfg, folder, judge_generator)
-    return run.run(benches, models_under_test(cfg, run_dir), ev.scaffolds, policy_factory)
+    models = models_under_test(cfg, run_dir)
+    return Evaluation(cfg, folder, judge_generator).run(benches, models, ev.scaffolds, policy_factory)
 
 
 def read_results(stage_folder) -> list[dict]:
@@ -409,14 +410,6 @@ def eval_metrics(rows: list[dict], cfg, benchmarks: Optional[list] = None) -> di
     return metrics
 
 
-def trajectory_text(stage_folder, key: str) -> dict:
-    """The logged generation record (trace, tokens, calls) behind one result row."""
-    for rec in read_jsonl(Path(stage_folder) / "generations.jsonl"):
-        if rec["key"] == key:
-            return rec
-    raise KeyError(f"no generation with key {key!r} in {stage_folder}/generations.jsonl")
-
-
 # ---------------------------------------------------------------- reading the results (notebook 05)
 # (label, dotted key in the config, the paper's value): the settings a reader of 05 needs (display.settings_table)
 SETTINGS = [
@@ -436,6 +429,63 @@ SETTINGS = [
     ("judge mode", "eval.judge.mode", "text"),
     ("pass@k success: score >=", "eval.success_threshold", 6),
 ]
+
+
+def benchmarks_table(benchmarks: list[Benchmark]):
+    """One row per benchmark: its size, judge prompt, task and splits."""
+    import pandas as pd
+    return pd.DataFrame([{"benchmark": b.name, "problems": len(b.problems), "judge prompt": b.judge_prompt, "task": b.task,
+                          "splits": sorted({str(p.extra.get("split")) for p in b.problems})} for b in benchmarks])
+
+
+def models_table(models: list[tuple[str, object]]):
+    """One row per model under test: the checkpoint name, the model reference and its backend."""
+    import pandas as pd
+    return pd.DataFrame([{"checkpoint": name, "model": ep.model, "backend": ep.backend} for name, ep in models])
+
+
+def pass_at_k_view(rows: list[dict], cfg, figure):
+    """pass@k per benchmark, checkpoint and scaffold drawn by `figure` (report.pass_at_k_figure), or a Note
+    saying why there is none: with one sample per problem pass@k is pass@1."""
+    from .plots import Note
+    ev = cfg.eval
+    curve = stats.pass_at_k_curve(rows, ("benchmark", "checkpoint", "scaffold"), ev.success_threshold, ev.bootstrap, cfg.seed)
+    if ev.samples > 1 and len(curve):
+        return figure(curve)
+    return Note(f"One sample per problem (eval.samples = {ev.samples}): pass@k is pass@1, the success rate. "
+                "See *Try it* below.")
+
+
+def judge_calibration(run: "Evaluation", benchmarks: list[Benchmark], cfg) -> dict | None:
+    """Grade the first `eval.calibration_limit` calibration proofs with the proof judge used on the benchmarks
+    (0: None, no calibration; None: all of them) and compare with the reference grades (qedlib.calibration)."""
+    from . import calibration as cal
+    graded = cal.load_calibration()[:cfg.eval.calibration_limit]
+    judge_prompt = next((b.judge_prompt for b in benchmarks if b.task == "proof"), "rubric")
+    return cal.calibrate(run.grader(judge_prompt), graded) if graded else None
+
+
+def calibration_figures(calibration: dict | None) -> list:
+    """The calibration's figures (none when calibration was skipped)."""
+    from . import calibration as cal
+    return list(cal.calibration_figures(calibration).values()) if calibration else []
+
+
+def calibration_table(calibration: dict | None):
+    """The judge next to its baselines (a DataFrame); when calibration was skipped, say so and return None."""
+    from . import calibration as cal
+    from .display import say
+    if calibration:
+        return cal.judge_vs_baselines(calibration)
+    say("eval.calibration_limit is 0: calibration skipped.")
+    return None
+
+
+def stage_metrics(metrics: dict, calibration: dict | None, export_files: list) -> dict:
+    """metrics.json of the stage: `eval_metrics` plus the judge calibration's summary and the official export's
+    file count."""
+    from . import calibration as cal
+    return {**metrics, "judge_calibration": cal.summary(calibration), "official_export_files": len(export_files)}
 
 
 def _pct(x) -> str:

@@ -26,17 +26,17 @@ NOTEBOOKS = PKG.parent / "notebooks"
 
 # Who consumes each params section (modules under qedlib/, and the stage's notebook).
 SECTION_READERS = {
-    "distill": (["distill.py", "decontam.py", "data.py"], f"{DISTILL}.ipynb"),
-    "sft": (["sft.py", "training.py", "attention.py", "launch.py"], f"{SFT}.ipynb"),
-    "rubric_rl": (["rubric_rl.py", "rl.py", "training.py", "launch.py"], f"{RUBRIC_RL}.ipynb"),
-    "rc_rl": (["rc_rl.py", "rl.py", "training.py", "launch.py"], f"{RC_RL}.ipynb"),
+    "distill": (["distill.py", "distill_view.py", "decontam.py", "data.py"], f"{DISTILL}.ipynb"),
+    "sft": (["sft.py", "sft_data.py", "sft_view.py", "training.py", "attention.py", "launch.py"], f"{SFT}.ipynb"),
+    "rubric_rl": (["rubric_rl.py", "format_run.py", "rl.py", "training.py", "launch.py"], f"{RUBRIC_RL}.ipynb"),
+    "rc_rl": (["rc_rl.py", "format_run.py", "rl.py", "training.py", "launch.py"], f"{RC_RL}.ipynb"),
     "eval": (["evaluation.py", "scaffolds.py", "stats.py", "report.py", "calibration.py"], f"{EVAL}.ipynb"),
 }
 # Config classes read wherever they are used (a Sampling is read by the generator it is handed to).
 CLASS_READERS = {
     C.Endpoint: ["generation.py", "grading.py", "judge_server.py", "models.py"],
     C.Sampling: ["generation.py", "reasoning_cache.py"],
-    C.Judge: ["grading.py"],
+    C.Judge: ["grading.py", "verdicts.py"],
     C.ProblemSource: ["data.py"],
     C.Lora: ["training.py"],
     C.Launch: ["launch.py"],

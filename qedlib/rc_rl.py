@@ -146,26 +146,40 @@ def problem_slots(tokenizer, problems, k: int, thinking: bool):
     return Dataset.from_list(rows)
 
 
+def load_problems(cfg) -> tuple[list, dict]:
+    """The stage's problems (`rc_rl.problems`) after the difficulty filter, and the filter's counts."""
+    from .rl import filter_by_difficulty
+    rl = cfg.rc_rl
+    return filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
+
+
+def start_model(cfg, run_dir) -> str:
+    """The model the policy starts from (`rc_rl.model`: "previous" is the rubric-RL model when stage 03 ran)."""
+    return resolve_model(checkpoint(cfg, run_dir, cfg.rc_rl.model, "rc_rl"))
+
+
+def judge_grader(rl, folder: Path):
+    """The judge of `rc_rl.judge`, its grades cached in the stage folder (the reward's and the notebook's)."""
+    from .grading import Grader
+    return Grader(rl.judge, cache_dir=Path(folder) / "judge_cache")
+
+
 def train(cfg, run_dir) -> dict:
     """Train RC-RL in this process (one rank under accelerate); every rank saves through the trainer,
     rank 0 writes the metrics."""
     from transformers import AutoTokenizer
-    from .rl import (RewardFunction, filter_by_difficulty, grpo_args, make_trainer, save_policy, step_metrics,
-                     summarise_steps, vllm_context)
+    from .rl import RewardFunction, grpo_args, make_trainer, save_policy, step_metrics, summarise_steps, vllm_context
     from .training import finish_checkpoints, last_checkpoint, weights_moved
     rl = cfg.rc_rl
     folder = stage_dir(run_dir, STAGE)
-    problems, counts = filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
+    problems, counts = load_problems(cfg)
     by_id = {p.id: p for p in problems}
-    model_path = resolve_model(checkpoint(cfg, run_dir, rl.model, "rc_rl"))
+    model_path = start_model(cfg, run_dir)
     tok = AutoTokenizer.from_pretrained(model_path)
     # Shuffle problems ourselves (seeded); TRL must not shuffle, so a problem's K slots stay together.
     random.Random(cfg.seed).shuffle(problems)
     dataset = problem_slots(tok, problems, rl.states_per_trajectory, cfg.thinking)
-    grader = None
-    if rl.reward == "judge":
-        from .grading import Grader
-        grader = Grader(rl.judge, cache_dir=folder / "judge_cache")
+    grader = judge_grader(rl, folder) if rl.reward == "judge" else None
     summariser = None
     if rl.rc.summariser == "frozen":
         summariser = make_generator(rl.rc.summariser_endpoint)
@@ -279,3 +293,52 @@ def inspect_trajectories(cfg, model_ref: str, problems, grader=None, seed: int =
              "truncated": not s.think_closed, "reasoning": s.reasoning[:400], "proof": s.final[:400],
              "summary": s.summary_out[:400], "tokens": s.completion_tokens + s.summary_tokens}
             for (p, s), g in zip(flat, grades)]
+
+
+def demo_problems(problems, rl) -> list:
+    """The problems the notebook follows before and after training: one step's worth (`prompts_per_step`)."""
+    return problems[: rl.prompts_per_step]
+
+
+def worked_state(cfg, stage_folder, problems, model_path: str) -> dict:
+    """`state_view` of the last training step's trajectories (trajectories_last_step.json), rendered with the
+    chat template of the model the policy started from."""
+    from transformers import AutoTokenizer
+    from .io import read_json
+    trajectories = read_json(Path(stage_folder) / "trajectories_last_step.json")
+    return state_view(trajectories, problems, AutoTokenizer.from_pretrained(model_path), cfg.thinking)
+
+
+def turn_table(before: list[dict], after: list[dict]):
+    """Mean score, truncation and tokens per (model, turn) of `inspect_trajectories` rows before and after
+    training; a turn with no valid grade has score None (JSON has no NaN)."""
+    import pandas as pd
+    table = (pd.concat([pd.DataFrame(before).assign(model="before"), pd.DataFrame(after).assign(model="after")])
+             .groupby(["model", "turn"]).agg(score=("score", "mean"), truncated=("truncated", "mean"),
+                                             tokens=("tokens", "mean")).reset_index().astype(object))
+    return table.where(table.notna(), None)
+
+
+def turn_figure(table):
+    """Bars of the mean score (0-7) per model and turn of `turn_table`."""
+    from .plots import bars
+    return bars([f"{m} t{t}" for m, t in zip(table.model, table.turn)], list(table.score), "Mean score (0-7) by turn")
+
+
+def tokens_per_trajectory(rows: list[dict]) -> float:
+    """Mean tokens per RC trajectory (every turn's reasoning and summary) over the problems of `rows`."""
+    import pandas as pd
+    return float(pd.DataFrame(rows).groupby("problem_id").tokens.sum().mean())
+
+
+def tokens_finding(tokens: float, rl) -> str:
+    """The tokens of one RC trajectory against one single pass with the same per-turn budget, in words."""
+    return (f"Tokens per RC trajectory: {tokens:.0f}, against at most {rl.rc.reasoning_budget} for one single pass "
+            "with the same per-turn budget: RC spends more tokens in bounded pieces.")
+
+
+def stage_metrics(result: dict, table, tokens: float, format_steps: list[dict]) -> dict:
+    """metrics.json of the stage: the training result, the score by turn after training, the tokens per
+    trajectory and the format run's rewards."""
+    return {**result, "score_by_turn_after": table[table.model == "after"].to_dict(orient="records"),
+            "tokens_per_trajectory": float(tokens), "format_reward_steps": [r["reward"] for r in format_steps]}

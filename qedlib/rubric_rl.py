@@ -26,15 +26,45 @@ def make_grader(rl, folder: Path):
     return Grader(rl.judge, cache_dir=folder / "judge_cache")
 
 
+def load_problems(cfg) -> tuple[list, dict]:
+    """The stage's problems (`rubric_rl.problems`) after the difficulty filter, and the filter's counts."""
+    from .rl import filter_by_difficulty
+    rl = cfg.rubric_rl
+    return filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
+
+
+def start_model(cfg, run_dir) -> str:
+    """The model the policy starts from (`rubric_rl.model`: "previous" is the SFT model when stage 02 ran)."""
+    return resolve_model(checkpoint(cfg, run_dir, cfg.rubric_rl.model, "rubric_rl"))
+
+
+def problems_table(problems, n: int = 8):
+    """The first problems as a table: id, category and the opening of the statement."""
+    import pandas as pd
+    return pd.DataFrame([{"id": p.id, "category": p.category, "problem": p.problem[:90]} for p in problems]).head(n)
+
+
+def first_prompt(model_path: str, problems, thinking: bool) -> str:
+    """The first problem's prompt exactly as the policy sees it (chat template included)."""
+    from transformers import AutoTokenizer
+    from .rl import problem_prompts
+    return problem_prompts(AutoTokenizer.from_pretrained(model_path), problems[:1], thinking)[0]["prompt"]
+
+
+def stage_metrics(result: dict, steps: list[dict], format_steps: list[dict]) -> dict:
+    """metrics.json of the stage: the training result, the step rows logged, and the format run's rewards."""
+    return {**result, "steps_rows": len(steps), "format_reward_steps": [r["reward"] for r in format_steps]}
+
+
 def train(cfg, run_dir) -> dict:
     """Train the stage in this process (one rank under accelerate); every rank saves through the trainer,
     rank 0 writes the metrics."""
-    from .rl import filter_by_difficulty, save_policy, summarise_steps, train_on_problems
+    from .rl import save_policy, summarise_steps, train_on_problems
     from .training import finish_checkpoints, weights_moved
     rl = cfg.rubric_rl
     folder = stage_dir(run_dir, STAGE)
-    problems, counts = filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
-    model_path = resolve_model(checkpoint(cfg, run_dir, rl.model, "rubric_rl"))
+    problems, counts = load_problems(cfg)
+    model_path = start_model(cfg, run_dir)
     t0 = time.perf_counter()
     rows, trainer = train_on_problems(rl, model_path, problems, folder / "checkpoints", cfg.thinking, cfg.seed,
                                       make_grader(rl, folder), rl.resume, training_device=cfg.device)

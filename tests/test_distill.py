@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import chat_reply
 
-from qedlib import distill
+from qedlib import distill, distill_view
 from qedlib.config import load_config
 from qedlib.data import Problem
 from qedlib.generation import Completion, split_thinking
@@ -279,9 +279,9 @@ def test_browser_and_render_escape_html():
     samples, grades = _selection_inputs()
     samples[0]["proof"] = "<script>x</script>"
     rows = distill.select_samples(samples, grades, tiny_cfg().distill, PROBLEMS)
-    html = distill.render_sample(rows[0])
+    html = distill_view.render_sample(rows[0])
     assert "&lt;script&gt;" in html and "<script>" not in html and "judged p1#0" in html
-    box = distill.sample_browser(rows)
+    box = distill_view.sample_browser(rows)
     pick, page = box.children[0].children
     view = box.children[1]
     assert page.max == 2 and "p1#0" in view.value
@@ -289,7 +289,7 @@ def test_browser_and_render_escape_html():
     assert "p1#1" in view.value
     pick.value = "p2"
     assert "p2#" in view.value
-    assert distill.funnel_figure(distill.funnel(2, {}, rows, 6)).data[0].type == "funnel"
+    assert distill_view.funnel_figure(distill.funnel(2, {}, rows, 6)).data[0].type == "funnel"
 
 
 # ---------------------------------------------------------------- screening, rubrics, gradability
@@ -310,25 +310,58 @@ def test_gradable_needs_the_judge_prompt_fields():
     assert [p.id for p in distill.gradable(probs, judge)[0]] == ["a"] and distill.gradable(probs, judge)[1] == 1
 
 
-def test_run_end_to_end_tiny_and_rerun_is_free(tmp_path):
+def run_steps(cfg, folder) -> dict:
+    """The stage's steps in notebook 01's order (test_notebook_calls_the_steps_in_order checks the order)."""
+    dc = cfg.distill
+    teacher = distill.make_teacher(dc)
+    prep = distill.prepare_problems(cfg, folder, teacher)
+    distill.generate_samples(prep["problems"], dc, folder, teacher, progress=False)
+    samples = distill.read_samples(folder, prep["problems"], dc.sampling.n, dc)
+    distill.grade_samples(prep["problems"], samples, distill.make_grader(dc, folder, teacher), folder, progress=False)
+    grades = distill.read_grades(folder)
+    rows, _ = distill.select(cfg, folder, prep, samples, grades)
+    out = distill.save_dataset(distill.build_dataset(rows), folder)
+    return distill.stage_metrics(rows, samples, grades, prep["loaded"], prep["removed"], 0.0, out)
+
+
+# the step functions that write the stage's artifacts, in the order the notebook must call them
+NOTEBOOK_STEPS = ["make_teacher", "prepare_problems", "generate_samples", "read_samples", "make_grader",
+                  "grade_samples", "read_grades", "select", "build_dataset", "save_dataset", "stage_metrics"]
+
+
+def test_notebook_calls_the_steps_in_order():
+    import re
+    import nbformat
+    nb = nbformat.read(REPO / "notebooks" / "01_distill.ipynb", 4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    calls = [m for m in re.findall(r"\bdistill\.(\w+)\(", code) if m in NOTEBOOK_STEPS]
+    assert calls == NOTEBOOK_STEPS
+    assert "write_metrics(stage_dir, metrics)" in code and not hasattr(distill, "run")  # one way through the stage
+
+
+def test_steps_end_to_end_tiny_and_rerun_is_free(tmp_path):
     ep = {"model": "tiny-qwen3", "batch_size": 8}
     cfg = load_config(None, {"base_model": "tiny-qwen3", "distill.teacher": ep, "distill.judge.endpoint": ep,
                              "distill.judge.mode": "score_prob", "distill.thinking": False,
                              "distill.problems": {"path": "shipped", "split": None, "limit": 4}, "distill.sampling.n": 2,
                              "distill.sampling.max_new_tokens": 8, "distill.drop_truncated": False,
                              "distill.max_sft_tokens": 4096, "distill.decontaminate": ["shipped:eval", "imo-nope"]})
-    m = distill.run(cfg, tmp_path)
+    folder = tmp_path / "01_distill"
+    folder.mkdir()
+    m = run_steps(cfg, folder)
     # the first 4 shipped problems include one eval problem: decontamination removes it
     assert m["problems"] == 4 and m["decontaminated"] == 1 and m["samples"] == 6 and m["graded"] == 6
     assert m["invalid"] == 0 and m["kept"] == 3 and 0 <= m["mean_grade"] <= 7
-    folder = tmp_path / "01_distill"
     from datasets import load_from_disk
     ds = load_from_disk(str(folder / "dataset"))
     assert ds.column_names == distill.SFT_COLUMNS and len(ds) == 3
     report = json.loads((folder / "decontamination.json").read_text())
     assert report["removed"][0]["id"] == "qed-002" and any("imo-nope" in n for n in report["notes"])
+    funnel = json.loads((folder / distill.FUNNEL_FILE).read_text())
+    assert funnel[0] == {"step": "problems loaded", "count": 4, "dropped": 0, "why": ""}
+    assert funnel[-1] == {"step": "kept", "count": 3, "dropped": 0, "why": ""}
     lines = {f: (folder / f).read_bytes() for f in ("samples.jsonl", "grades.jsonl")}
-    again = distill.run(cfg, tmp_path)
+    again = run_steps(cfg, folder)
     assert {f: (folder / f).read_bytes() for f in lines} == lines  # nothing regenerated or regraded
     assert {k: again[k] for k in ("samples", "kept", "mean_grade")} == {k: m[k] for k in ("samples", "kept", "mean_grade")}
 

@@ -339,3 +339,47 @@ def test_try_it_commands_load_with_cpu_params():
         assert cfg.eval.checkpoints == ["base"] and argv[argv.index("--stages") + 1] == "05_eval"
         assert name not in names and name != cfg.run_name
         names.add(name)
+
+
+# ---------------------------------------------------------------- notebook 05 calls the library
+def notebook_code(name: str) -> str:
+    nb = json.loads((Path(__file__).resolve().parent.parent / "notebooks" / name).read_text())
+    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_notebook_05_runs_what_evaluate_runs_in_its_order():
+    import inspect
+    import re
+    steps = {"load_benchmarks", "models_under_test", "Evaluation", "run"}
+    in_evaluate = [n for n in re.findall(r"\b(\w+)\(", inspect.getsource(evaluation.evaluate)) if n in steps]
+    in_notebook = [n for n in re.findall(r"\b(?:evaluation|run)\.(\w+)\(", notebook_code("05_eval.ipynb")) if n in steps]
+    assert in_evaluate == ["load_benchmarks", "models_under_test", "Evaluation", "run"]
+    assert in_notebook == in_evaluate
+
+
+def test_unknown_scaffold_is_refused_by_the_evaluation_itself(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    with pytest.raises(ValueError, match=r"eval.scaffolds: unknown \['magic'\]"):
+        evaluation.Evaluation(cfg, tmp_path).run([], [], ["single", "magic"])
+
+
+def test_notebook_05_tables_pass_at_k_and_metrics(tmp_path):
+    from qedlib.plots import Note
+    cfg = tiny_cfg(tmp_path)
+    bench = evaluation.load_benchmarks(cfg.eval.benchmarks)
+    table = evaluation.benchmarks_table(bench)
+    assert table.to_dict(orient="records") == [{"benchmark": "toy", "problems": 3, "judge prompt": "rubric", "task": "proof",
+                                               "splits": ["advanced", "basic"]}]
+    models = evaluation.models_table(evaluation.models_under_test(cfg, tmp_path))
+    assert list(models.checkpoint) == ["base"] and list(models.backend) == ["transformers"]
+    rows = [{"benchmark": "toy", "checkpoint": "base", "scaffold": "single", "problem_id": p, "sample": s, "score": 7.0 * s}
+            for p in ("a", "b") for s in (0, 1)]
+    drawn = []
+    assert evaluation.pass_at_k_view(rows, cfg, lambda curve: drawn.append(curve) or "figure") == "figure"
+    assert list(drawn[0]["k"]) == [1, 2] and drawn[0]["pass_at_k"].iloc[-1] == 1.0
+    one = load_config(None, {"eval.samples": 1})
+    note = evaluation.pass_at_k_view(rows[:1], one, lambda curve: pytest.fail("no figure with one sample"))
+    assert isinstance(note, Note) and "eval.samples = 1" in note.text
+    assert evaluation.calibration_figures(None) == [] and evaluation.calibration_table(None) is None
+    metrics = evaluation.stage_metrics({"rows": 4}, None, [Path("a"), Path("b")])
+    assert metrics == {"rows": 4, "judge_calibration": None, "official_export_files": 2}

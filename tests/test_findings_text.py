@@ -1,5 +1,5 @@
 """The 'what we see' sentences of stages 01 and 02, on literal metrics in the shape the stages write."""
-from qedlib import distill
+from qedlib import distill_view
 from qedlib.sft_view import think_findings
 
 
@@ -11,10 +11,10 @@ def test_distill_findings_name_grade_range_and_truncated_kept_samples():
     rows = [_row(2.3), _row(2.9, "not_best"), _row(2.5, truncated=False)]
     m = {"samples": 3, "problems_used": 2, "decontaminated": 0, "truncated": 2, "mean_grade": 2.57,
          "kept": 2, "kept_problems": 2, "mean_grade_kept": 2.4}
-    text = distill.findings(m, rows)
+    text = distill_view.findings(m, rows)
     assert "**2.30 to 2.90**" in text and "within 0.60 points" in text
     assert "1 of them were cut at the token budget" in text
-    assert "cut at the token budget" not in distill.findings(m, [_row(2.3, truncated=False)])
+    assert "cut at the token budget" not in distill_view.findings(m, [_row(2.3, truncated=False)])
 
 
 def test_think_findings_without_a_closed_block_before_sft():

@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qedlib import distill, policy, sft, sft_data, sft_view
+from qedlib import distill, distill_view, policy, sft, sft_data, sft_view
 from qedlib.config import load_config, parse_override
 from qedlib.data import Problem
 from qedlib.grading import build_prompt
@@ -53,7 +53,7 @@ def test_worked_example_shows_the_exact_judge_prompt_and_the_whole_proof():
     assert ex["row"]["key"] == "p1#1"  # the best-graded kept sample
     want = build_prompt(dc.judge.prompt, dc.judge.mode, PROBLEMS[0], LONG_PROOF + " QED.")
     assert ex["judge_prompt"] == want.text and RUBRIC in ex["judge_prompt"]
-    html = distill.render_worked_example(ex)
+    html = distill_view.render_worked_example(ex)
     for part in ("Prove that the sum of two odd integers is even.", RUBRIC, "Try n = 2k + 1.",
                  (LONG_PROOF + " QED.").strip(), "assessment of p1#1", "2.88 / 7"):
         assert part in html.replace("&#x27;", "'"), part
@@ -65,16 +65,16 @@ def test_worked_example_without_any_proof_says_so():
     samples = [_sample("p1", 0, proof="")]
     rows = distill.select_samples(samples, [_grade("p1", 0, 0.0)], dc, PROBLEMS)
     assert distill.worked_example(rows, PROBLEMS, dc, []) is None
-    assert "nothing to show" in distill.render_worked_example(None)
+    assert "nothing to show" in distill_view.render_worked_example(None)
 
 
 def test_distill_findings_state_the_real_grade_range():
     rows, grades = _rows()
     metrics = distill.stage_metrics(rows, [], grades, 2, {}, 1.0, "x")
-    text = distill.findings(metrics, rows)
+    text = distill_view.findings(metrics, rows)
     assert "2.29 to 2.88" in text and "hardly separates" in text and "1 of 4 hit" in text
     wide, _ = _rows(points=(0.0, 7.0, 3.0, 5.0))
-    text = distill.findings(distill.stage_metrics(wide, [], grades, 2, {}, 1.0, "x"), wide)
+    text = distill_view.findings(distill.stage_metrics(wide, [], grades, 2, {}, 1.0, "x"), wide)
     assert "0.00 to 7.00" in text and "hardly separates" not in text
 
 
@@ -151,7 +151,7 @@ def test_quiet_progress_replaces_the_notebook_table_too():
 
 
 # ---------------------------------------------------------------- "Try it"
-@pytest.mark.parametrize("module", [distill, sft_view], ids=["01_distill", "02_sft"])
+@pytest.mark.parametrize("module", [distill_view, sft_view], ids=["01_distill", "02_sft"])
 def test_every_try_it_override_loads_and_the_command_says_the_same(module):
     assert 3 <= len(module.EXPERIMENTS) <= 5
     text = module.try_it()
@@ -168,7 +168,7 @@ def test_every_try_it_override_loads_and_the_command_says_the_same(module):
 
 
 def test_decontamination_experiment_removes_the_held_out_problems():
-    x = next(x for x in distill.EXPERIMENTS if x["name"] == "decontam-eval")
+    x = next(x for x in distill_view.EXPERIMENTS if x["name"] == "decontam-eval")
     dc = load_config(CPU, {**x["overrides"], "distill.decontaminate": ["shipped:eval"]}).distill
     problems = distill.load_stage_problems(dc)
     kept, removed, _ = distill.decontaminate(problems, dc)
@@ -179,15 +179,15 @@ def test_decontamination_experiment_removes_the_held_out_problems():
 def test_settings_tables_fit_and_name_real_keys():
     from qedlib.display import settings_table
     cfg = load_config(CPU)
-    for module in (distill, sft_view):
+    for module in (distill_view, sft_view):
         table = settings_table(cfg, module.SETTINGS)
         assert len(table) <= 15 and "paper" in table.columns
 
 
 # ---------------------------------------------------------------- the notebooks call all this
 @pytest.mark.parametrize("name,calls", [
-    ("01_distill", ["settings_table(cfg, distill.SETTINGS)", "distill.worked_example(", "distill.findings(",
-                    "metrics_table(metrics, distill.METRICS)"]),
+    ("01_distill", ["settings_table(cfg, distill_view.SETTINGS)", "distill.worked_example(", "distill_view.findings(",
+                    "metrics_table(metrics, distill_view.METRICS)"]),
     ("02_sft", ["settings_table(cfg, sft_view.SETTINGS)", "sft_data.loss_segments(", "sft_view.training_findings(",
                 "sft_view.think_block_stats(", "sft_view.think_findings(", "metrics_table(metrics, sft_view.METRICS)"]),
 ])
@@ -202,5 +202,19 @@ def test_notebooks_show_the_mechanism_and_no_raw_dicts(name, calls):
                    for c in nb.cells if c.cell_type == "code")
     assert "around 3-4" not in "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     last = nb.cells[-1]  # the notebook ends with "Try it": exactly the module's experiments (one source)
-    module = {"01_distill": distill, "02_sft": sft_view}[name]
+    module = {"01_distill": distill_view, "02_sft": sft_view}[name]
     assert last.cell_type == "markdown" and last.source.startswith("## Try it") and module.try_it() in last.source
+
+
+@pytest.mark.parametrize("name", ["01_distill", "03_rubric_rl", "04_reasoning_cache_rl", "05_eval"])
+def test_notebook_cells_are_short_calls_without_logic(name):
+    """Cells of at most 10 lines that call qedlib: no functions, classes, branches (statements or `x if c else y`)
+    or loops of their own (a `for` that shows a list of figures is the one loop allowed)."""
+    nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", 4)
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        lines = [ln for ln in cell.source.splitlines() if ln.strip()]
+        assert 1 <= len(lines) <= 10, f"{name} code cell {i}: {len(lines)} lines"
+        assert not re.search(r"^\s*(def|class|if|elif|else|while|try|with open)\b|\blambda\b|\bif\b.+\belse\b", cell.source, re.M), \
+            f"{name} code cell {i} holds logic:\n{cell.source}"
+        loops = re.findall(r"^\s*for .*:\n(.*)", cell.source, re.M)
+        assert all(body.strip().endswith(".show()") for body in loops), f"{name} code cell {i}: a loop that is not showing figures"

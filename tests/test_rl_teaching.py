@@ -136,6 +136,61 @@ def test_state_view_renders_the_cache_state_and_the_summariser_prompt(shipped_pr
     assert "No summary of the last step was usable" in view["caption"] and "unclosed" in view["caption"]
 
 
+
+def test_worked_state_reads_the_last_steps_trajectories(shipped_problems, tiny_model_path, tmp_path):
+    from qedlib.io import write_json
+    from qedlib.rc_rl import worked_state
+    p = shipped_problems[0]
+    turn = {"turn": 0, "prompt": [], "summary_in": "", "reasoning": "r", "final": "", "think_closed": True,
+            "finish_reason": "stop", "summary_out": "SUMMARY-0", "prompt_tokens": 1, "completion_tokens": 1,
+            "summary_tokens": 1, "summary_status": "ok"}
+    write_json(tmp_path / "trajectories_last_step.json", [{"problem_id": p.id, "turns": [turn]}])
+    view = worked_state(load_config(None, {"thinking": False}), tmp_path, shipped_problems, tiny_model_path)
+    assert "SUMMARY-0" in view["state_prompt"] and view["problem_id"] == p.id
+
+
+def test_score_by_turn_before_and_after_on_literal_rows():
+    from qedlib import rc_rl
+    before = [{"problem_id": "a", "turn": 0, "score": 2.0, "truncated": True, "tokens": 10},
+              {"problem_id": "a", "turn": 1, "score": None, "truncated": False, "tokens": 30}]
+    after = [{"problem_id": "a", "turn": 0, "score": 4.0, "truncated": False, "tokens": 20},
+             {"problem_id": "b", "turn": 0, "score": 6.0, "truncated": False, "tokens": 40}]
+    table = rc_rl.turn_table(before, after)
+    rows = {(r["model"], r["turn"]): r for r in table.to_dict(orient="records")}
+    assert rows[("after", 0)]["score"] == 5.0 and rows[("after", 0)]["tokens"] == 30.0
+    assert rows[("before", 1)]["score"] is None  # a turn with no valid grade: null in metrics.json, not NaN
+    assert rows[("before", 0)]["truncated"] == 1.0
+    assert rc_rl.turn_figure(table).data[0].type == "bar"
+    assert rc_rl.tokens_per_trajectory(before + after) == (40 + 20 + 40) / 2  # problem a: 10+30+20, b: 40
+    assert "at most 64 for one single pass" in rc_rl.tokens_finding(50.0, load_config(None, {"rc_rl.rc.reasoning_budget": 64}).rc_rl)
+    metrics = rc_rl.stage_metrics({"reward_last": 0.5}, table, 50.0, [{"reward": 0.25}])
+    assert metrics["reward_last"] == 0.5 and metrics["tokens_per_trajectory"] == 50.0
+    assert [r["model"] for r in metrics["score_by_turn_after"]] == ["after"] and metrics["format_reward_steps"] == [0.25]
+    json.dumps(metrics)  # what write_metrics writes
+
+
+def test_rubric_rl_notebook_helpers(shipped_problems, tiny_model_path):
+    from qedlib import rubric_rl
+    cfg = load_config(ROOT / "params/smoke.yaml")
+    problems, counts = rubric_rl.load_problems(cfg)
+    assert counts["kept"] == len(problems) > 0
+    table = rubric_rl.problems_table(problems, n=2)
+    assert list(table.columns) == ["id", "category", "problem"] and len(table) == 2
+    prompt = rubric_rl.first_prompt(tiny_model_path, problems, thinking=False)
+    assert problems[0].problem in prompt
+    metrics = rubric_rl.stage_metrics({"steps": 2}, STEPS, [{"reward": 0.1}, {"reward": 0.3}])
+    assert metrics == {"steps": 2, "steps_rows": len(STEPS), "format_reward_steps": [0.1, 0.3]}
+
+
+def test_format_run_with_zero_steps_trains_nothing_and_still_draws_the_judge_run():
+    from qedlib import format_run
+
+    def train(*_):
+        raise AssertionError("format_steps = 0 must not train")
+    steps, figure, text = format_run.beside_judge(train, load_config(None), "rubric_rl", "m", STEPS, 0)
+    assert steps == [] and "format reward logged no steps" in text
+    assert [t.name for t in figure.data] == ["judge"]
+
 def try_it_overrides(notebook: str) -> list[tuple[str, dict]]:
     """(params file, overrides) of every `python -m qedlib run ...` command in the notebook's Try it section."""
     nb = json.loads((ROOT / "notebooks" / notebook).read_text())
