@@ -206,7 +206,7 @@ def test_notebooks_show_the_mechanism_and_no_raw_dicts(name, calls):
     assert last.cell_type == "markdown" and last.source.startswith("## Try it") and module.try_it() in last.source
 
 
-@pytest.mark.parametrize("name", ["01_distill", "03_rubric_rl", "04_reasoning_cache_rl", "05_eval"])
+@pytest.mark.parametrize("name", ["01_distill", "02_sft", "03_rubric_rl", "04_reasoning_cache_rl", "05_eval"])
 def test_notebook_cells_are_short_calls_without_logic(name):
     """Cells of at most 10 lines that call qedlib: no functions, classes, branches (statements or `x if c else y`)
     or loops of their own (a `for` that shows a list of figures is the one loop allowed)."""
