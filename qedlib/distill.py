@@ -12,7 +12,7 @@ its own artifacts into the stage folder (what it shows is in qedlib.distill_view
 3. `grade_samples`: every sample graded by the judge, appended to `grades.jsonl` likewise;
 4. `select`: the selection rules from params, every sample labelled kept or why not; funnel.json;
 5. `build_dataset` + `save_dataset`: a `datasets.Dataset` with the FineProofs-SFT columns in
-   `dataset/`; `load_fineproofs_sft` maps the public FineProofs-SFT to the same schema;
+   `dataset/` (`sft_data.sft_features`; stage 02 reads it, or the public FineProofs-SFT, with one reader);
 6. `stage_metrics`: the numbers the notebook writes to metrics.json.
 
 With `distill.thinking: false` (the CPU default: SmolLM2-135M writes no <think> blocks) the
@@ -31,10 +31,9 @@ from typing import Optional
 from .io import JsonlLog, read_json, replace_folder, settings_hash, write_json
 from .layout import DISTILL, stage_dir
 from .policy import SFT_COLUMNS, sft_messages
+from .sft_data import sft_features
 from .verdicts import judge_hash
 
-FINEPROOFS_SFT = "lm-provers/FineProofs-SFT"
-FINEPROOFS_GRADE = "gemini-3-pro-grade"  # the public set's 0-7 grade column
 SAMPLES_FILE, GRADES_FILE = "samples.jsonl", "grades.jsonl"
 FUNNEL_FILE = "funnel.json"  # the funnel rows of the last `select`
 SAMPLES_SETTINGS = "samples_settings.json"  # the teacher settings hash of the last generate_samples call
@@ -479,15 +478,6 @@ def select(cfg, stage_folder: str | Path, prep: dict, samples: list[dict], grade
 
 
 # ---------------------------------------------------------------- dataset
-def sft_features():
-    """The datasets.Features of the SFT schema shared with FineProofs-SFT (grade as float 0-7)."""
-    from datasets import Features, List, Value
-    return Features({"problem": Value("string"), "reasoning_content": Value("string"), "proof": Value("string"),
-                     "category": Value("string"), "competition": Value("string"), "grade": Value("float64"),
-                     "source": Value("string"),
-                     "messages": List({"content": Value("string"), "role": Value("string")})})
-
-
 def build_dataset(rows: list[dict]):
     """A datasets.Dataset with the FineProofs-SFT columns from the kept selection rows."""
     from datasets import Dataset
@@ -514,35 +504,6 @@ def save_dataset(ds, stage_folder: str | Path) -> Path:
     ds.save_to_disk(str(tmp))
     replace_folder(tmp, out)
     return out
-
-
-def load_fineproofs_sft(hub_id: str = FINEPROOFS_SFT, config: str | None = None, split: str = "train",
-                        limit: int | None = None):
-    """The public FineProofs-SFT (config "default": 4,281 rows, one per problem; "all": 7,777) in our schema.
-
-    `hub_id` may also be a local copy: a save_to_disk folder, or a .parquet/.jsonl file.
-    `gemini-3-pro-grade` becomes `grade` (float); other extra columns are dropped.
-    """
-    import datasets
-    from .data import read_records
-    local = Path(hub_id).expanduser().exists() or hub_id.startswith("hub:")
-    rows, where = read_records(hub_id if local else f"hub:{hub_id}", config, split)
-    if limit:
-        rows = rows[:limit]
-    if not rows:
-        raise ValueError(f"{where}: no rows")
-    columns = set(rows[0])
-    if "grade" not in columns:
-        if FINEPROOFS_GRADE not in columns:
-            raise ValueError(f"{where}: no {FINEPROOFS_GRADE!r} or 'grade' column (columns: {sorted(columns)})")
-        rows = [{**{k: v for k, v in r.items() if k != FINEPROOFS_GRADE}, "grade": r.get(FINEPROOFS_GRADE)} for r in rows]
-        columns = set(rows[0])
-    missing = [c for c in SFT_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(f"{where}: missing columns {missing} (columns: {sorted(columns)}); "
-                         f"expected the FineProofs-SFT schema {SFT_COLUMNS}")
-    rows = [{c: r.get(c) for c in SFT_COLUMNS} for r in rows]
-    return datasets.Dataset.from_list(rows, features=sft_features())
 
 
 # ---------------------------------------------------------------- the numbers the notebook shows

@@ -20,8 +20,17 @@ from .layout import DISTILL
 from .models import CHATML_TRAINING_TEMPLATE
 from .policy import SFT_COLUMNS, sft_messages
 
-# Column names used by the public FineProofs-SFT release for our fields.
+# Column names used by the public FineProofs-SFT release for our fields (its 0-7 grade column).
 FINEPROOFS_ALIASES = {"gemini-3-pro-grade": "grade"}
+
+
+def sft_features():
+    """The datasets.Features of the SFT schema shared with FineProofs-SFT (grade as float 0-7)."""
+    from datasets import Features, List, Value
+    return Features({"problem": Value("string"), "reasoning_content": Value("string"), "proof": Value("string"),
+                     "category": Value("string"), "competition": Value("string"), "grade": Value("float64"),
+                     "source": Value("string"),
+                     "messages": List({"content": Value("string"), "role": Value("string")})})
 
 # A Qwen3 "thinking" chat template (the shape of Qwen3-4B-Thinking-2507's: the generation prompt
 # already opens <think>, the last assistant turn is rendered as reasoning + </think> + answer),
@@ -110,7 +119,7 @@ def load_sft_data(cfg: Config, run_dir: str | Path) -> tuple[Any, dict]:
         rows = one_per_problem(rows)
     counts["duplicates_dropped"] = counts["rows_loaded"] - len(rows)
     print(f"[qedlib] SFT data: {len(rows)} rows from {where} ({counts['duplicates_dropped']} duplicates of a problem dropped)")
-    return datasets.Dataset.from_list(rows), counts
+    return datasets.Dataset.from_list(rows, features=sft_features()), counts
 
 
 def one_per_problem(rows: list[dict]) -> list[dict]:

@@ -250,7 +250,8 @@ def test_dataset_schema_and_messages(tmp_path):
     assert row["grade"] == 5.0 and row["source"] == "lit" and row["category"] == "algebra"
     out = distill.save_dataset(ds, tmp_path)
     assert out == tmp_path / "dataset" and not (tmp_path / "dataset.tmp").exists()
-    back = distill.load_fineproofs_sft(str(out))
+    from qedlib import sft_data  # stage 02's reader gives back the same rows and schema
+    back, _ = sft_data.load_sft_data(tiny_cfg(**{"sft.dataset": str(out), "sft.one_per_problem": False}), tmp_path)
     assert back.features == ds.features and back[0] == row
 
 
@@ -259,19 +260,17 @@ def test_empty_selection_still_builds_a_typed_dataset():
     assert len(ds) == 0 and ds.features == distill.sft_features()
 
 
-def test_load_fineproofs_sft_maps_public_columns(tmp_path):
+def test_sft_reader_maps_public_fineproofs_columns(tmp_path):
     import pandas as pd
+    from qedlib import sft_data
     public = {"problem": ["P"], "reasoning_content": ["think"], "proof": ["Proof."], "category": ["Algebra"],
               "competition": ["IMO-2023"], "gemini-3-pro-grade": [7], "qwen3-4b-thinking-reward@128": [0.25],
               "source": ["olympiads"],
               "messages": [[{"content": "P", "role": "user"}, {"content": "<think>think</think>Proof.", "role": "assistant"}]]}
     pd.DataFrame(public).to_parquet(tmp_path / "fp.parquet")
-    ds = distill.load_fineproofs_sft(str(tmp_path / "fp.parquet"))
-    assert ds.column_names == distill.SFT_COLUMNS and ds.features == distill.sft_features()
+    ds, _ = sft_data.load_sft_data(tiny_cfg(**{"sft.dataset": str(tmp_path / "fp.parquet")}), tmp_path)
+    assert ds.column_names == distill.SFT_COLUMNS and ds.features == sft_data.sft_features()
     assert ds[0]["grade"] == 7.0 and ds[0]["competition"] == "IMO-2023"
-    pd.DataFrame({"problem": ["P"]}).to_parquet(tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match="gemini-3-pro-grade"):
-        distill.load_fineproofs_sft(str(tmp_path / "bad.parquet"))
 
 
 # ---------------------------------------------------------------- displays
