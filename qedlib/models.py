@@ -69,12 +69,7 @@ def prepare_embedded(force: bool = False) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.to(torch.bfloat16)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    replace_folder(tmp, out)
-    return out
+    return _save_model(model, tok, out)
 
 
 def build_tiny(force: bool = False) -> Path:
@@ -99,6 +94,11 @@ def _save_tiny_qwen3(tok, out: Path) -> Path:
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    return _save_model(model, tok, out)
+
+
+def _save_model(model, tok, out: Path) -> Path:
+    """Save a model and its tokenizer into `out` atomically: a half-written folder never looks ready."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
