@@ -23,7 +23,7 @@ from .io import write_json, write_jsonl
 from .models import resolve_model
 from .reasoning_cache import cache_state_prompts, rc_rollout, summary_unclosed_rate
 from .rl import sharded
-from .layout import RC_RL, checkpoint, stage_dir
+from .layout import MODEL, RC_RL, checkpoint, stage_dir
 
 STAGE = RC_RL
 
@@ -203,13 +203,13 @@ def train(cfg, run_dir) -> dict:
         r["summary_unclosed_rate"] = summary_unclosed_rate(x["summary_status"] for x in rollout.turn_rows
                                                            if x["step"] == t["step"])
     metrics = {**summarise_steps(rows), "problems": counts, "seconds": round(time.perf_counter() - t0, 1),
-               "model_dir": str(folder / "model"), "init_model": model_path, "loss_type": rl.loss_type,
+               "model_dir": str(folder / MODEL), "init_model": model_path, "loss_type": rl.loss_type,
                "world_size": trainer.accelerator.num_processes, "score_by_turn": score_by_turn(rollout.turn_rows),
                "summary_unclosed_rate": summary_unclosed_rate(r["summary_status"] for r in rollout.turn_rows)}
-    save_policy(trainer, folder / "model", rl.lora.merge)
-    finish_checkpoints(folder / "checkpoints", rl.keep_checkpoints, folder / "model", trainer.accelerator.is_main_process)
+    save_policy(trainer, folder / MODEL, rl.lora.merge)
+    finish_checkpoints(folder / "checkpoints", rl.keep_checkpoints, folder / MODEL, trainer.accelerator.is_main_process)
     if trainer.accelerator.is_main_process:
-        metrics["weights_changed_frac"] = weights_moved(folder / "model", model_path)
+        metrics["weights_changed_frac"] = weights_moved(folder / MODEL, model_path)
         write_jsonl(folder / "steps.jsonl", rows)
         write_jsonl(folder / "turns.jsonl", rollout.turn_rows)
         write_json(folder / "trajectories_last_step.json", rollout.trajectories)

@@ -13,7 +13,7 @@ from .data import load_source
 from .generation import release_trainer
 from .io import write_json, write_jsonl
 from .models import resolve_model
-from .layout import RUBRIC_RL, checkpoint, stage_dir
+from .layout import MODEL, RUBRIC_RL, checkpoint, stage_dir
 
 STAGE = RUBRIC_RL
 
@@ -69,15 +69,15 @@ def train(cfg, run_dir) -> dict:
     rows, trainer = train_on_problems(rl, model_path, problems, folder / "checkpoints", cfg.thinking, cfg.seed,
                                       make_grader(rl, folder), rl.resume, training_device=cfg.device)
     metrics = {**summarise_steps(rows), "problems": counts, "seconds": round(time.perf_counter() - t0, 1),
-               "model_dir": str(folder / "model"), "init_model": model_path, "loss_type": rl.loss_type,
+               "model_dir": str(folder / MODEL), "init_model": model_path, "loss_type": rl.loss_type,
                "world_size": trainer.accelerator.num_processes}
     acc = trainer.accelerator
     write_json(folder / "ranks" / f"rank{acc.process_index}.json",
                {"rank": acc.process_index, "world_size": acc.num_processes, "steps": trainer.state.global_step})
-    save_policy(trainer, folder / "model", rl.lora.merge)
-    finish_checkpoints(folder / "checkpoints", rl.keep_checkpoints, folder / "model", acc.is_main_process)
+    save_policy(trainer, folder / MODEL, rl.lora.merge)
+    finish_checkpoints(folder / "checkpoints", rl.keep_checkpoints, folder / MODEL, acc.is_main_process)
     if acc.is_main_process:
-        metrics["weights_changed_frac"] = weights_moved(folder / "model", model_path)
+        metrics["weights_changed_frac"] = weights_moved(folder / MODEL, model_path)
         write_jsonl(folder / "steps.jsonl", rows)
         write_json(folder / "train_result.json", metrics)
     release_trainer(trainer)  # the notebook's next engine (vLLM, a judge) gets the memory back

@@ -26,7 +26,7 @@ from typing import Any, Optional
 from . import attention
 from .config import Config
 from .io import write_json
-from .layout import SFT, checkpoint, stage_dir
+from .layout import MODEL, SFT, checkpoint, stage_dir
 from .models import cpu_has_bf16, pick_device, resolve_model
 from .sft_data import build_tokenized, load_sft_data, split_by_problem, training_chat_template
 from .training import (check_master_weights, checkpointing_args, finish_checkpoints, last_checkpoint, lora_config,
@@ -191,7 +191,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, train_ds, eval_ds=None, call
 def save_model(trainer, cfg: Config, run_dir: str | Path) -> Path:
     """Save the trained model + tokenizer at <run>/02_sft/model (LoRA merged when lora.merge); atomic."""
     folder = stage_dir(run_dir, STAGE)
-    return save_trained(trainer, folder / "model", cfg.sft.lora.enabled, cfg.sft.lora.merge, folder / "adapter",
+    return save_trained(trainer, folder / MODEL, cfg.sft.lora.enabled, cfg.sft.lora.merge, folder / "adapter",
                         save_dtype=cfg.sft.save_dtype)
 
 
