@@ -74,7 +74,8 @@ def gpu_row(steps: int = 8, seq: int = 4096) -> list:
                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                       tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-    model.gradient_checkpointing_enable()
+    # transformers >= 5.23 renamed it (the old name warns); the GPU set (5.17) knows only the old one
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
