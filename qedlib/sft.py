@@ -29,8 +29,8 @@ from .io import write_json
 from .layout import MODEL, SFT, checkpoint, stage_dir
 from .models import cpu_has_bf16, pick_device, resolve_model
 from .sft_data import build_tokenized, load_sft_data, split_by_problem, training_chat_template
-from .training import (check_master_weights, checkpointing_args, finish_checkpoints, last_checkpoint, lora_config,
-                       save_trained, train_or_launch as _train_or_launch, weights_moved)
+from .training import (cast_saved_weights, check_master_weights, checkpointing_args, finish_checkpoints,
+                       last_checkpoint, lora_config, save_trained, train_or_launch as _train_or_launch, weights_moved)
 
 STAGE = SFT
 
@@ -191,8 +191,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, train_ds, eval_ds=None, call
 def save_model(trainer, cfg: Config, run_dir: str | Path) -> Path:
     """Save the trained model + tokenizer at <run>/02_sft/model (LoRA merged when lora.merge); atomic."""
     folder = stage_dir(run_dir, STAGE)
-    return save_trained(trainer, folder / MODEL, cfg.sft.lora.enabled, cfg.sft.lora.merge, folder / "adapter",
-                        save_dtype=cfg.sft.save_dtype)
+    return save_trained(trainer, folder / MODEL, cfg.sft.lora.enabled, cfg.sft.lora.merge, folder / "adapter")
 
 
 @dataclass
@@ -246,6 +245,7 @@ def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None, da
     result = trainer.train(resume_from_checkpoint=resume_from)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_tok is not None else None
     model_dir = save_model(trainer, cfg, run_dir)
+    moved = saved_dtype_moved(cfg, model_dir, model_ref) if _is_main_process() else {}
     finish_checkpoints(ckpt_dir, cfg.sft.keep_checkpoints, model_dir, _is_main_process())
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
@@ -265,12 +265,22 @@ def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None, da
                "train_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 1),
                "seconds": round(time.perf_counter() - t0, 1)}
     if _is_main_process():
-        metrics["weights_changed_frac"] = weights_moved(model_dir, model_ref)
+        metrics.update(moved)
         write_json(folder / "log_history.json", history)
         write_json(folder / "train_metrics.json", metrics)
     from .generation import release_trainer
     release_trainer(trainer)  # the notebook's next engine (vLLM, a judge) gets the memory back
     return metrics
+
+
+def saved_dtype_moved(cfg: Config, model_dir: Path, model_ref: str) -> dict:
+    """`weights_changed_frac` of the trained (fp32) model; with `sft.save_dtype` bfloat16, round model/ to bf16
+    and also measure `weights_changed_frac_saved`: how many weights still differ from the start once rounded."""
+    out = {"weights_changed_frac": weights_moved(model_dir, model_ref), "save_dtype": cfg.sft.save_dtype}
+    if cfg.sft.save_dtype != "float32" and not (cfg.sft.lora.enabled and not cfg.sft.lora.merge):
+        cast_saved_weights(model_dir, cfg.sft.save_dtype)
+        out["weights_changed_frac_saved"] = weights_moved(model_dir, model_ref)
+    return out
 
 
 def train_or_launch(cfg: Config, run_dir: str | Path, params_file: str, overrides: dict,

@@ -101,6 +101,12 @@ def training_findings(metrics: dict, history: Optional[list[dict]] = None) -> st
     if moved is not None:
         out.append(f"{moved:.1%} of the weights changed" + (": training barely touched the model." if moved < 0.01
                                                              else " (fp32 master weights, so small updates count)."))
+    saved = m.get("weights_changed_frac_saved")
+    if saved is not None:
+        out.append(f"Saved in {m.get('save_dtype')} (`sft.save_dtype`), {saved:.1%} still differ from the start: the "
+                   f"other {max(0.0, (moved or 0) - saved):.1%} moved by less than half a {m.get('save_dtype')} step "
+                   "and rounded back. Sampling and evaluation load the model in that dtype anyway; RL starts from "
+                   "the rounded weights.")
     return " ".join(out)
 
 
@@ -139,7 +145,9 @@ SETTINGS = [("base model", "base_model", "Qwen3-4B-Thinking-2507"),
 # Final metrics shown as one small table (qedlib.display.metrics_table).
 METRICS = [("optimizer steps", "steps"), ("train examples", "examples"), ("train loss, first log", "train_loss_first"),
            ("train loss, last log", "train_loss_last"), ("eval loss", "eval_loss"),
-           ("weights changed (fraction)", "weights_changed_frac"), ("rows dropped as overlong", "dropped_overlong"),
+           ("weights changed (fraction)", "weights_changed_frac"),
+           ("weights changed after rounding to save_dtype", "weights_changed_frac_saved"),
+           ("rows dropped as overlong", "dropped_overlong"),
            ("tokens seen", "num_input_tokens_seen"), ("train seconds", "train_seconds"),
            ("closes </think>, before", "think_closed_before"), ("closes </think>, after", "think_closed_after"),
            ("think-block tokens, before", "think_tokens_before"), ("think-block tokens, after", "think_tokens_after"),

@@ -64,15 +64,13 @@ def check_master_weights(weights_dtype: str, launch, where: str) -> None:
                          "whose optimizer keeps fp32 master weights. Use float32 (bf16 autocast computes in bf16).")
 
 
-def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_dir: str | Path | None = None,
-                 save_dtype: str = "float32") -> Path:
+def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_dir: str | Path | None = None) -> Path:
     """Save a trained model for the next stage, atomically; every process must call it.
 
     `trainer.save_model` gathers ZeRO-3 / FSDP shards and writes on the main process only (a
     rank-0 `save_pretrained` would write ZeRO-3's empty partitions, or hang under FSDP2). A LoRA
     adapter is saved to `adapter_dir` (default `<out_dir>-adapter`) and, with `merge`, merged in
-    fp32 on the main process, so updates far below bf16's spacing survive the merge. `save_dtype`
-    bfloat16 rounds the saved full model (not an unmerged adapter) to bf16 after the merge.
+    fp32 on the main process, so updates far below bf16's spacing survive the merge.
     """
     import torch
     out = Path(out_dir)
@@ -92,16 +90,19 @@ def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_
         elif lora:
             shutil.copytree(adapter, tmp)  # an adapter folder; later stages merge it once on use
         trainer.processing_class.save_pretrained(str(tmp))
-        if save_dtype != "float32" and not (lora and not merge):
-            cast_saved_weights(tmp, save_dtype)
         replace_folder(tmp, out)
     acc.wait_for_everyone()
     return out
 
 
 def cast_saved_weights(model_dir: str | Path, dtype: str) -> None:
-    """Rewrite a saved model's floating-point safetensors (and config.json's dtype) in `dtype`, file by file."""
+    """Rewrite a saved model's floating-point safetensors (and config.json's dtype) in `dtype`, file by file.
+
+    Each file is written beside the old one and swapped in with os.replace: a new file, so a checkpoint
+    hard-linked to the old weights (`keep_checkpoints: last`) keeps them.
+    """
     import json
+    import os
     import torch
     from safetensors.torch import load_file, save_file
     target = getattr(torch, dtype)
@@ -113,7 +114,9 @@ def cast_saved_weights(model_dir: str | Path, dtype: str) -> None:
     for f in files:
         tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in load_file(str(f)).items()}
         total += sum(v.numel() * v.element_size() for v in tensors.values())
-        save_file(tensors, str(f), metadata={"format": "pt"})
+        tmp = f.with_name(f.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, f)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         meta = json.loads(index.read_text())

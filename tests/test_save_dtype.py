@@ -36,6 +36,31 @@ def test_cast_to_bf16_rounds_each_weight_and_halves_the_file(saved):
         assert torch.equal(reloaded.state_dict()[name], p.to(torch.bfloat16)), name
 
 
+def test_cast_leaves_a_hard_linked_checkpoint_in_fp32(saved, tmp_path):
+    import os
+    from safetensors.torch import load_file
+    _, out = saved
+    twin = tmp_path / "checkpoint-model.safetensors"
+    os.link(out / "model.safetensors", twin)  # what keep_checkpoints: last makes of identical files
+    cast_saved_weights(out, "bfloat16")
+    assert {v.dtype for v in load_file(str(twin)).values()} == {torch.float32}
+    assert {v.dtype for v in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+
+
+def test_sft_measures_what_rounding_keeps(saved, tiny_model_path):
+    from qedlib.config import load_config
+    from qedlib.sft import saved_dtype_moved
+    from qedlib.sft_view import training_findings
+    _, out = saved
+    m = saved_dtype_moved(load_config(None, {"sft.save_dtype": "bfloat16"}), out, tiny_model_path)
+    assert m["weights_changed_frac"] > 0.99  # every weight got a random 1e-2 kick, in fp32
+    assert 0.5 < m["weights_changed_frac_saved"] <= m["weights_changed_frac"]
+    text = training_findings({**m, "train_loss_first": 2.0, "train_loss_last": 1.0, "steps": 3, "examples": 2})
+    assert f"{m['weights_changed_frac_saved']:.1%} still differ from the start" in text and "bfloat16" in text
+    fp32 = saved_dtype_moved(load_config(None, {}), out, tiny_model_path)
+    assert "weights_changed_frac_saved" not in fp32 and fp32["save_dtype"] == "float32"
+
+
 def test_cast_names_a_folder_without_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         cast_saved_weights(tmp_path, "bfloat16")
