@@ -170,7 +170,7 @@ STAGE_COLUMNS = [
     ("samples kept", "kept", 1, (DISTILL,)), ("teacher grade (mean, 0-7)", "mean_grade", 1, None),
     ("train loss, first", "train_loss_first", 1, None), ("train loss, last", "train_loss_last", 1, None),
     ("eval loss", "eval_loss", 1, None), ("think block closed after SFT (%)", "think_closed_after", 100, None),
-    ("reward, first step (0-1)", "reward_first", 1, None), ("reward, last step (0-1)", "reward_last", 1, None),
+    ("reward, first steps (0-1)", "reward_first", 1, None), ("reward, last steps (0-1)", "reward_last", 1, None),
     ("rollouts truncated (%)", "truncation_rate", 100, (RUBRIC_RL, RC_RL)),
     ("weights changed (%)", "weights_changed_frac", 100, None), ("graded eval rows", "rows", 1, (EVAL,)),
     ("eval samples per problem", "samples", 1, (EVAL,)), ("cost ($)", "cost_usd", 1, None),
@@ -192,7 +192,8 @@ def _number(v) -> bool:
 
 
 STAGES_NOTE = ("Key numbers per stage ('-': the stage does not have it); each stage's full metrics are in "
-               "`<stage>/metrics.json` of the run folder.")
+               "`<stage>/metrics.json` of the run folder. An RL stage's first / last steps reward is the mean over "
+               "up to 3 steps at each end of training (1 each when it ran 2-5 steps).")
 
 
 def _sections(run_dir, rows, summary) -> list[tuple[str, str]]:

@@ -422,11 +422,13 @@ def step_metrics(trainer, reward_fn: RewardFunction) -> list[dict]:
 
 
 def summarise_steps(rows: list[dict], tail: int = 3) -> dict:
-    """Headline numbers of a run: first/last reward, finite losses, rates."""
+    """Headline numbers of a run: first/last reward (means over up to `tail` steps at each end, the two
+    windows never overlapping), finite losses, rates."""
     rewards = [r["reward"] for r in rows if r["reward"] is not None]
     losses = [r["loss"] for r in rows if r["loss"] is not None]
-    head = rewards[:tail]
-    last = rewards[-tail:]
+    k = max(1, min(tail, len(rewards) // 2))
+    head = rewards[:k]
+    last = rewards[-k:]
     return {"steps": len(rows), "reward_first": sum(head) / len(head) if head else None,
             "reward_last": sum(last) / len(last) if last else None,
             "reward_min": min(rewards) if rewards else None, "reward_max": max(rewards) if rewards else None,

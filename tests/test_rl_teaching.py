@@ -222,3 +222,12 @@ def test_training_prints_no_log_dicts_and_records_a_group_per_step(tiny_model_pa
     assert "{'loss'" not in capsys.readouterr().out
     assert all(r["loss"] is not None for r in rows)
     assert [len(r["group"]["rewards"]) for r in rows] == [2, 2]
+
+
+def test_first_and_last_reward_windows_never_overlap():
+    from qedlib.rl import summarise_steps
+    rows = lambda rs: [{"reward": r, "loss": 0.0, "truncation_rate": 0.0, "invalid_rate": 0.0} for r in rs]
+    s = summarise_steps(rows([0.1, 0.2, 0.6]))  # 3 steps: first vs last, not the same mean twice
+    assert (s["reward_first"], s["reward_last"]) == (0.1, 0.6)
+    s = summarise_steps(rows([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
+    assert s["reward_first"] == pytest.approx(0.2) and s["reward_last"] == pytest.approx(0.5)
