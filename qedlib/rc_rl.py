@@ -199,7 +199,7 @@ def train(cfg, run_dir) -> dict:
     trainer.train(resume_from_checkpoint=last_checkpoint(folder / "checkpoints") if rl.resume else None)
     rows = step_metrics(trainer, reward_fn)
     for r, t in zip(rows, rollout.timing):
-        r.update(t)
+        r.update({k: v for k, v in t.items() if k != "step"})  # keep TRL's 1-based step; the rollout counts from 0
         r["summary_unclosed_rate"] = summary_unclosed_rate(x["summary_status"] for x in rollout.turn_rows
                                                            if x["step"] == t["step"])
     metrics = {**summarise_steps(rows), "problems": counts, "seconds": round(time.perf_counter() - t0, 1),
