@@ -63,6 +63,8 @@ def test_rl_metrics(run_dir, stage, section):
     assert 0.0 <= m["truncation_rate"] <= 1.0
     assert (Path(m["model_dir"]) / "config.json").exists()
     assert m["weights_changed_frac"] > 0.5  # lr 1e-6 moves fp32 master weights (bf16 weights: ~0.2%)
+    steps = [json.loads(line)["step"] for line in (Path(run_dir) / stage / "steps.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, m["steps"] + 1))  # both RL stages count optimizer steps from 1
 
 
 def test_rc_rl_started_from_the_rubric_rl_model(run_dir):
