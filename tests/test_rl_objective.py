@@ -159,6 +159,19 @@ class _SamplingParams:
         self.n, self.temperature, self.top_p, self.max_tokens, self.logprobs = n, temperature, top_p, max_tokens, logprobs
 
 
+
+def train_capturing_loss_inputs(trainer) -> dict:
+    """Train, keeping the inputs TRL's real `_compute_loss` saw on the last step."""
+    captured = {}
+    original = trainer._compute_loss
+
+    def spy(model, inputs):
+        captured.update(inputs)
+        return original(model, inputs)
+    trainer._compute_loss = spy
+    trainer.train()
+    return captured
+
 class FakeLLM:
     """vllm.LLM's generate(): real completions from a transformers model, returned as RequestOutputs
     (token ids, one {token_id: Logprob} dict per generated token when logprobs=0)."""
@@ -212,14 +225,7 @@ def test_rc_rl_on_a_fake_colocated_vllm_engine_runs_trls_loss_with_sampler_logpr
     trainer._last_loaded_step = -1  # TRL sets this when it builds its engine
     trainer.vllm_generation = types.SimpleNamespace(mode="colocate", llm=llm, enable_sleep_mode=False,
                                                     sync_weights=lambda: synced.append(1))
-    captured = {}
-    original = trainer._compute_loss
-
-    def spy(model, inputs):
-        captured.update(inputs)
-        return original(model, inputs)
-    trainer._compute_loss = spy
-    trainer.train()
+    captured = train_capturing_loss_inputs(trainer)
     assert trainer.state.global_step == 1 and synced
     assert all(c[3] == 0 for c in llm.calls[-1:])  # the final rollouts asked vLLM for logprobs=0
     assert captured["old_per_token_logps"].shape == captured["completion_ids"].shape
@@ -257,14 +263,7 @@ def test_rubric_rl_on_trls_own_vllm_path_trains_with_sampler_logprobs(tiny_model
     fake = FakeTRLVLLMGeneration(trainer.model, trainer.processing_class, 1.0)
     trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, fake, -1
     trainer.vllm_importance_sampling_correction = False
-    captured = {}
-    original = trainer._compute_loss
-
-    def spy(model, inputs):
-        captured.update(inputs)
-        return original(model, inputs)
-    trainer._compute_loss = spy
-    trainer.train()
+    captured = train_capturing_loss_inputs(trainer)
     assert trainer.state.global_step == 1 and fake.synced == 1
     old, mask = captured["old_per_token_logps"], captured["completion_mask"].bool()
     assert torch.isfinite(old).all() and (old[mask] < 0).all()  # real log-probabilities, not zeros or None
