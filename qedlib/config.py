@@ -35,8 +35,9 @@ class Endpoint:
     api: Literal["chat", "responses"] = "chat"  # chat completions, or the Responses API (gpt-oss effort)
     reasoning_effort: Optional[str] = None  # low|medium|high for reasoning models that accept it
     max_concurrency: int = 8  # requests in flight (openai backend)
-    timeout_s: float = 600.0  # per request
+    timeout_s: float = 600.0  # per request: connect + sending + the whole answer (not per read)
     max_retries: int = 5  # on timeouts, 429 and 5xx, exponential back-off with jitter
+    deadline_s: Optional[float] = None  # whole call incl. retries and back-off; None: (max_retries + 1) x timeout_s + the longest back-off
     retry_backoff_s: float = 0.5  # first back-off delay; doubles per retry (x0.5-1.5 jitter), capped at 30 s
     batch_size: int = 8  # prompts per forward batch (transformers backend)
     device: str = "auto"  # cuda|mps|cpu|auto
@@ -380,7 +381,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set sft.lr=1.0e-5")
     k, v = text.split("=", 1)
-    return k.strip(), yaml.safe_load(v)
+    try:
+        return k.strip(), yaml.safe_load(v)
+    except yaml.YAMLError as e:
+        why = " ".join(str(getattr(e, "problem", None) or "not valid YAML").split())
+        raise ConfigError(f"--set {k.strip()}={v}: the value is not valid YAML ({why}); quote a string "
+                          f"(--set '{k.strip()}=\"...\"') or write a number, true/false, null or [a, b]") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -391,6 +397,22 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
     node[parts[-1]] = value
+
+
+# Every `api_key_env` a loaded params tree names: generation.redact hides their values in error texts.
+SECRET_ENVS: set = set()
+
+
+def remember_secret_envs(tree: Any) -> None:
+    """Note every `api_key_env` named anywhere in a params tree (endpoints, judge panels, benchmark entries)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == "api_key_env" and isinstance(v, str) and v:
+                SECRET_ENVS.add(v)
+            remember_secret_envs(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            remember_secret_envs(v)
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
@@ -409,6 +431,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     for k, v in (overrides or {}).items():
         _set_dotted(tree, k, v)
         where = where if not overrides else f"{where} (+ overrides)"
+    remember_secret_envs(tree)
     return build(Config, tree, where)
 
 

@@ -181,6 +181,13 @@ def _clean(v):
     return v
 
 
+def _not_an_object(row) -> tuple[str, str]:
+    """Why a row that is not a mapping (a JSON array, a number, a string) is unusable."""
+    kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(row), "null")
+    return ("not a JSON object", f"the row is a JSON {kind} ({json.dumps(row, default=str)[:60]}), not an object of "
+                                 f"columns")
+
+
 def _row_problem(row: dict, columns: dict) -> tuple[dict | None, tuple[str, str] | None]:
     """The row's fields, or (None, (short reason, full explanation)) when it is unusable."""
     get = {f: _clean(_column(row, columns.get(f, f))) for f in FIELDS}
@@ -208,17 +215,19 @@ def records_to_problems(rows: list[dict], columns: dict | None, where: str, on_b
     columns = columns or {}
     out, seen, skipped = [], set(), []
     used = set(columns.get(f, f).partition(".")[0] for f in FIELDS)
+    lines = getattr(rows, "lines", None)
     for i, row in enumerate(rows):
-        get, why = _row_problem(row, columns)
+        get, why = _row_problem(row, columns) if isinstance(row, dict) else (None, _not_an_object(row))
         pid = None if get is None else (str(get["id"]) if get["id"] is not None else f"row-{i:05d}")
         if why is None and pid in seen:
             if duplicates == "first":
                 continue
             why = ("duplicate id", f"duplicate id {pid!r}; set duplicates: first to keep the first row of each id")
         if why is not None:
+            at = f"{where}:{lines[i]}" if lines else f"{where}: row {i}"  # a JSONL file: its line, as an editor shows it
             if on_bad_row != "skip":
-                raise DataError(f"{where}: row {i}: {why[1]} (or set on_bad_row: skip to skip such rows)")
-            skipped.append({"row": i, "reason": why[0]})
+                raise DataError(f"{at}: {why[1]} (or set on_bad_row: skip to skip such rows)")
+            skipped.append({"row": i, "reason": why[0], **({"line": lines[i]} if lines else {})})
             continue
         seen.add(pid)
         extra = {k: _clean(v) for k, v in row.items() if k not in used}
@@ -228,37 +237,79 @@ def records_to_problems(rows: list[dict], columns: dict | None, where: str, on_b
             answer=None if get["answer"] is None else str(get["answer"]),
             source=str(get["source"] or ""), category=str(get["category"] or ""), extra=extra))
     if skipped:
+        at = f"; lines {', '.join(str(s['line']) for s in skipped[:10])}" if lines else ""
         print(f"[data] {where}: skipped {len(skipped)} bad row(s): "
-              + "; ".join(f"{r} x{n}" for r, n in Counter(s["reason"] for s in skipped).most_common(3)))
+              + "; ".join(f"{r} x{n}" for r, n in Counter(s["reason"] for s in skipped).most_common(3)) + at)
     return Problems(out, skipped)
 
 
+class Rows(list):
+    """Rows read from a file, with the file line each came from where lines mean something (`lines`, JSONL)."""
+    lines: Optional[list]
+
+    def __init__(self, items=(), lines=None):
+        super().__init__(items)
+        self.lines = lines
+
+
 def read_rows(path: str | Path) -> list[dict]:
-    """Read rows from a .jsonl, .json, .csv or .parquet file."""
+    """Read rows from a .jsonl, .json, .csv or .parquet file; an empty file is an error naming it."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file {p} does not exist")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(p.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{i}: not valid JSON ({e})") from None
-        return rows
-    if suffix == ".json":
-        return json.loads(p.read_text())
-    if suffix == ".parquet":
+        rows = _jsonl_rows(p)
+    elif suffix == ".json":
+        rows = _json_rows(p)
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
-        return pq.read_table(p).to_pylist()  # nested columns (messages, rubric lists) stay Python lists
-    if suffix == ".csv":
-        import pandas as pd
+        rows = pq.read_table(p).to_pylist()  # nested columns (messages, rubric lists) stay Python lists
+    elif suffix == ".csv":
+        rows = _csv_rows(p)
+    else:
+        raise DataError(f"{p}: unsupported format {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+    if not rows:
+        raise DataError(f"{p}: the file holds no rows (it is empty{', or a header only' if suffix == '.csv' else ''}); "
+                        f"point the params at a file with data")
+    return rows
+
+
+def _jsonl_rows(p: Path) -> Rows:
+    """A JSONL file's values with their line numbers; a line that is not JSON is an error naming file:line."""
+    rows, lines = [], []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{i}: not valid JSON ({e})") from None
+            lines.append(i)
+    return Rows(rows, lines)
+
+
+def _json_rows(p: Path) -> list:
+    """A .json file holding a list of rows."""
+    try:
+        rows = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not valid JSON ({e}); a .json data file holds one list of row objects") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{p}: holds a JSON {type(rows).__name__}, not a list of row objects")
+    return rows
+
+
+def _csv_rows(p: Path) -> list:
+    """A CSV file's rows, every cell as text."""
+    import pandas as pd
+    try:
         # every cell as text: ids and answers keep their spelling ("6", "007"); an empty cell is None
         df = pd.read_csv(p, dtype=str, keep_default_na=False)
-        return [{k: (v if v != "" else None) for k, v in r.items()} for r in df.to_dict(orient="records")]
-    raise DataError(f"{p}: unsupported format {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+    except pd.errors.EmptyDataError:
+        return []
+    except pd.errors.ParserError as e:
+        raise DataError(f"{p}: not a readable CSV ({' '.join(str(e).split())})") from None
+    return [{k: (v if v != "" else None) for k, v in r.items()} for r in df.to_dict(orient="records")]
 
 
 def read_records(source: str | Path, hub_config: str | None = None, hub_split: str = "train",

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
+
+from .config import SECRET_ENVS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -276,6 +279,8 @@ class TransformersGenerator:
 
 # ---------------------------------------------------------------- OpenAI-compatible HTTP
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+BEARER = re.compile(r"(Bearer\s+)[^\s\"',;]+", re.IGNORECASE)
+REDACTED = "[redacted]"
 
 
 class EndpointError(RuntimeError):
@@ -289,6 +294,30 @@ def _env(name: str | None, what: str) -> str | None:
     if not val:
         raise EndpointError(f"{what}: environment variable {name} is not set")
     return val
+
+
+def secret_values(extra: tuple = ()) -> list[str]:
+    """The values of every `api_key_env` a loaded config names (config.SECRET_ENVS), plus `extra`, longest first."""
+    found = {os.environ.get(name) for name in SECRET_ENVS} | set(extra)
+    return sorted((v for v in found if v and len(v) >= 4), key=len, reverse=True)
+
+
+def redact(text: str, extra: tuple = ()) -> str:
+    """`text` with every configured secret and every `Bearer ...` token replaced: what a server echoes never
+    reaches a notebook, a log or a results file."""
+    for secret in secret_values(extra):
+        text = text.replace(secret, REDACTED)
+    return BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def call_deadline(endpoint) -> float:
+    """Seconds one call may take in all (connect, every read, every retry and back-off): `deadline_s`, else
+    (max_retries + 1) x timeout_s plus the longest back-off the retries can sleep."""
+    if getattr(endpoint, "deadline_s", None) is not None:
+        return float(endpoint.deadline_s)
+    backoff = getattr(endpoint, "retry_backoff_s", 0.5)
+    sleeps = sum(min(30.0, backoff * 2 ** a) * 1.5 for a in range(endpoint.max_retries))
+    return (endpoint.max_retries + 1) * endpoint.timeout_s + sleeps
 
 
 class OpenAIGenerator:
@@ -310,6 +339,8 @@ class OpenAIGenerator:
         if not self.base_url:
             raise EndpointError(f"endpoint {endpoint.model!r}: set base_url or base_url_env")
         self._api_key = _env(endpoint.api_key_env, "endpoint API key") if endpoint.api_key_env else None
+        if endpoint.api_key_env:
+            SECRET_ENVS.add(endpoint.api_key_env)  # an Endpoint built in code, not from a params file
         self.stats = {"requests": 0, "retries": 0, "errors": 0, "clients": 0}
         self._pools: dict = {}  # event loop -> (httpx.AsyncClient, asyncio.Semaphore) used on that loop
 
@@ -383,34 +414,60 @@ class OpenAIGenerator:
     async def acomplete(self, messages: list[dict], sampling, thinking: bool = False,
                         extra: dict | None = None) -> Completion:
         """One completion of one chat prompt (`sampling.n` is ignored), retried as the endpoint says,
-        under the generator's concurrency bound; a call that fails for good is an error Completion."""
+        under the generator's concurrency bound and within `call_deadline` (counted from the moment it
+        holds a slot); a call that fails for good is an error Completion whose text names the endpoint."""
         client, sem = self._pool()
         path, body = self._payload(messages, sampling, extra)
-        last = "no attempt"
+        tried = {"attempts": 0, "last": "no attempt"}  # this call's progress, read when the deadline cuts it
         async with sem:
-            for attempt in range(self.endpoint.max_retries + 1):
-                self.stats["requests"] += 1
-                try:
-                    r = await client.post(self.base_url + path, json=body, headers=self._headers(),
-                                          timeout=self.endpoint.timeout_s)
-                    if r.status_code == 200:
-                        try:
-                            return self._parse(r.json(), thinking)
-                        except (ValueError, KeyError, IndexError, TypeError) as e:
-                            last = f"unparseable response ({type(e).__name__}: {str(e)[:80]})"
-                    elif r.status_code in RETRY_STATUS:
-                        last = f"HTTP {r.status_code}"
-                    else:
-                        last = f"HTTP {r.status_code}: {r.text[:200]}"
-                        break
-                except Exception as e:  # timeouts, refused connections, dropped sockets
-                    last = f"{type(e).__name__}: {str(e)[:120]}"
-                if attempt < self.endpoint.max_retries:
-                    self.stats["retries"] += 1
-                    await asyncio.sleep(min(30.0, getattr(self.endpoint, "retry_backoff_s", 0.5) * 2 ** attempt)
-                                        * (0.5 + random.random()))
+            deadline, t0 = call_deadline(self.endpoint), time.monotonic()
+            try:
+                async with asyncio.timeout(deadline):
+                    done = await self._attempts(client, path, body, thinking, tried)
+                if done is not None:
+                    return done
+                why = f"{tried['last']} (after {tried['attempts']} attempt(s))"
+            except TimeoutError:
+                why = (f"TimeoutError: no answer within the call's deadline of {deadline:.1f} s (stopped after "
+                       f"{time.monotonic() - t0:.1f} s, {tried['attempts']} attempt(s), last: {tried['last']}); "
+                       f"raise deadline_s / timeout_s if the server is just slow")
         self.stats["errors"] += 1
-        return Completion("", finish_reason="error", think_closed=False, error=last)
+        return Completion("", finish_reason="error", think_closed=False,
+                          error=self._redact(f"endpoint {self.endpoint.model!r} at {self.base_url}: {why}"))
+
+    async def _attempts(self, client, path: str, body: dict, thinking: bool, tried: dict) -> Completion | None:
+        """The retry loop of one call, each attempt bounded by timeout_s in all: the Completion, or None when every
+        attempt failed (`tried` says how many and why the last did)."""
+        ep = self.endpoint
+        for attempt in range(ep.max_retries + 1):
+            self.stats["requests"] += 1
+            tried["attempts"] += 1
+            try:
+                async with asyncio.timeout(ep.timeout_s):  # httpx's timeout is per read: a trickle never trips it
+                    r = await client.post(self.base_url + path, json=body, headers=self._headers(), timeout=ep.timeout_s)
+                if r.status_code == 200:
+                    try:
+                        return self._parse(r.json(), thinking)
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                        last = f"unparseable response ({type(e).__name__}: {str(e)[:80]}; body starts {r.text[:80]!r})"
+                elif r.status_code in RETRY_STATUS:
+                    last = f"HTTP {r.status_code}"
+                else:
+                    tried["last"] = self._redact(f"HTTP {r.status_code}: {r.text[:200]}")
+                    return None
+            except TimeoutError:
+                last = f"TimeoutError: no whole answer within timeout_s {ep.timeout_s} s"
+            except Exception as e:  # refused connections, dropped sockets, httpx's own timeouts
+                last = f"{type(e).__name__}: {str(e)[:120]}"
+            tried["last"] = self._redact(last)
+            if attempt < ep.max_retries:
+                self.stats["retries"] += 1
+                await asyncio.sleep(min(30.0, getattr(ep, "retry_backoff_s", 0.5) * 2 ** attempt) * (0.5 + random.random()))
+        return None
+
+    def _redact(self, text: str) -> str:
+        """`redact` with this endpoint's own key too (an Endpoint built in code may name no params file)."""
+        return redact(text, (self._api_key,) if self._api_key else ())
 
     async def agenerate(self, prompts: list[list[dict]], sampling, thinking: bool = False,
                         extra: dict | None = None) -> list[list[Completion]]:

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -37,12 +38,44 @@ def chat_reply(content: str = "", reasoning: str | None = None, finish: str = "s
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
 
 
+@dataclass
+class Trickle:
+    """A reply mode: status 200, then `payload` one byte every `every_s` seconds (a server whose every read
+    succeeds, so a per-read timeout never fires)."""
+    payload: bytes
+    every_s: float = 0.2
+
+
+@dataclass
+class EchoHeaders:
+    """A reply mode: `status` with the request's headers (Authorization included) in the JSON body."""
+    status: int = 401
+
+
+GARBAGE = (200, b"<html>502 Bad Gateway, said as a 200</html>")  # a reply that is not JSON at all
+
+
+def fail_then(n: int, reply, status: int = 503, body: bytes = b'{"error": "overloaded"}'):
+    """A reply that answers `status` to the first `n` requests, then as `reply` does."""
+    seen = [0]
+    lock = threading.Lock()
+
+    def answer(req):
+        with lock:
+            seen[0] += 1
+            first = seen[0] <= n
+        return (status, body) if first else reply(req)
+    return answer
+
+
 class FakeOpenAI:
     """An OpenAI-compatible server on loopback whose answer to each request is `reply(body)`: a dict (sent as
-    200 JSON) or (status, raw bytes). Counts the requests and keeps every request body."""
+    200 JSON), (status, raw bytes), a `Trickle` or an `EchoHeaders`. Counts the requests and keeps every
+    request body and its headers."""
 
     def __init__(self, reply):
-        self.reply, self.bodies = reply, []
+        self.reply, self.bodies, self.headers = reply, [], []
+        self.stopping = threading.Event()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,13 +85,32 @@ class FakeOpenAI:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 owner.bodies.append(body)
+                owner.headers.append(dict(self.headers))
                 out = owner.reply(body)
+                if isinstance(out, Trickle):
+                    return self.trickle(out)
+                if isinstance(out, EchoHeaders):
+                    out = (out.status, json.dumps({"error": "unauthorized", "you_sent": dict(self.headers)}).encode())
                 status, payload = (200, json.dumps(out).encode()) if isinstance(out, dict) else out
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def trickle(self, mode: Trickle):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(mode.payload)))
+                self.end_headers()
+                try:
+                    for i in range(len(mode.payload)):
+                        if owner.stopping.wait(mode.every_s):
+                            return
+                        self.wfile.write(mode.payload[i:i + 1])
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up: what a bounded caller does
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"  # an Endpoint's base_url
@@ -75,13 +127,15 @@ class FakeOpenAI:
         return [b["messages"][-1]["content"] for b in self.bodies]
 
     def stop(self) -> None:
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
 
 
 @pytest.fixture
 def fake_openai():
-    """fake_openai(reply) -> a running FakeOpenAI (stopped after the test); `chat_reply` builds answers."""
+    """fake_openai(reply) -> a running FakeOpenAI (stopped after the test); `chat_reply` builds answers, and
+    `Trickle`, `EchoHeaders`, `GARBAGE` and `fail_then` are the fault modes."""
     servers = []
 
     def start(reply) -> FakeOpenAI:
