@@ -442,6 +442,8 @@ class OpenAIGenerator:
         for attempt in range(ep.max_retries + 1):
             self.stats["requests"] += 1
             tried["attempts"] += 1
+            if attempt == 0:
+                tried["last"] = "the first attempt was still waiting for its whole answer"
             try:
                 async with asyncio.timeout(ep.timeout_s):  # httpx's timeout is per read: a trickle never trips it
                     r = await client.post(self.base_url + path, json=body, headers=self._headers(), timeout=ep.timeout_s)
@@ -459,7 +461,7 @@ class OpenAIGenerator:
                 last = f"TimeoutError: no whole answer within timeout_s {ep.timeout_s} s"
             except Exception as e:  # refused connections, dropped sockets, httpx's own timeouts
                 last = f"{type(e).__name__}: {str(e)[:120]}"
-            tried["last"] = self._redact(last)
+            tried["last"] = self._redact(last)  # kept while the next attempt runs: the deadline may cut it
             if attempt < ep.max_retries:
                 self.stats["retries"] += 1
                 await asyncio.sleep(min(30.0, getattr(ep, "retry_backoff_s", 0.5) * 2 ** attempt) * (0.5 + random.random()))

@@ -90,7 +90,9 @@ class FakeOpenAI:
                 if isinstance(out, Trickle):
                     return self.trickle(out)
                 if isinstance(out, EchoHeaders):
-                    out = (out.status, json.dumps({"error": "unauthorized", "you_sent": dict(self.headers)}).encode())
+                    sent = dict(self.headers)  # the Authorization header first, as a proxy's error page quotes it
+                    out = (out.status, json.dumps({"error": f"invalid key in {sent.get('Authorization')!r}",
+                                                   "headers": sent}).encode())
                 status, payload = (200, json.dumps(out).encode()) if isinstance(out, dict) else out
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -29,7 +29,7 @@ def test_non_text_problem_or_rubric_is_named_or_skipped(tmp_path):
             {"q": 42, "scheme": "x"}, {"q": "", "scheme": "y"}, {"q": "Prove C.", "scheme": None}]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cols = {"problem": "q", "rubric": "scheme"}
-    with pytest.raises(DataError, match=r"p.jsonl: row 1: column 'scheme' \(rubric\) holds list .*not text.*on_bad_row: skip"):
+    with pytest.raises(DataError, match=r"p.jsonl:2: column 'scheme' \(rubric\) holds list .*not text.*on_bad_row: skip"):
         load_problems(str(f), columns=cols)
     with pytest.raises(DataError, match=r"row 2: column 'q' \(problem\) holds int"):
         data.records_to_problems([rows[0], rows[0] | {"q": "Prove D."}, rows[2]], cols, "p.jsonl")
