@@ -525,7 +525,8 @@ def plan_rl(cfg: Config, stage: str, previous: str, models: dict, prompt_tokens:
             p.total = train_peak + weights + per_seq
     else:
         if rl.use_vllm:
-            p.add("vLLM", f"server {rl.vllm_server_host}:{rl.vllm_server_port} (`trl vllm-serve` on other GPUs); "
+            p.add("vLLM", f"server {rl.vllm_server_host_env or rl.vllm_server_host}:"
+                          f"{rl.vllm_server_port_env or rl.vllm_server_port} (`trl vllm-serve` on other GPUs); "
                           f"KV cache {_gib(ctx * kv_tok):.2f} GiB per {_fmt(ctx)}-token sequence there")
             p.total = train_peak
         else:
