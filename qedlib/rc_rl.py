@@ -205,7 +205,8 @@ def train(cfg, run_dir) -> dict:
                                                            if x["step"] == t["step"])
     metrics = {**summarise_steps(rows), "problems": counts, "seconds": round(time.perf_counter() - t0, 1),
                "model_dir": str(folder / MODEL), "init_model": model_path, "loss_type": rl.loss_type,
-               "loss_divisor": trainer.loss_divisor, "world_size": trainer.accelerator.num_processes, "score_by_turn": score_by_turn(rollout.turn_rows),
+               "loss_divisor": trainer.loss_divisor, "world_size": trainer.accelerator.num_processes,
+               "score_by_turn": score_by_turn(rollout.turn_rows),
                "summary_unclosed_rate": summary_unclosed_rate(r["summary_status"] for r in rollout.turn_rows)}
     save_policy(trainer, folder / MODEL, rl.lora.merge)
     finish_checkpoints(folder / "checkpoints", rl.keep_checkpoints, folder / MODEL, trainer.accelerator.is_main_process)

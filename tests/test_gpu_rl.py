@@ -279,11 +279,16 @@ class FakeEngine:
 
 def test_notebook_04_closes_the_inspection_engine_before_training_starts(tiny_model_path, shipped_problems,
                                                                          monkeypatch):
-    from qedlib import rc_rl, training
+    from qedlib import generation, rc_rl, training
+    cfg = load_config(REPO / "params" / "smoke.yaml")
+    closed = []
+    monkeypatch.setattr(rc_rl, "close_generator",
+                        lambda g: closed.append(type(g).__name__) or generation.close_generator(g))
+    real = rc_rl.inspect_trajectories(cfg, tiny_model_path, shipped_problems[:1])  # the real generator, once
+    assert len(real) == cfg.rc_rl.rc.turns and closed == ["TransformersGenerator"]
     events = []
     monkeypatch.setattr(rc_rl, "make_generator", lambda endpoint: FakeEngine(events))
     monkeypatch.setattr(training, "train_or_launch", lambda *a, **kw: events.append("launch") or {})
-    cfg = load_config(REPO / "params" / "smoke.yaml")
     rows = rc_rl.inspect_trajectories(cfg, tiny_model_path, shipped_problems[:1])
     rc_rl.run(cfg, "unused-run-dir", "params/smoke.yaml", {})
     assert len(rows) == cfg.rc_rl.rc.turns and events[-2:] == ["close", "launch"] and events.count("close") == 1
