@@ -194,7 +194,8 @@ class RLConfig:
     adam_beta2: float = 0.999  # AdamW beta2 (workbook default = torch's; the paper does not say)
     max_grad_norm: float = 0.3  # gradient clipping
     weights_dtype: Literal["float32", "bfloat16"] = "float32"  # trained weights: fp32 master weights + bf16 autocast; bfloat16 only under DeepSpeed, whose optimizer keeps fp32 masters
-    loss_type: str = "luspo"  # TRL loss aggregation: luspo = token sum / number of sequences (the paper's)
+    loss_type: str = "luspo"  # TRL loss aggregation: luspo = token sum / number of sequences (the paper's; with our token-level ratios this is QED-Nano's PPO-clip, not LUSPO's sequence-level objective)
+    loss_divisor: Optional[int] = None  # official gradient scale (loss_type luspo): the token-sum / sequences-per-step loss is divided by this, as the paper's DeepSpeed divided by its accumulation steps and averaged over ranks (paper 64 rubric RL, 256 RC RL); None: this run's processes x accumulation steps; 1: TRL's luspo unscaled
     scale_rewards: Literal["none", "group", "batch"] = "none"  # paper: no std normalisation
     epsilon: float = 4.0  # PPO clip (paper: very loose, 4)
     epsilon_high: Optional[float] = None  # asymmetric upper clip (DAPO)
@@ -220,6 +221,8 @@ class RLConfig:
     vllm_tensor_parallel_size: int = 1  # colocate: GPUs per vLLM engine
     vllm_server_host: str = "127.0.0.1"  # server mode: host of `trl vllm-serve`
     vllm_server_port: int = 8000  # server mode: its port
+    vllm_server_host_env: Optional[str] = None  # server mode: environment variable holding the host (wins over vllm_server_host)
+    vllm_server_port_env: Optional[str] = None  # server mode: environment variable holding the port (wins over vllm_server_port)
     vllm_server_timeout: float = 240.0  # server mode: seconds to wait for the server to come up
     lora: Lora = field(default_factory=Lora)
     save_steps: int = 50  # checkpoint every N steps

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config, Endpoint, load_config, parse_override
+from .reasoning_cache import check_summariser
 
 GIB = 2 ** 30
 PROMPT_TOKENS = 1024  # assumed longest prompt (problem + instruction); `--prompt-tokens` changes it
@@ -442,7 +443,7 @@ class _AssumedPrompts:
 
 
 def plan_rl(cfg: Config, stage: str, previous: str, models: dict, prompt_tokens: int) -> tuple[StagePlan, str]:
-    from .rl import batch_shape, vllm_context
+    from .rl import batch_shape, check_vllm_mode, vllm_context
     rl = getattr(cfg, stage)
     rc = stage == "rc_rl"
     p = StagePlan(stage)
@@ -461,6 +462,14 @@ def plan_rl(cfg: Config, stage: str, previous: str, models: dict, prompt_tokens:
     except ValueError as e:
         p.problems.append(f"{stage}: {e}")
         return p, ref
+    checks = [lambda: check_vllm_mode(rl, stage)]
+    if rc:
+        checks.append(lambda: check_summariser(rl.rc, cfg.thinking, f"{stage}.rc"))
+    for check in checks:  # settings that run but not as labelled: plan refuses them
+        try:
+            check()
+        except ValueError as e:
+            p.problems.append(str(e))
     # Longest trained sequence: prompt (+ one RC summary per kept turn) + completion budget, as vLLM is told.
     grow = rl.rc.summary.max_new_tokens * (rl.rc.turns if rl.rc.accumulate else 1) + 256 if rc else 0
     seq = prompt_tokens + grow + rl.max_completion_length
@@ -516,7 +525,8 @@ def plan_rl(cfg: Config, stage: str, previous: str, models: dict, prompt_tokens:
             p.total = train_peak + weights + per_seq
     else:
         if rl.use_vllm:
-            p.add("vLLM", f"server {rl.vllm_server_host}:{rl.vllm_server_port} (`trl vllm-serve` on other GPUs); "
+            p.add("vLLM", f"server {rl.vllm_server_host_env or rl.vllm_server_host}:"
+                          f"{rl.vllm_server_port_env or rl.vllm_server_port} (`trl vllm-serve` on other GPUs); "
                           f"KV cache {_gib(ctx * kv_tok):.2f} GiB per {_fmt(ctx)}-token sequence there")
             p.total = train_peak
         else:
@@ -557,6 +567,11 @@ def plan_eval(cfg: Config, trained: str, models: dict, prompt_tokens: int) -> St
     p.add("runs", f"{e.samples} sample(s) per problem x scaffolds {', '.join(e.scaffolds)}; <= "
                   f"{_fmt(e.sampling.max_new_tokens)} new tokens (RC: {e.rc.turns} turns of {_fmt(e.rc.reasoning_budget)})")
     p.add("steps", "no training")
+    if "rc" in e.scaffolds:
+        try:
+            check_summariser(e.rc, cfg.thinking, "eval.rc")
+        except ValueError as err:
+            p.problems.append(str(err))
     p.total = _endpoint_memory(policy, "policy", cfg.gpu_memory_gib, prompt_tokens, budget, p, models)
     for j in _judges(e.judge):
         p.total += _endpoint_memory(j, "judge", cfg.gpu_memory_gib, prompt_tokens + budget,

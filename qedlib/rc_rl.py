@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .config import Endpoint, Sampling
 from .data import load_source
-from .generation import TransformersGenerator, VLLMGenerator, make_generator, release_trainer, render_prompt, run_sync
+from .generation import (TransformersGenerator, VLLMGenerator, close_generator, make_generator, release_trainer,
+                         render_prompt, run_sync)
 from .io import write_json, write_jsonl
 from .models import resolve_model
 from .reasoning_cache import cache_state_prompts, rc_rollout, summary_unclosed_rate
@@ -204,7 +205,8 @@ def train(cfg, run_dir) -> dict:
                                                            if x["step"] == t["step"])
     metrics = {**summarise_steps(rows), "problems": counts, "seconds": round(time.perf_counter() - t0, 1),
                "model_dir": str(folder / MODEL), "init_model": model_path, "loss_type": rl.loss_type,
-               "world_size": trainer.accelerator.num_processes, "score_by_turn": score_by_turn(rollout.turn_rows),
+               "loss_divisor": trainer.loss_divisor, "world_size": trainer.accelerator.num_processes,
+               "score_by_turn": score_by_turn(rollout.turn_rows),
                "summary_unclosed_rate": summary_unclosed_rate(r["summary_status"] for r in rollout.turn_rows)}
     save_policy(trainer, folder / MODEL, rl.lora.merge)
     finish_checkpoints(folder / "checkpoints", rl.keep_checkpoints, folder / MODEL, trainer.accelerator.is_main_process)
@@ -280,12 +282,21 @@ def run(cfg, run_dir, params_file: str, overrides: dict) -> dict:
 
 
 def inspect_trajectories(cfg, model_ref: str, problems, grader=None, seed: int = 0) -> list[dict]:
-    """Run RC with a model on a few problems and grade every turn: one row per (problem, turn)."""
+    """Run RC with a model on a few problems and grade every turn: one row per (problem, turn).
+
+    Its engines (policy, frozen summariser) are closed before it returns, even on an error: on one GPU the
+    training that follows needs the memory a vLLM engine holds (0.45 of the GPU in gpu-1)."""
     rl = cfg.rc_rl
     policy = make_generator(replace(cfg.generation, model=resolve_model(model_ref)))
-    summariser = make_generator(rl.rc.summariser_endpoint) if rl.rc.summariser == "frozen" else policy
-    sampling = Sampling(temperature=rl.temperature, top_p=rl.top_p)
-    trajs = rc_rollout(problems, policy, summariser, rl.rc, sampling, cfg.thinking, seed=seed)
+    summariser = policy
+    try:
+        if rl.rc.summariser == "frozen":
+            summariser = make_generator(rl.rc.summariser_endpoint)
+        sampling = Sampling(temperature=rl.temperature, top_p=rl.top_p)
+        trajs = rc_rollout(problems, policy, summariser, rl.rc, sampling, cfg.thinking, seed=seed)
+    finally:
+        for engine in {id(g): g for g in (policy, summariser)}.values():
+            close_generator(engine)
     flat = [(p, s) for p, t in zip(problems, trajs) for s in t]
     grades = grader.grade([p for p, _ in flat], [s.final for _, s in flat], [s.think_closed for _, s in flat]) \
         if grader is not None else [None] * len(flat)

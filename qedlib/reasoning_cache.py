@@ -73,6 +73,21 @@ def summary_thinking(rc, policy, summariser, thinking: bool) -> bool:
     return template_opens_think(getattr(summariser, "tokenizer", None))
 
 
+def check_summariser(rc, thinking: bool, where: str) -> None:
+    """Refuse a summariser that reasons in <think> with no thinking budget: its summary would have to close
+    </think> inside `summary.max_new_tokens`, rarely does, and an unclosed summary is discarded, so every
+    cache state falls back to the first prompt. Set `summary_thinking_budget`, or `summary_thinking: false`
+    where the summariser's chat template allows thinking off."""
+    thinks = rc.summary_thinking if rc.summary_thinking is not None else (rc.summariser == "policy" and thinking)
+    if thinks and rc.summary_thinking_budget <= 0:
+        raise ValueError(f"{where}: the {rc.summariser} summariser reasons in <think> first (summary_thinking "
+                         f"{rc.summary_thinking if rc.summary_thinking is not None else 'null: the policy thinks'}) "
+                         f"but summary_thinking_budget is {rc.summary_thinking_budget}: its summaries rarely close "
+                         "and are discarded (every cache state is the first prompt again). Set "
+                         f"{where}.summary_thinking_budget (e.g. 4096), or {where}.summary_thinking: false when the "
+                         "chat template allows thinking off")
+
+
 def template_opens_think(tokenizer) -> bool:
     """True when the tokenizer's chat template ends its generation prompt with <think> (a thinking-only template)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):

@@ -10,6 +10,11 @@ The paper's objective maps onto TRL's GRPOTrainer as follows (each a params swit
   differs from it only by the constant 1/max_completion_length, which AdamW mostly absorbs
   but gradient clipping at 0.3 does not;
 - loose PPO clip: `epsilon: 4.0`; entropy bonus: `entropy_coef: 1.0e-4`;
+- the official gradient scale (`loss_divisor`): what runs under TRL's name `luspo` is PPO-clip with
+  token-level ratios, each token weighted 1 / (sequences per optimizer step), then divided by D
+  as QED-Nano's trainer does (DeepSpeed divides each micro-batch loss by its accumulation steps
+  and averages over ranks: D = 32 x 2 = 64 in the official rubric-RL config, 64 x 4 = 256 in RC-RL),
+  so `max_grad_norm: 0.3` clips the gradient the paper's did. Not LUSPO (sequence-level ratios);
 - one optimizer step per batch: the batch of prompts_per_step x num_generations completions
   is generated once and consumed in gradient-accumulation micro-batches.
 """
@@ -240,8 +245,82 @@ def check_objective(rl) -> None:
     if rl.ratio_logprobs == "sampler" and rl.is_correction != "none":
         raise ValueError("ratio_logprobs: sampler already puts the sampler's logprobs in the PPO ratio; "
                          "is_correction must be none (or use ratio_logprobs: trainer with TRL's IS correction)")
+    if rl.loss_divisor not in (None, 1) and rl.loss_type != "luspo":
+        raise ValueError(f"loss_divisor: {rl.loss_divisor} is the official trainer's scale of the luspo loss (token sum / "
+                         f"sequences); loss_type {rl.loss_type!r} normalises differently: set loss_divisor: 1 or null")
+    if rl.loss_divisor is not None and rl.loss_divisor < 1:
+        raise ValueError(f"loss_divisor: {rl.loss_divisor} must be >= 1 (null: processes x accumulation steps)")
+    check_vllm_mode(rl)
     from .training import check_master_weights
     check_master_weights(rl.weights_dtype, rl.launch, "rl")
+
+
+def check_vllm_mode(rl, section: str = "rl") -> None:
+    """Refuse vLLM settings that have no effect in the chosen mode (a silent change to what runs)."""
+    if rl.use_vllm and rl.vllm_mode == "server" and rl.vllm_max_model_length is not None:
+        raise ValueError(f"{section}.vllm_max_model_length: {rl.vllm_max_model_length} has no effect in server mode (the "
+                         "server's context is fixed when it starts): remove it and start the server with "
+                         f"`trl vllm-serve --max-model-len {rl.vllm_max_model_length}` (or `vllm serve ... "
+                         "--max-model-len`)")
+
+
+def vllm_server_address(rl, section: str = "rl") -> tuple[str, int]:
+    """(host, port) of the vLLM server: the environment variables named by vllm_server_host_env /
+    vllm_server_port_env when set in the params, else vllm_server_host / vllm_server_port."""
+    import os
+    host, port = rl.vllm_server_host, rl.vllm_server_port
+    for key, var in (("vllm_server_host_env", rl.vllm_server_host_env), ("vllm_server_port_env", rl.vllm_server_port_env)):
+        if var is None:
+            continue
+        value = os.environ.get(var)
+        if not value:
+            raise ValueError(f"{section}.{key} names {var}, which is not set: export {var}=<the generator node's "
+                             f"{'address' if key.startswith('vllm_server_host') else 'port'}> before starting training")
+        if key == "vllm_server_host_env":
+            host = value
+        elif not value.isdigit():
+            raise ValueError(f"{var}={value!r} ({section}.{key}) is not a port number")
+        else:
+            port = int(value)
+    return host, port
+
+
+def probe_vllm_server(host: str, port: int, timeout: float = 30.0) -> str:
+    """Check that the vLLM server returns the per-token sampler logprobs `ratio_logprobs: sampler` needs,
+    after temperature and top-p (`--logprobs-mode processed_logprobs`, as `trl vllm-serve` starts it);
+    returns the served model's name, raises one clear error otherwise."""
+    import json
+    import urllib.error
+    import urllib.request
+    base = f"http://{host}:{port}"
+    fix = ("start it with `trl vllm-serve --model ...` (which sets both), or `VLLM_SERVER_DEV_MODE=1 vllm serve ... "
+           "--logprobs-mode processed_logprobs --max-logprobs -1`; or set ratio_logprobs: trainer")
+
+    def call(path, body=None):
+        req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise ValueError(f"vLLM server {base}{path} answered HTTP {e.code}: ratio_logprobs: sampler needs its "
+                             f"development endpoints and per-token logprobs; {fix}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ValueError(f"vLLM server {base} cannot be reached ({e}): start it, or set the host/port variables "
+                             "named by vllm_server_host_env / vllm_server_port_env") from None
+    model = call("/v1/models")["data"][0]["id"]
+    info = call("/server_info?config_format=json")
+    mode = (info.get("vllm_config", info).get("model_config") or {}).get("logprobs_mode")
+    if mode != "processed_logprobs":
+        raise ValueError(f"vLLM server {base} runs with logprobs_mode {mode!r}: its logprobs ignore temperature and "
+                         f"top-p, so the PPO ratio policy / sampler would be biased; {fix}")
+    out = call("/v1/completions", {"model": model, "prompt": "1 + 1 =", "max_tokens": 2, "logprobs": 0,
+                                    "temperature": 1.0, "return_token_ids": True})
+    lp = out["choices"][0].get("logprobs") if out.get("choices") else None
+    if not lp or not (lp.get("token_logprobs") or lp.get("content")):
+        raise ValueError(f"vLLM server {base} returned no per-token logprobs for a completion with logprobs=0: "
+                         f"ratio_logprobs: sampler cannot form the PPO ratio; {fix}")
+    return model
 
 
 def grpo_args(rl, out_dir: str | Path, seed: int, num_processes: int | None = None, training_device: str = "auto",
@@ -252,6 +331,8 @@ def grpo_args(rl, out_dir: str | Path, seed: int, num_processes: int | None = No
     check_objective(rl)
     choice = pick_device(training_device, "auto", training=True)
     micro, accum = batch_shape(rl, num_processes or world_size())
+    server = vllm_server_address(rl) if rl.use_vllm and rl.vllm_mode == "server" else \
+        (rl.vllm_server_host, rl.vllm_server_port)
     return GRPOConfig(
         output_dir=str(out_dir), seed=seed, max_steps=rl.max_steps,
         per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
@@ -266,7 +347,7 @@ def grpo_args(rl, out_dir: str | Path, seed: int, num_processes: int | None = No
         use_vllm=rl.use_vllm, vllm_mode=rl.vllm_mode, use_transformers_continuous_batching=False,
         vllm_gpu_memory_utilization=rl.vllm_gpu_memory_utilization, vllm_max_model_length=vllm_max_model_length,
         vllm_enable_sleep_mode=rl.vllm_enable_sleep_mode, vllm_tensor_parallel_size=rl.vllm_tensor_parallel_size,
-        vllm_server_host=rl.vllm_server_host, vllm_server_port=rl.vllm_server_port,
+        **dict(zip(("vllm_server_host", "vllm_server_port"), server)),
         vllm_server_timeout=rl.vllm_server_timeout,
         vllm_importance_sampling_correction=rl.is_correction != "none",
         vllm_importance_sampling_mode=rl.is_correction if rl.is_correction != "none" else "sequence_mask",
@@ -296,6 +377,8 @@ def make_trainer(rl, model_path: str, dataset, reward_funcs: list, args, rollout
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if rl.use_vllm and rl.vllm_mode == "server" and rl.ratio_logprobs == "sampler":
+        probe_vllm_server(args.vllm_server_host, args.vllm_server_port, min(args.vllm_server_timeout, 60.0))
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -369,15 +452,27 @@ def qed_grpo_trainer_class():
 
         def _compute_loss(self, model, inputs):
             rl = self.qed_rl
-            if rl is None or not self.base_entropy_coef or rl.entropy_weighting != "policy":
+            if rl is None:
                 return super()._compute_loss(model, inputs)
-            mask = inputs["completion_mask"]
-            factor = ENTROPY_AS_POLICY[rl.loss_type](float(mask.sum()), mask.size(0), self.max_completion_length)
-            self.entropy_coef = self.base_entropy_coef * factor
+            if self.base_entropy_coef and rl.entropy_weighting == "policy":
+                mask = inputs["completion_mask"]
+                factor = ENTROPY_AS_POLICY[rl.loss_type](float(mask.sum()), mask.size(0), self.max_completion_length)
+                self.entropy_coef = self.base_entropy_coef * factor
             try:
-                return super()._compute_loss(model, inputs)
+                loss = super()._compute_loss(model, inputs)
             finally:
                 self.entropy_coef = self.base_entropy_coef
+            # TRL's luspo gives a gradient of token sum / sequences per step (its 1/accumulation and DDP's rank
+            # mean cancel the split); the official trainer divides that by D as well.
+            return loss / self.loss_divisor
+
+        @property
+        def loss_divisor(self) -> int:
+            """D of the official gradient scale (see qedlib.rl): 1 unless loss_type is luspo."""
+            rl = self.qed_rl
+            if rl is None or rl.loss_type != "luspo":
+                return 1
+            return rl.loss_divisor or self.args.gradient_accumulation_steps * self.accelerator.num_processes
 
     return QedGRPOTrainer
 
@@ -414,7 +509,8 @@ def step_metrics(trainer, reward_fn: RewardFunction) -> list[dict]:
                      "is_ratio_mean": h.get("sampling/importance_sampling_ratio/mean"),
                      "unscored_token_frac": h.get("sampler/unscored_token_frac"),
                      "empty_proof_rate": r.get("empty_proof_rate"), "entropy": h.get("entropy"),
-                     "grad_norm": h.get("grad_norm"), "generation_s": gen[i] if i < len(gen) else None,
+                     "grad_norm": h.get("grad_norm"), "clipped": clipped(h.get("grad_norm"), trainer.args.max_grad_norm),
+                     "generation_s": gen[i] if i < len(gen) else None,
                      "grading_s": r.get("grading_s"), "step_s": h.get("step_time"),
                      "truncation_rate": r.get("truncation_rate"), "invalid_rate": r.get("invalid_rate"),
                      "score_mean": r.get("score_mean"), "group": r.get("group")})
@@ -434,7 +530,16 @@ def summarise_steps(rows: list[dict], tail: int = 3) -> dict:
             "reward_min": min(rewards) if rewards else None, "reward_max": max(rewards) if rewards else None,
             "losses_finite": all(math.isfinite(x) for x in losses),
             "truncation_rate": _mean([r["truncation_rate"] for r in rows]),
-            "invalid_rate": _mean([r["invalid_rate"] for r in rows])}
+            "invalid_rate": _mean([r["invalid_rate"] for r in rows]),
+            "clip_frac": _mean([float(r["clipped"]) for r in rows if r.get("clipped") is not None])}
+
+
+def clipped(grad_norm, max_grad_norm) -> bool | None:
+    """Whether a step's gradient was clipped: its norm before clipping (what transformers logs) exceeded
+    max_grad_norm; None when no norm was logged."""
+    if grad_norm is None or max_grad_norm is None or max_grad_norm <= 0:
+        return None
+    return bool(grad_norm > max_grad_norm)
 
 
 def _mean(xs):

@@ -70,7 +70,7 @@ def train(cfg, run_dir) -> dict:
                                       make_grader(rl, folder), rl.resume, training_device=cfg.device)
     metrics = {**summarise_steps(rows), "problems": counts, "seconds": round(time.perf_counter() - t0, 1),
                "model_dir": str(folder / MODEL), "init_model": model_path, "loss_type": rl.loss_type,
-               "world_size": trainer.accelerator.num_processes}
+               "loss_divisor": trainer.loss_divisor, "world_size": trainer.accelerator.num_processes}
     acc = trainer.accelerator
     write_json(folder / "ranks" / f"rank{acc.process_index}.json",
                {"rank": acc.process_index, "world_size": acc.num_processes, "steps": trainer.state.global_step})
