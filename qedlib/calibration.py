@@ -372,7 +372,9 @@ def comparison_table(results: dict):
     import pandas as pd
     if not results:
         return None
-    return pd.DataFrame(comparison_records(results)).set_index("judge").rename(columns=OFFICIAL_NAMES).round(3)
+    table = pd.DataFrame(comparison_records(results)).set_index("judge")
+    table = table.round({k: 3 for k in (*OFFICIAL_NAMES, "invalid_rate")})  # cost per grade keeps its small digits
+    return table.rename(columns=OFFICIAL_NAMES)
 
 
 def comparison_figure(results: dict):
