@@ -55,8 +55,7 @@ def reproduces(published: float, mean: float | None, low: float | None, high: fl
     if low <= published <= high:
         return f"reproduces: {published:.1f} is inside [{low:.1f}, {high:.1f}]"
     side, gap = ("above", published - high) if published > high else ("below", low - published)
-    return (f"does not reproduce: the paper's {published:.1f} is {gap:.1f} points {side} the interval "
-            f"[{low:.1f}, {high:.1f}] (measured {mean - published:+.1f})")
+    return f"does not reproduce: the paper's {published:.1f} is {gap:.1f} points {side} the interval [{low:.1f}, {high:.1f}]"
 
 
 def comparison(metrics: dict, paper_rows: dict | None = None) -> list[dict]:

@@ -211,7 +211,16 @@ def paper_section(run_dir) -> Optional[str]:
     recs = (_read(Path(run_dir) / EVAL / METRICS_FILE) or {}).get("paper_comparison")
     if not recs:
         return None
-    return PAPER_NOTE + "\n\n" + markdown_table(PAPER_COLUMNS, [[r.get(c) for c in PAPER_COLUMNS] for r in recs], ",.1f")
+    return PAPER_NOTE + "\n\n" + markdown_table(PAPER_COLUMNS, [[_cost_cell(c, r.get(c)) for c in PAPER_COLUMNS] for r in recs], ",.1f")
+
+
+def _cost_cell(column: str, value):
+    """Dollars with their significant digits (a cent-sized judge bill must not print as 0.0); tokens as integers."""
+    if value is None or not isinstance(value, float):
+        return value
+    if "$" in column or column.startswith("cost"):
+        return f"${value:.3g}"
+    return f"{value:,.0f}" if "tokens" in column else value
 
 
 def judges_section(run_dir) -> Optional[str]:
@@ -220,7 +229,7 @@ def judges_section(run_dir) -> Optional[str]:
     if len(judges) < 2:
         return None
     cols = list(judges[0])
-    return JUDGES_NOTE + "\n\n" + markdown_table(cols, [[j.get(c) for c in cols] for j in judges], ",.3f")
+    return JUDGES_NOTE + "\n\n" + markdown_table(cols, [[_cost_cell(c, j.get(c)) for c in cols] for j in judges], ",.3f")
 
 
 def _sections(run_dir, rows, summary) -> list[tuple[str, str]]:
