@@ -672,6 +672,6 @@ def main(params: str, sets: list[str], prompt_tokens: int = PROMPT_TOKENS) -> in
     """Print the plan; 1 when a stage cannot fit or a key is inert, else 0."""
     overrides = dict(parse_override(s) for s in sets)
     plan = make_plan(params, overrides, prompt_tokens)
+    print(cost_estimate_text(load_config(params, overrides)) + "\n")  # GPU-hours, judge tokens and dollars of 05_eval
     print(render(plan))
-    print("\n" + cost_estimate_text(load_config(params, overrides)))  # GPU-hours, judge tokens and dollars of 05_eval
     return 1 if plan.reasons else 0
