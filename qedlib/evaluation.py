@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import calibration as cal
 from . import scaffolds as scaffold_lib
 from . import stats
+from .config import ConfigError, Endpoint, build
 from .data import DataError, Problem, load_problems
 from .verdicts import extract_boxed  # noqa: F401  (kept importable from here)
 from .io import JsonlLog, atomic_write, read_json, write_json
@@ -491,7 +493,6 @@ def pass_at_k_view(rows: list[dict], cfg, figure):
 
 def calibration_rows(cfg) -> list[dict]:
     """The graded proofs of eval.calibration (default: the 36 shipped ones), read through its column mapping."""
-    from . import calibration as cal
     c = cfg.eval.calibration
     return cal.load_calibration(c.path, c.columns or None)
 
@@ -504,7 +505,6 @@ def _calibration_prompt(cfg, benchmarks: list[Benchmark]) -> str:
 def judge_calibration(run: "Evaluation", benchmarks: list[Benchmark], cfg) -> dict | None:
     """Grade the first `eval.calibration_limit` calibration proofs with the proof judge used on the benchmarks
     (0: None, no calibration; None: all of them) and compare with the reference grades (qedlib.calibration)."""
-    from . import calibration as cal
     if cfg.eval.calibration_limit == 0:
         return None
     graded = calibration_rows(cfg)[:cfg.eval.calibration_limit]
@@ -513,8 +513,6 @@ def judge_calibration(run: "Evaluation", benchmarks: list[Benchmark], cfg) -> di
 
 def calibration_judges(cfg) -> list[tuple[str, object]]:
     """(label, config.Endpoint) of each extra judge in eval.calibration.judges (an optional `label` key names it)."""
-    from . import calibration as cal
-    from .config import ConfigError, Endpoint, build
     out = []
     for i, spec in enumerate(cfg.eval.calibration.judges):
         if not isinstance(spec, dict):
@@ -528,7 +526,6 @@ def calibration_judges(cfg) -> list[tuple[str, object]]:
 def judge_comparison(run: "Evaluation", benchmarks: list[Benchmark], cfg, calibration: dict | None) -> dict:
     """label -> calibration result for eval.judge (its result `calibration`) and every eval.calibration.judges
     endpoint, each grading the same proofs with the same prompt, mode and sampling (qedlib.calibration)."""
-    from . import calibration as cal
     from .grading import Grader
     if calibration is None:
         return {}
@@ -542,15 +539,23 @@ def judge_comparison(run: "Evaluation", benchmarks: list[Benchmark], cfg, calibr
     return out
 
 
+def judge_comparison_figures(judges: dict) -> list:
+    """The judges' official metrics side by side as one figure (none when calibration was skipped)."""
+    return [cal.comparison_figure(judges)] if judges else []
+
+
+def judge_comparison_table(judges: dict):
+    """The judges side by side (a DataFrame, one row per judge; None when calibration was skipped)."""
+    return cal.comparison_table(judges)
+
+
 def calibration_figures(calibration: dict | None) -> list:
     """The calibration's figures (none when calibration was skipped)."""
-    from . import calibration as cal
     return list(cal.calibration_figures(calibration).values()) if calibration else []
 
 
 def calibration_table(calibration: dict | None):
     """The judge next to its baselines (a DataFrame); when calibration was skipped, say so and return None."""
-    from . import calibration as cal
     from .display import say
     if calibration:
         return cal.judge_vs_baselines(calibration)
@@ -562,7 +567,6 @@ def stage_metrics(metrics: dict, calibration: dict | None, export_files: list, c
                   judges: dict | None = None) -> dict:
     """metrics.json of the stage: `eval_metrics` plus the judge calibration's summary and the official export's
     file count; with `cfg`, the paper comparison (paper.comparison); with `judges`, each judge's official metrics."""
-    from . import calibration as cal
     out = {**metrics, "judge_calibration": cal.summary(calibration), "official_export_files": len(export_files)}
     if cfg is not None:
         out["paper_comparison"] = comparison(metrics, cfg.eval.paper_rows)
@@ -695,7 +699,6 @@ def paper_findings() -> str:
 
 def findings(metrics: dict, calibration: dict | None = None) -> str:
     """What the eval scores mean, from this run's numbers: score vs the share with no proof, and what a constant judge predicts."""
-    from . import calibration as cal
     groups = _groups(metrics)
     if not groups:
         return "No result rows: nothing to interpret."
