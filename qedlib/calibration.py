@@ -5,7 +5,10 @@ Used by notebook 05_eval (the judge-calibration section). QED-Nano chose its RL 
 qedlib/data/calibration.jsonl joined with the shipped problems); `calibrate(grader, rows)`
 grades them and reports mean absolute error, bucket accuracy over {0}, {1-3}, {4-6}, {7},
 pairwise ordering agreement within a problem, the error the judge would put into GRPO
-advantages, the invalid rate, tokens and cost per grade; `calibration_figures` plots it.
+advantages, the invalid rate, tokens and cost per grade, and the four official grader metrics
+(`official_metrics`, as the official eval/scripts/stats.py --grader defines them); `calibration_figures`
+plots it. Any graded-proof set is read through a column mapping (GRADINGBENCH_COLUMNS: the human-graded
+lm-provers/matharena-gradingbench); `comparison_table` / `comparison_figure` set several judges side by side.
 """
 from __future__ import annotations
 
