@@ -533,6 +533,7 @@ def judge_comparison(run: "Evaluation", benchmarks: list[Benchmark], cfg, calibr
     graded = calibration_rows(cfg)[:cfg.eval.calibration_limit]
     prompt = _calibration_prompt(cfg, benchmarks)
     for label, ep in calibration_judges(cfg):
+        label = label if label not in out else f"{label} #{len(out) + 1}"  # two judges never share a row
         judge = dataclasses.replace(cfg.eval.judge, endpoint=ep, prompt=prompt, panel=[])
         gen = None if ep.backend == "openai" else LazyGenerator(ep)
         out[label] = cal.calibrate(Grader(judge, cache_dir=run.folder / "judge_cache", generator=gen), graded)
