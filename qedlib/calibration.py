@@ -5,7 +5,10 @@ Used by notebook 05_eval (the judge-calibration section). QED-Nano chose its RL 
 qedlib/data/calibration.jsonl joined with the shipped problems); `calibrate(grader, rows)`
 grades them and reports mean absolute error, bucket accuracy over {0}, {1-3}, {4-6}, {7},
 pairwise ordering agreement within a problem, the error the judge would put into GRPO
-advantages, the invalid rate, tokens and cost per grade; `calibration_figures` plots it.
+advantages, the invalid rate, tokens and cost per grade, and the four official grader metrics
+(`official_metrics`, as the official eval/scripts/stats.py --grader defines them); `calibration_figures`
+plots it. Any graded-proof set is read through a column mapping (GRADINGBENCH_COLUMNS: the human-graded
+lm-provers/matharena-gradingbench); `comparison_table` / `comparison_figure` set several judges side by side.
 """
 from __future__ import annotations
 
@@ -13,9 +16,37 @@ import itertools
 import statistics
 from collections import defaultdict
 
-from .data import DataError, Problem, load_problems, read_rows, shipped_path
+from .data import DataError, Problem, load_problems, read_records, shipped_path
 
 BUCKETS = ("0", "1-3", "4-6", "7")
+# lm-provers/matharena-gradingbench (human points on MathArena proofs): the columns the official
+# eval/scripts/grading.py --matharena reads (problem, answer = the proof, details = the marking scheme) and
+# stats.py --grader compares with (points; problem_idx groups a problem's proofs).
+GRADINGBENCH = "lm-provers/matharena-gradingbench"
+GRADINGBENCH_COLUMNS = {"problem": "problem", "proof": "answer", "reference_grade": "points",
+                        "problem_id": "problem_idx", "rubric": "details"}
+
+
+def judge_label(endpoint) -> str:
+    """A judge's name in tables: its model, with the reasoning effort when one is set."""
+    return f"{endpoint.model} ({endpoint.reasoning_effort})" if endpoint.reasoning_effort else str(endpoint.model)
+
+
+def rubric_text(value) -> str | None:
+    """A marking scheme as text: a string as it is, a list of {title, points | max_points, desc} items one per line."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for item in value:
+            if not isinstance(item, dict):
+                parts.append(str(item))
+                continue
+            pts = item.get("points", item.get("max_points"))
+            desc = item.get("desc", item.get("description", ""))
+            parts.append(f"{item.get('title', 'Part')} ({pts} points): {desc}")
+        return "\n".join(parts)
+    return str(value)
 
 
 def bucket_of(points: float) -> str:
@@ -32,9 +63,11 @@ def load_calibration(path=None, columns: dict | None = None, problems="shipped")
     reference_solution, answer to give the problem inline) to the file's columns. Rows without an
     inline problem are joined on problem_id with `problems` (a load_problems source or a list).
     """
+    if columns is None and path is not None and GRADINGBENCH in str(path):
+        columns = GRADINGBENCH_COLUMNS
     columns = columns or {}
     where = str(path or shipped_path("calibration.jsonl"))
-    raw = read_rows(where)
+    raw = read_records(where)[0]  # a file, a save_to_disk folder or hub:org/name
     col = lambda name: columns.get(name, name)
     pool = None
     out = []
@@ -53,7 +86,7 @@ def load_calibration(path=None, columns: dict | None = None, problems="shipped")
         pid = row.get(col("problem_id"))
         if row.get(col("problem")):
             problem = Problem(str(pid if pid is not None else f"row-{i}"), str(row[col("problem")]),
-                              reference_solution=row.get(col("reference_solution")), rubric=row.get(col("rubric")),
+                              reference_solution=row.get(col("reference_solution")), rubric=rubric_text(row.get(col("rubric"))),
                               answer=row.get(col("answer")))
         else:
             if pool is None:
@@ -102,6 +135,56 @@ def advantage_error(rows: list[dict]) -> float | None:
     return statistics.fmean(errs) if errs else None
 
 
+# ---------------------------------------------------------------- the official grader metrics
+# As CMU-AIRe/QED-Nano eval/scripts/stats.py --grader defines them, on (graded score, human points) pairs.
+def official_accuracy(pairs: list[tuple[float, float]]) -> float | None:
+    """Share of proofs whose score and points fall in the same bucket 0 / 1-3 / 4-6 / 7, bounds inclusive and
+    nothing rounded (a score of 3.5 is in no bucket, so it never matches)."""
+    def same(s, p):
+        return (s == 0 and p == 0) or (s == 7 and p == 7) or (1 <= s <= 3 and 1 <= p <= 3) or (4 <= s <= 6 and 4 <= p <= 6)
+    return sum(same(s, p) for s, p in pairs) / len(pairs) if pairs else None
+
+
+def _groups(table: list[dict]) -> list[list[dict]]:
+    """The rows of each problem with more than one proof, in first-seen problem order."""
+    by_problem: dict = {}
+    for t in table:
+        by_problem.setdefault(t["problem_id"], []).append(t)
+    return [g for g in by_problem.values() if len(g) > 1]
+
+
+def local_consistency(table: list[dict]) -> float | None:
+    """Per problem, the share of proof pairs i < j with (score_i <= score_j) == (points_i <= points_j) (equal
+    points and ties included), averaged over problems with two or more proofs."""
+    per = []
+    for g in _groups(table):
+        pairs = list(itertools.combinations(g, 2))
+        per.append(statistics.fmean(float((a["score"] <= b["score"]) == (a["reference_grade"] <= b["reference_grade"]))
+                                    for a, b in pairs))
+    return statistics.fmean(per) if per else None
+
+
+def advantage_diff(table: list[dict]) -> float | None:
+    """Per problem, mean |(score - problem mean score) - (points - problem mean points)|, averaged over problems
+    with two or more proofs (the error the judge would put into a GRPO advantage)."""
+    per = []
+    for g in _groups(table):
+        ms = statistics.fmean(t["score"] for t in g)
+        mp = statistics.fmean(t["reference_grade"] for t in g)
+        per.append(statistics.fmean(abs((t["score"] - ms) - (t["reference_grade"] - mp)) for t in g))
+    return statistics.fmean(per) if per else None
+
+
+def official_metrics(table: list[dict]) -> dict:
+    """MAE, bucketed accuracy, local (within-problem pairwise) consistency and advantage error over graded rows
+    ({problem_id, score, reference_grade}). The official script fills a missing grade with 0; we pass only
+    valid grades (a failed judge call is no grade, and is retried on rerun) and report the invalid rate apart."""
+    pairs = [(t["score"], t["reference_grade"]) for t in table]
+    return {"mae": statistics.fmean(abs(s - p) for s, p in pairs) if pairs else None,
+            "accuracy": official_accuracy(pairs), "local_consistency": local_consistency(table),
+            "advantage_diff": advantage_diff(table)}
+
+
 def calibrate(grader, rows: list[dict]) -> dict:
     """Grade the rows with `grader` and measure it against the reference grades (metrics + per-row table)."""
     grades = grader.grade([r["problem"] for r in rows], [r["proof"] for r in rows])
@@ -129,6 +212,7 @@ def calibrate(grader, rows: list[dict]) -> dict:
         "pairwise_agreement": agreement,
         "pairs": pairs,
         "advantage_error": advantage_error(valid),
+        "official": official_metrics(valid),
         "mean_score": statistics.fmean(t["score"] for t in valid) if valid else None,
         "mean_reference": statistics.fmean(t["reference_grade"] for t in table) if table else None,
         "prompt_tokens_per_grade": statistics.fmean(t["prompt_tokens"] for t in table) if table else 0.0,
@@ -267,3 +351,44 @@ def summary(result: dict | None) -> dict | None:
         return None
     out = {k: result.get(k) for k in ("rows", "valid", "mae", "bucket_accuracy", "pairwise_agreement", "invalid_rate")}
     return {**out, **constant_baseline(result), "beats_constant": beats_constant(result)}
+
+
+# ---------------------------------------------------------------- several judges side by side
+OFFICIAL_NAMES = {"mae": "MAE (points, lower is better)", "accuracy": "bucket accuracy",
+                  "local_consistency": "local consistency", "advantage_diff": "advantage error (points, lower is better)"}
+
+
+def comparison_records(results: dict) -> list[dict]:
+    """One record per judge (label -> calibrate result): the official metrics, invalid rate, tokens and cost per grade."""
+    out = []
+    for label, r in results.items():
+        off = r.get("official") or {}
+        out.append({"judge": label, "graded": r["valid"], "of": r["rows"], "invalid_rate": r["invalid_rate"],
+                    **{k: off.get(k) for k in OFFICIAL_NAMES},
+                    "tokens_per_grade": r["prompt_tokens_per_grade"] + r["completion_tokens_per_grade"],
+                    "cost_per_grade": r["cost_per_grade"]})
+    return out
+
+
+def comparison_table(results: dict):
+    """The judges side by side (a DataFrame, one row per judge), to pick a judge as the paper did."""
+    import pandas as pd
+    if not results:
+        return None
+    table = pd.DataFrame(comparison_records(results)).set_index("judge")
+    table = table.round({k: 3 for k in (*OFFICIAL_NAMES, "invalid_rate")})  # cost per grade keeps its small digits
+    return table.rename(columns=OFFICIAL_NAMES)
+
+
+def comparison_figure(results: dict):
+    """The four official metrics per judge as grouped bars (one panel per metric: their scales differ)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    recs = comparison_records(results)
+    fig = make_subplots(rows=1, cols=len(OFFICIAL_NAMES), subplot_titles=list(OFFICIAL_NAMES.values()))
+    for k, key in enumerate(OFFICIAL_NAMES, 1):
+        fig.add_trace(go.Bar(x=[r["judge"] for r in recs], y=[r[key] for r in recs], showlegend=False,
+                             text=[None if r[key] is None else f"{r[key]:.2f}" for r in recs]), row=1, col=k)
+    fig.update_layout(title=f"Judges on the same {recs[0]['of'] if recs else 0} graded proofs (official grader metrics)",
+                      height=420, width=300 * len(OFFICIAL_NAMES))
+    return fig

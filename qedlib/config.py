@@ -254,6 +254,24 @@ class RCRLConfig(RLConfig):
 
 
 @dataclass
+class CalibrationSet:
+    """Graded proofs the judges are measured on (05_eval, judge calibration), and the judges compared."""
+    path: Optional[str] = None  # a .jsonl/.csv/.parquet of graded proofs or hub:org/name; None: the 36 shipped proofs
+    columns: dict = field(default_factory=dict)  # our name -> the file's column (problem_id, problem, proof, reference_grade, rubric, ...)
+    prompt: Optional[str] = None  # judge prompt for these proofs (rubric | proofbench); None: the benchmarks' proof prompt
+    judges: list = field(default_factory=list)  # more judge endpoints (Endpoint fields each) graded side by side with eval.judge
+
+
+@dataclass
+class EvalEstimate:
+    """What `python -m qedlib plan` assumes to price an evaluation before it starts."""
+    tokens_per_problem: dict = field(default_factory=dict)  # benchmark -> mean generated tokens per problem and run (unlisted: eval.sampling.max_new_tokens)
+    generation_tokens_per_s: float = 2000.0  # policy tokens per second per GPU (workbook default, not from the paper)
+    judge_input_tokens: int = 4000  # judge prompt tokens per grade (workbook default, not from the paper)
+    judge_output_tokens: int = 8000  # judge output tokens per grade (workbook default, not from the paper)
+
+
+@dataclass
 class EvalConfig:
     """Stage 5: evaluation of the run's checkpoints on benchmarks, with scaffolds."""
     checkpoints: list = field(default_factory=lambda: ["base", "sft", "rubric_rl", "rc_rl"])
@@ -284,6 +302,9 @@ class EvalConfig:
     max_calls: Optional[int] = None  # scaffold budget: model calls per problem and sample (None: unlimited)
     max_tokens: Optional[int] = None  # scaffold budget: generated tokens per problem and sample (None: unlimited)
     calibration_limit: Optional[int] = None  # judge calibration: grade the first N calibration proofs (0 skips it; None: all)
+    calibration: CalibrationSet = field(default_factory=CalibrationSet)  # which graded proofs, which judges
+    paper_rows: dict = field(default_factory=dict)  # checkpoint -> the paper's row it is compared with (qedlib.paper); base/sft/rc_rl and the released hub ids need none
+    estimate: EvalEstimate = field(default_factory=EvalEstimate)  # assumptions of the plan's GPU-hours and judge cost
 
 
 @dataclass
@@ -294,6 +315,7 @@ class Config:
     base_model: str = "smollm2-135m"  # the student before any training
     thinking: bool = True  # the policy reasons in <think>...</think> before its proof
     device: str = "auto"  # device for in-process models
+    stages: Optional[list] = None  # the stages `python -m qedlib run` executes (e.g. [05_eval]); None: all; --stages overrides
     gpu_memory_gib: Optional[float] = None  # memory of one GPU the recipe is planned for (`python -m qedlib plan`); null = no GPU planned
     generation: Endpoint = field(default_factory=Endpoint)  # how the policy generates (backend, batch)
     distill: DistillConfig = field(default_factory=DistillConfig)

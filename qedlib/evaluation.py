@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import calibration as cal
 from . import scaffolds as scaffold_lib
 from . import stats
+from .config import ConfigError, Endpoint, build
 from .data import DataError, Problem, load_problems
 from .verdicts import extract_boxed  # noqa: F401  (kept importable from here)
 from .io import JsonlLog, atomic_write, read_json, write_json
 from .layout import EVAL
+from .paper import comparison
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
 BENCHMARK_KINDS = {
@@ -37,6 +40,12 @@ BENCHMARK_KINDS = {
 }
 CURRENT_KEYS = "current_keys.json"  # the row keys the last evaluation's settings produce (read_results returns those)
 KEY_FIELDS = ("checkpoint", "benchmark", "scaffold", "problem_id", "sample")
+WALL_TIMES = "wall_times.json"  # seconds spent generating + grading per checkpoint|benchmark|scaffold group
+
+
+def group_key(checkpoint: str, benchmark: str, scaffold: str) -> str:
+    """The key of one (checkpoint, benchmark, scaffold) group in WALL_TIMES."""
+    return f"{checkpoint}|{benchmark}|{scaffold}"
 
 
 @dataclass
@@ -258,6 +267,7 @@ class Evaluation:
                         n = self.run_group(name, policy, bench, sc)
                     if n:
                         print(f"[eval] {name} / {bench.name} / {sc}: {n} rows in {t.seconds:.0f} s")
+                        self.add_wall_time(name, bench.name, sc, t.seconds)
             if owned:
                 close_generator(policy)  # the engine shuts down and frees its memory before the next model's starts
             del policy
@@ -273,6 +283,18 @@ class Evaluation:
                   "(kept in the file, not in this run's tables)")
         write_json(self.folder / CURRENT_KEYS, sorted(self._current))  # what read_results returns
         return n
+
+    def add_wall_time(self, name: str, bench: str, scaffold: str, seconds: float) -> None:
+        """Add the seconds one group spent generating and grading to WALL_TIMES (summed over resumed runs)."""
+        times = self.wall_times()
+        key = group_key(name, bench, scaffold)
+        times[key] = round(times.get(key, 0.0) + seconds, 3)
+        write_json(self.folder / WALL_TIMES, times)
+
+    def wall_times(self) -> dict:
+        """Seconds spent per group (checkpoint|benchmark|scaffold), from WALL_TIMES."""
+        path = self.folder / WALL_TIMES
+        return read_json(path) if path.exists() else {}
 
     def rows(self) -> list[dict]:
         """The result rows of this evaluation's settings once `run` has set them (else every row recorded)."""
@@ -369,11 +391,20 @@ def _num(x):
     return None if stats.is_nan(x) else (round(float(x), 4) if isinstance(x, float) else x)
 
 
-def eval_metrics(rows: list[dict], cfg, benchmarks: Optional[list] = None) -> dict:
+def judge_tokens_per_problem(rows: list[dict]) -> float | None:
+    """Mean judge tokens (prompt + output) per (problem, sample) attempt: 0 where no judge was called."""
+    if not rows:
+        return None
+    return sum((r.get("grade_cost") or {}).get("input_tokens", 0) + (r.get("grade_cost") or {}).get("output_tokens", 0)
+               for r in rows) / len(rows)
+
+
+def eval_metrics(rows: list[dict], cfg, benchmarks: Optional[list] = None, wall_times: Optional[dict] = None) -> dict:
     """metrics.json of stage 5: counts, and per checkpoint and scaffold (all benchmarks pooled, and per benchmark).
 
     `mean_score_pct` follows eval.judge.invalid; `mean_pct_invalid_dropped` / `mean_pct_invalid_as_0`
-    show both readings; `skipped_rows` counts benchmark rows skipped while loading, with reasons."""
+    show both readings; `skipped_rows` counts benchmark rows skipped while loading, with reasons. Per benchmark,
+    `wall_s` is the group's time from `wall_times` (Evaluation.wall_times) and the cost columns are summed USD."""
     ev = cfg.eval
     invalid = "zero" if ev.judge.invalid == "zero" else "drop"
     metrics = {"rows": len(rows), "problems": len({(r["benchmark"], r["problem_id"]) for r in rows}),
@@ -406,7 +437,11 @@ def eval_metrics(rows: list[dict], cfg, benchmarks: Optional[list] = None) -> di
     for r in rows:
         bgroups.setdefault((r["benchmark"], r["checkpoint"], r["scaffold"]), []).append(r)
     for (b, ck, sc), grp in bgroups.items():
-        metrics["by_benchmark"].setdefault(b, {}).setdefault(ck, {})[sc] = block(grp)
+        cost = stats.total_cost(grp)
+        metrics["by_benchmark"].setdefault(b, {}).setdefault(ck, {})[sc] = {
+            **block(grp), "judge_tokens_per_problem": _num(judge_tokens_per_problem(grp)),
+            "generation_usd": round(cost["generation_usd"], 6), "judge_usd": round(cost["grading_usd"], 6),
+            "wall_s": (wall_times or {}).get(group_key(ck, b, sc))}
     return metrics
 
 
@@ -456,24 +491,72 @@ def pass_at_k_view(rows: list[dict], cfg, figure):
                 "See *Try it* below.")
 
 
+def calibration_rows(cfg) -> list[dict]:
+    """The graded proofs of eval.calibration (default: the 36 shipped ones), read through its column mapping."""
+    c = cfg.eval.calibration
+    return cal.load_calibration(c.path, c.columns or None)
+
+
+def _calibration_prompt(cfg, benchmarks: list[Benchmark]) -> str:
+    """eval.calibration.prompt, else the proof judge prompt used on the benchmarks."""
+    return cfg.eval.calibration.prompt or next((b.judge_prompt for b in benchmarks if b.task == "proof"), "rubric")
+
+
 def judge_calibration(run: "Evaluation", benchmarks: list[Benchmark], cfg) -> dict | None:
     """Grade the first `eval.calibration_limit` calibration proofs with the proof judge used on the benchmarks
     (0: None, no calibration; None: all of them) and compare with the reference grades (qedlib.calibration)."""
-    from . import calibration as cal
-    graded = cal.load_calibration()[:cfg.eval.calibration_limit]
-    judge_prompt = next((b.judge_prompt for b in benchmarks if b.task == "proof"), "rubric")
-    return cal.calibrate(run.grader(judge_prompt), graded) if graded else None
+    if cfg.eval.calibration_limit == 0:
+        return None
+    graded = calibration_rows(cfg)[:cfg.eval.calibration_limit]
+    return cal.calibrate(run.grader(_calibration_prompt(cfg, benchmarks)), graded) if graded else None
+
+
+def calibration_judges(cfg) -> list[tuple[str, object]]:
+    """(label, config.Endpoint) of each extra judge in eval.calibration.judges (an optional `label` key names it)."""
+    out = []
+    for i, spec in enumerate(cfg.eval.calibration.judges):
+        if not isinstance(spec, dict):
+            raise ConfigError(f"eval.calibration.judges[{i}] = {spec!r}: expected a mapping of Endpoint fields")
+        fields = {k: v for k, v in spec.items() if k != "label"}
+        ep = build(Endpoint, fields, "params", f"eval.calibration.judges[{i}]")
+        out.append((str(spec.get("label") or cal.judge_label(ep)), ep))
+    return out
+
+
+def judge_comparison(run: "Evaluation", benchmarks: list[Benchmark], cfg, calibration: dict | None) -> dict:
+    """label -> calibration result for eval.judge (its result `calibration`) and every eval.calibration.judges
+    endpoint, each grading the same proofs with the same prompt, mode and sampling (qedlib.calibration)."""
+    from .grading import Grader
+    if calibration is None:
+        return {}
+    out = {cal.judge_label(cfg.eval.judge.endpoint): calibration}
+    graded = calibration_rows(cfg)[:cfg.eval.calibration_limit]
+    prompt = _calibration_prompt(cfg, benchmarks)
+    for label, ep in calibration_judges(cfg):
+        label = label if label not in out else f"{label} #{len(out) + 1}"  # two judges never share a row
+        judge = dataclasses.replace(cfg.eval.judge, endpoint=ep, prompt=prompt, panel=[])
+        gen = None if ep.backend == "openai" else LazyGenerator(ep)
+        out[label] = cal.calibrate(Grader(judge, cache_dir=run.folder / "judge_cache", generator=gen), graded)
+    return out
+
+
+def judge_comparison_figures(judges: dict) -> list:
+    """The judges' official metrics side by side as one figure (none when calibration was skipped)."""
+    return [cal.comparison_figure(judges)] if judges else []
+
+
+def judge_comparison_table(judges: dict):
+    """The judges side by side (a DataFrame, one row per judge; None when calibration was skipped)."""
+    return cal.comparison_table(judges)
 
 
 def calibration_figures(calibration: dict | None) -> list:
     """The calibration's figures (none when calibration was skipped)."""
-    from . import calibration as cal
     return list(cal.calibration_figures(calibration).values()) if calibration else []
 
 
 def calibration_table(calibration: dict | None):
     """The judge next to its baselines (a DataFrame); when calibration was skipped, say so and return None."""
-    from . import calibration as cal
     from .display import say
     if calibration:
         return cal.judge_vs_baselines(calibration)
@@ -481,11 +564,16 @@ def calibration_table(calibration: dict | None):
     return None
 
 
-def stage_metrics(metrics: dict, calibration: dict | None, export_files: list) -> dict:
+def stage_metrics(metrics: dict, calibration: dict | None, export_files: list, cfg=None,
+                  judges: dict | None = None) -> dict:
     """metrics.json of the stage: `eval_metrics` plus the judge calibration's summary and the official export's
-    file count."""
-    from . import calibration as cal
-    return {**metrics, "judge_calibration": cal.summary(calibration), "official_export_files": len(export_files)}
+    file count; with `cfg`, the paper comparison (paper.comparison); with `judges`, each judge's official metrics."""
+    out = {**metrics, "judge_calibration": cal.summary(calibration), "official_export_files": len(export_files)}
+    if cfg is not None:
+        out["paper_comparison"] = comparison(metrics, cfg.eval.paper_rows)
+    if judges:
+        out["judge_comparison"] = cal.comparison_records(judges)
+    return out
 
 
 def _pct(x) -> str:
@@ -612,7 +700,6 @@ def paper_findings() -> str:
 
 def findings(metrics: dict, calibration: dict | None = None) -> str:
     """What the eval scores mean, from this run's numbers: score vs the share with no proof, and what a constant judge predicts."""
-    from . import calibration as cal
     groups = _groups(metrics)
     if not groups:
         return "No result rows: nothing to interpret."
@@ -658,3 +745,97 @@ def final_table(metrics: dict):
     for sc in scaffolds[1:]:  # calibration does not depend on the scaffold: show it once
         table.loc[calib, sc] = ""
     return table
+
+
+# ---------------------------------------------------------------- the paper beside the run (params/paper-table.yaml)
+def paper_comparison_table(metrics: dict, cfg):
+    """Each released model's published number next to the measured one with its 95% interval, the verdict in
+    words, and the cost columns (tokens, wall time, judge tokens, dollars); None when no result has a paper row."""
+    import pandas as pd
+    recs = comparison(metrics, cfg.eval.paper_rows)
+    if not recs:
+        return None
+    return pd.DataFrame(recs).set_index(["checkpoint", "benchmark", "scaffold"])
+
+
+def paper_comparison_findings(metrics: dict, cfg) -> str:
+    """How the run's numbers are scored for the comparison, and each comparison's verdict, in words."""
+    recs = comparison(metrics, cfg.eval.paper_rows)
+    if not recs:
+        names = ", ".join(metrics.get("checkpoints", [])) or "none"
+        return (f"No result has a paper number (checkpoints: {names}). The paper's rows are the released models on "
+                "the paper's benchmarks; name the row a checkpoint stands for in `eval.paper_rows`.")
+    invalid = cfg.eval.judge.invalid
+    how = ("A failed grade counts as 0, as the official `stats.py` counts a null score"
+           if invalid == "zero" else
+           f"Failed grades are dropped (eval.judge.invalid = {invalid}); the official `stats.py` counts them as 0, "
+           "so set eval.judge.invalid: zero to score as the paper does")
+    lines = [f"Measured: mean score % of 7 over {cfg.eval.samples} run(s) with a 95% bootstrap interval over "
+             f"problems. {how}. IMO-AnswerBench rows score 7 or 0, so its % of 7 is the accuracy the paper reports."]
+    for r in recs:
+        lines.append(f"- **{r['checkpoint']}** / {r['benchmark']} ({r['scaffold']}): paper {r['paper']:.1f}, "
+                     f"measured {_pct(r['measured'])}: {r['verdict']}.")
+    n_in = sum(r["verdict"].startswith("reproduces") for r in recs)
+    lines.append(f"{n_in} of {len(recs)} published numbers fall inside the measured interval.")
+    return "\n".join(lines)
+
+
+# Problems per built-in benchmark (RECIPE, stage 5); other benchmarks are loaded to be counted.
+BENCHMARK_SIZES = {"imo-proofbench": 60, "proofbench": 145, "imo-answerbench": 400}
+
+
+def _benchmark_name(spec) -> str:
+    """A benchmark spec's name (a mapping's `name`, else its path's stem; a string is its own name)."""
+    if isinstance(spec, dict):
+        return str(spec.get("name") or Path(str(spec["path"])).stem)
+    return str(spec)
+
+
+def cost_estimate(cfg) -> list[dict]:
+    """Before anything runs: per model, benchmark and scaffold, the attempts, generated tokens, GPU-hours and
+    judge tokens and dollars, from eval.estimate's assumptions and the endpoints' prices (per million tokens)."""
+    ev, est = cfg.eval, cfg.eval.estimate
+    models = [(ev.endpoint.model, ev.endpoint)] if ev.endpoint is not None else \
+        [(ck, cfg.generation) for ck in ev.checkpoints]
+    judges = [ev.judge.endpoint] + [dataclasses.replace(ev.judge.endpoint, **p) for p in ev.judge.panel]
+    out = []
+    for spec in ev.benchmarks:
+        name = _benchmark_name(spec)
+        n = BENCHMARK_SIZES.get(name) or len(load_benchmark(spec).problems)
+        n = min(n, ev.benchmark_limit) if ev.benchmark_limit else n
+        for sc in ev.scaffolds:
+            tokens = est.tokens_per_problem.get(f"{name}/{sc}", est.tokens_per_problem.get(name, ev.sampling.max_new_tokens))
+            attempts = n * ev.samples
+            for model, ep in models:
+                gen = attempts * tokens
+                grades = attempts * ev.judge.samples
+                j_in, j_out = grades * est.judge_input_tokens, grades * est.judge_output_tokens
+                judge_usd = sum(j_in * j.price_in_per_mtok + j_out * j.price_out_per_mtok for j in judges) / 1e6
+                out.append({"model": model, "benchmark": name, "scaffold": sc, "attempts": attempts,
+                            "generated tokens": gen,
+                            "GPU-hours": None if ep.backend == "openai" else gen / est.generation_tokens_per_s / 3600,
+                            "generation $": gen * ep.price_out_per_mtok / 1e6,
+                            "judge tokens": (j_in + j_out) * len(judges), "judge $": judge_usd})
+    return out
+
+
+def cost_estimate_text(cfg) -> str:
+    """The eval estimate as text for `python -m qedlib plan`: one line per group, then the totals."""
+    rows = cost_estimate(cfg)
+    est = cfg.eval.estimate
+    if not rows:
+        return "== eval cost ==\n  nothing to evaluate (no checkpoint or benchmark)"
+    lines = ["== eval cost (before anything runs) ==",
+             f"  assumes {est.generation_tokens_per_s:g} generated tokens/s per GPU, {est.judge_input_tokens} judge prompt "
+             f"+ {est.judge_output_tokens} judge output tokens per grade (eval.estimate); AnswerBench answers decided "
+             "by exact match need no judge call, so its judge figures are an upper bound"]
+    for r in rows:
+        gpu = "served" if r["GPU-hours"] is None else f"{r['GPU-hours']:.1f} GPU-h"
+        lines.append(f"  {r['model']} / {r['benchmark']} / {r['scaffold']}: {r['attempts']} attempts, "
+                     f"{r['generated tokens'] / 1e6:.1f}M tokens, {gpu}; judge {r['judge tokens'] / 1e6:.1f}M tokens, "
+                     f"${r['judge $']:.2f}")
+    gpu_h = sum(r["GPU-hours"] or 0.0 for r in rows)
+    judge_tok = sum(r["judge tokens"] for r in rows)
+    usd = sum(r["judge $"] + r["generation $"] for r in rows)
+    lines.append(f"  total: {gpu_h:.1f} GPU-hours, {judge_tok / 1e6:.1f}M judge tokens, ${usd:.2f} at the params' prices")
+    return "\n".join(lines)

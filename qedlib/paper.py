@@ -1,6 +1,7 @@
 """The QED-Nano paper's published numbers (RECIPE "Headline results") that runs are compared with.
 
-Read by the eval stage (qedlib.evaluation: paper table and findings) and the run report (qedlib.report).
+Read by the eval stage (qedlib.evaluation: paper table and findings; `comparison` puts a run beside the paper)
+and the run report (qedlib.report).
 """
 from __future__ import annotations
 
@@ -16,3 +17,66 @@ PAPER_RESULTS = {
 # Which of our checkpoints corresponds to which paper row.
 PAPER_ROW_OF_CHECKPOINT = {"base": "Qwen3-4B-Thinking-2507 (base)", "sft": "QED-Nano-SFT",
                            "rc_rl": "QED-Nano (SFT + rubric RL + RC RL)"}
+# The released models on the hub (RECIPE; lm-provers model cards) are the paper's rows themselves.
+PAPER_ROW_OF_CHECKPOINT.update({"Qwen/Qwen3-4B-Thinking-2507": "Qwen3-4B-Thinking-2507 (base)",
+                                "lm-provers/QED-Nano-SFT": "QED-Nano-SFT",
+                                "lm-provers/QED-Nano": "QED-Nano (SFT + rubric RL + RC RL)"})
+FULL_MODEL_ROW = "QED-Nano (SFT + rubric RL + RC RL)"
+SCAFFOLD_ROW = "QED-Nano + test-time scaffold"  # RECIPE: >1M tokens/problem, the DeepSeek-Math agent or RSA
+SCAFFOLDS_OF_SCAFFOLD_ROW = ("dsm", "rsa")
+BENCHMARK_LABELS = {"imo-proofbench": "IMO-ProofBench", "proofbench": "ProofBench", "imo-answerbench": "IMO-AnswerBench"}
+PAPER_ROWS = sorted({r for by_row in PAPER_RESULTS.values() for r in by_row})
+
+
+def check_paper_rows(paper_rows: dict) -> None:
+    """Reject an eval.paper_rows value that names no row of the paper's table, saying which rows exist."""
+    import difflib
+    for ck, row in paper_rows.items():
+        if row not in PAPER_ROWS:
+            close = difflib.get_close_matches(str(row), PAPER_ROWS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"eval.paper_rows.{ck} = {row!r} is no row of the paper's table{hint} "
+                             f"(rows: {', '.join(PAPER_ROWS)})")
+
+
+def paper_row(checkpoint: str, scaffold: str, paper_rows: dict | None = None) -> str | None:
+    """The paper's row a (checkpoint, scaffold) result is compared with: eval.paper_rows first, then the defaults;
+    the full model under the DeepSeek-Math agent or RSA is the paper's test-time-scaffold row; None: no paper row."""
+    row = (paper_rows or {}).get(checkpoint) or PAPER_ROW_OF_CHECKPOINT.get(checkpoint)
+    if scaffold == "single":
+        return row
+    return SCAFFOLD_ROW if row == FULL_MODEL_ROW and scaffold in SCAFFOLDS_OF_SCAFFOLD_ROW else None
+
+
+def reproduces(published: float, mean: float | None, low: float | None, high: float | None) -> str:
+    """In words: is the published number inside the measured 95% interval, or how far outside it."""
+    if mean is None or low is None or high is None:
+        return "not measured"
+    if low <= published <= high:
+        return f"reproduces: {published:.1f} is inside [{low:.1f}, {high:.1f}]"
+    side, gap = ("above", published - high) if published > high else ("below", low - published)
+    return f"does not reproduce: the paper's {published:.1f} is {gap:.1f} points {side} the interval [{low:.1f}, {high:.1f}]"
+
+
+def comparison(metrics: dict, paper_rows: dict | None = None) -> list[dict]:
+    """One record per (checkpoint, benchmark, scaffold) that has a paper number: published vs measured with its
+    interval and the verdict in words, and what it cost (tokens, wall time, judge tokens, dollars, dollars per point)."""
+    check_paper_rows(paper_rows or {})
+    out = []
+    for bench, by_ck in metrics.get("by_benchmark", {}).items():
+        for ck, by_sc in by_ck.items():
+            for sc, b in by_sc.items():
+                row = paper_row(ck, sc, paper_rows)
+                published = PAPER_RESULTS.get(bench, {}).get(row) if row else None
+                if published is None:
+                    continue
+                mean, low, high = b.get("mean_score_pct"), b.get("ci_low"), b.get("ci_high")
+                usd = (b.get("generation_usd") or 0.0) + (b.get("judge_usd") or 0.0)
+                out.append({"checkpoint": ck, "benchmark": BENCHMARK_LABELS.get(bench, bench), "scaffold": sc,
+                            "paper row": row, "paper": published, "measured": mean, "ci_low": low, "ci_high": high,
+                            "verdict": reproduces(published, mean, low, high),
+                            "tokens per problem": b.get("tokens_per_problem"), "wall s": b.get("wall_s"),
+                            "judge tokens per problem": b.get("judge_tokens_per_problem"),
+                            "generation $": b.get("generation_usd"), "judge $": b.get("judge_usd"),
+                            "$ per point": usd / mean if mean else None})
+    return out

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config, Endpoint, load_config, parse_override
+from .evaluation import cost_estimate_text
 from .reasoning_cache import check_summariser
 
 GIB = 2 ** 30
@@ -635,6 +636,8 @@ def make_plan(params: str | Path, overrides: dict | None = None, prompt_tokens: 
         p, model = plan_rl(cfg, st, model, models, prompt_tokens)
         stages.append(p)
     stages.append(plan_eval(cfg, model, models, prompt_tokens))
+    if cfg.stages:  # an eval-only recipe (params `stages`) plans only the stages it runs
+        stages = [s for s in stages if any(st.endswith(s.stage) or st.split("_", 1)[1] == s.stage for st in cfg.stages)]
     lines = []
     for where, ep in endpoints(cfg):
         url = f"{ep.base_url_env} {'set' if os.environ.get(ep.base_url_env) else 'NOT SET'}" if ep.base_url_env else \
@@ -682,6 +685,8 @@ def render(plan: Plan) -> str:
 
 def main(params: str, sets: list[str], prompt_tokens: int = PROMPT_TOKENS) -> int:
     """Print the plan; 1 when a stage cannot fit or a key is inert, else 0."""
-    plan = make_plan(params, dict(parse_override(s) for s in sets), prompt_tokens)
+    overrides = dict(parse_override(s) for s in sets)
+    plan = make_plan(params, overrides, prompt_tokens)
+    print(cost_estimate_text(load_config(params, overrides)) + "\n")  # GPU-hours, judge tokens and dollars of 05_eval
     print(render(plan))
     return 1 if plan.reasons else 0

@@ -196,6 +196,42 @@ STAGES_NOTE = ("Key numbers per stage ('-': the stage does not have it); each st
                "up to 3 steps at each end of training (1 each when it ran 2-5 steps).")
 
 
+PAPER_NOTE = ("Each published number (RECIPE; the released models on the hub) next to this run's mean % of 7 with its "
+              "95% bootstrap interval over problems, and whether it falls inside. IMO-AnswerBench rows score 7 or 0, so "
+              "the % is the paper's accuracy. Cost: generated tokens and judge tokens per problem and run, wall time of "
+              "the group, dollars at the params' prices, dollars per percentage point.")
+PAPER_COLUMNS = ["checkpoint", "benchmark", "scaffold", "paper", "measured", "ci_low", "ci_high", "verdict",
+                 "tokens per problem", "wall s", "judge tokens per problem", "generation $", "judge $", "$ per point"]
+JUDGES_NOTE = ("The judges graded the same proofs; the measures are the official `stats.py --grader` ones: MAE and "
+               "advantage error in points (lower is better), bucket accuracy and local consistency (higher is better).")
+
+
+def paper_section(run_dir) -> Optional[str]:
+    """The paper beside the run, from 05_eval/metrics.json (its `paper_comparison`); None when no result has a paper row."""
+    recs = (_read(Path(run_dir) / EVAL / METRICS_FILE) or {}).get("paper_comparison")
+    if not recs:
+        return None
+    return PAPER_NOTE + "\n\n" + markdown_table(PAPER_COLUMNS, [[_cost_cell(c, r.get(c)) for c in PAPER_COLUMNS] for r in recs], ",.1f")
+
+
+def _cost_cell(column: str, value):
+    """Dollars with their significant digits (a cent-sized judge bill must not print as 0.0); tokens as integers."""
+    if value is None or not isinstance(value, float):
+        return value
+    if "$" in column or column.startswith("cost"):
+        return f"${value:.3g}"
+    return f"{value:,.0f}" if "tokens" in column else value
+
+
+def judges_section(run_dir) -> Optional[str]:
+    """The judges compared on the calibration proofs, from 05_eval/metrics.json; None unless there are several."""
+    judges = (_read(Path(run_dir) / EVAL / METRICS_FILE) or {}).get("judge_comparison") or []
+    if len(judges) < 2:
+        return None
+    cols = list(judges[0])
+    return JUDGES_NOTE + "\n\n" + markdown_table(cols, [[_cost_cell(c, j.get(c)) for c in cols] for j in judges], ",.3f")
+
+
 def _sections(run_dir, rows, summary) -> list[tuple[str, str]]:
     info = run_info(run_dir)
     run_rows = [["run folder", str(Path(run_dir).resolve())], ["git commit", info.get("commit")],
@@ -209,9 +245,14 @@ def _sections(run_dir, rows, summary) -> list[tuple[str, str]]:
         sec.append(("Scores (mean % of 7, 95% bootstrap CI over problems)",
                     SCORES_NOTE + "\n\n" + markdown_table(cols, summary[cols].values.tolist(), FLOATS)))
         comp = paper_comparison(summary)
-        if comp:
+        beside, judges = paper_section(run_dir), judges_section(run_dir)
+        if beside:  # the released models (or folders named in eval.paper_rows) beside their published numbers
+            sec.append(("The paper beside the run (published vs measured, with cost)", beside))
+        elif comp:
             sec.append(("Paper comparison (RECIPE headline results; the paper used Qwen3-4B at full budgets)",
                         markdown_table(list(comp[0]), [list(c.values()) for c in comp], FLOATS)))
+        if judges:
+            sec.append(("Judges on the calibration proofs (official grader metrics)", judges))
     else:
         sec.append(("Scores", f"No evaluation results yet (run {EVAL})."))
     return sec

@@ -132,7 +132,7 @@ def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str
     cfg = load_config(params_file, overrides)  # fail fast on a bad params file
     run_dir = (Path(outputs) / (run_name or cfg.run_name)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    wanted = _select_stages(stages)
+    wanted = _select_stages(stages or cfg.stages)  # --stages, else the params' `stages` (an eval-only recipe), else all
     say_config_changes(run_dir / CONFIG_FILE, cfg, wanted)  # before anything runs: what will not be resumed
     save_config(cfg, run_dir / CONFIG_FILE)
     timings = read_json(run_dir / TIMINGS_FILE) if (run_dir / TIMINGS_FILE).exists() else {}

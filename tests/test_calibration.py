@@ -1,7 +1,10 @@
 """Judge calibration metrics (qedlib.calibration) on the shipped set and on literal rows."""
 import json
+from pathlib import Path
 
 import pytest
+
+from conftest import chat_reply
 
 from qedlib import calibration as C
 from qedlib.config import Endpoint, Judge, Sampling
@@ -117,3 +120,86 @@ def test_proofs_table_shows_every_proof_with_the_judges_grade_where_graded():
     assert len(table) == len(rows) == 36 and set(table["kind"]) == {"good", "flawed", "wrong"}
     assert list(table["judge"][:3]) == [4.0, "invalid (no_tag)", "not graded"]
     assert table["proof"][0] == rows[0]["proof"] and table["note"][0] == rows[0]["note"]  # in full, not cut
+
+
+# ---------------------------------------------------------------- human-graded sets and several judges
+REPO = Path(__file__).resolve().parent.parent
+GRADINGBENCH_SAMPLE = Path(__file__).parent / "fixtures" / "matharena_gradingbench_sample.jsonl"
+# what each fake judge answers per proof (the proofs carry these ids); None: the judge call fails (HTTP 500)
+JUDGE_A = {"P1-A": 6, "P1-B": 3, "P1-C": 3, "P2-A": 7, "P2-B": 4, "P2-C": 0}
+JUDGE_B = {"P1-A": 3, "P1-B": 3, "P1-C": 3, "P2-A": 3, "P2-B": 3, "P2-C": None}
+
+
+def scripted_judge(scores):
+    """A fake judge's reply function: the score of the proof id found in the prompt, or a 500 when it is None."""
+    def reply(body):
+        prompt = body["messages"][-1]["content"]
+        pid = next(k for k in scores if f"Proof {k}." in prompt)
+        if scores[pid] is None:
+            return 500, b'{"error": "scripted failure"}'
+        return chat_reply(f"Assessment of {pid}.\n<score>{scores[pid]}</score>", prompt_tokens=50, completion_tokens=20)
+    return reply
+
+
+def test_gradingbench_schema_reads_through_the_column_mapping():
+    rows = C.load_calibration(GRADINGBENCH_SAMPLE, C.GRADINGBENCH_COLUMNS)
+    assert [r["reference_grade"] for r in rows] == [7, 3, 0, 7, 7, 2]
+    assert [r["problem_id"] for r in rows] == ["1", "1", "1", "2", "2", "2"]
+    assert rows[0]["proof"].startswith("Proof P1-A.") and "lamps" in rows[0]["problem"].problem
+    # the marking scheme (a list of {title, points, desc}) becomes the rubric text the judge reads
+    assert rows[0]["problem"].rubric.splitlines()[0].startswith("Invariant (3 points): States and proves")
+    with pytest.raises(DataError, match="column 'answer_text' is missing.*map it with columns"):
+        C.load_calibration(GRADINGBENCH_SAMPLE, {**C.GRADINGBENCH_COLUMNS, "proof": "answer_text"})
+
+
+def test_official_grader_metrics_by_hand():
+    """stats.py --grader on judge A's scores, computed by hand (see the comments)."""
+    table = [{"problem_id": pid[:2], "score": float(s), "reference_grade": float(p)}
+             for (pid, s), p in zip(JUDGE_A.items(), [7, 3, 0, 7, 7, 2])]
+    m = C.official_metrics(table)
+    assert m["mae"] == pytest.approx((1 + 0 + 3 + 0 + 3 + 2) / 6)
+    assert m["accuracy"] == pytest.approx(2 / 6)  # (3, 3) in 1-3 and (7, 7): the only bucket matches
+    # P1 pairs (6,7)-(3,3) agree, (6,7)-(3,0) agree, (3,3)-(3,0): 3<=3 but 3>0, disagree: 2/3; P2 likewise 2/3
+    assert m["local_consistency"] == pytest.approx(2 / 3)
+    # P1: advantages 2,-1,-1 vs 11/3,-1/3,-10/3 -> 14/9; P2: 10/3,1/3,-11/3 vs 5/3,5/3,-10/3 -> 10/9
+    assert m["advantage_diff"] == pytest.approx((14 / 9 + 10 / 9) / 2)
+    assert C.official_accuracy([(3.5, 3.0), (0.0, 0.0)]) == 0.5  # 3.5 is in no bucket: never rounded
+
+
+def calibration_config(tmp_path, url_a, url_b):
+    from qedlib.config import load_config
+    judge = {"backend": "openai", "api": "chat", "max_retries": 0, "price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0}
+    return load_config(REPO / "params" / "paper-table.yaml", {
+        "eval.judge.endpoint": {"model": "judge-a", "base_url": url_a, **judge},
+        "eval.calibration.path": str(GRADINGBENCH_SAMPLE),
+        "eval.calibration.judges": [{"model": "judge-b", "base_url": url_b, "label": "small judge", **judge}]})
+
+
+def test_two_judges_side_by_side_and_a_failed_call_is_no_grade(tmp_path, fake_openai):
+    from qedlib import evaluation
+    server_a, server_b = fake_openai(scripted_judge(JUDGE_A)), fake_openai(scripted_judge(JUDGE_B))
+    cfg = calibration_config(tmp_path, server_a.url, server_b.url)
+    run = evaluation.Evaluation(cfg, tmp_path / "05_eval")
+    main = evaluation.judge_calibration(run, [], cfg)
+    judges = evaluation.judge_comparison(run, [], cfg, main)
+    assert list(judges) == ["judge-a", "small judge"]
+    a, b = judges["judge-a"]["official"], judges["small judge"]["official"]
+    assert a["mae"] == pytest.approx(1.5) and a["local_consistency"] == pytest.approx(2 / 3)
+    # judge B failed on P2-C: five grades, that row is in no measure (not a 0)
+    assert judges["small judge"]["valid"] == 5 and judges["small judge"]["invalid_by_reason"]["judge_error"] == 1
+    assert b["mae"] == pytest.approx((4 + 0 + 3 + 4 + 4) / 5) and b["accuracy"] == pytest.approx(1 / 5)
+    assert b["local_consistency"] == pytest.approx((0 + 1) / 2) and b["advantage_diff"] == pytest.approx((22 / 9 + 0) / 2)
+    table = C.comparison_table(judges)
+    assert list(table.index) == ["judge-a", "small judge"] and table.loc["judge-a", "MAE (points, lower is better)"] == 1.5
+    assert table.loc["judge-a", "tokens_per_grade"] == 70 and table.loc["judge-a", "cost_per_grade"] == pytest.approx(90e-6)
+    fig = C.comparison_figure(judges)
+    assert len(fig.data) == 4 and list(fig.data[0].x) == ["judge-a", "small judge"]
+    # rerun: valid grades come from the cache, the failed call is asked again and now counts
+    JUDGE_B["P2-C"] = 2
+    calls_a, calls_b = server_a.calls, server_b.calls
+    try:
+        again = evaluation.judge_comparison(run, [], cfg, evaluation.judge_calibration(run, [], cfg))
+    finally:
+        JUDGE_B["P2-C"] = None
+    assert server_a.calls == calls_a and server_b.calls == calls_b + 1
+    assert again["small judge"]["valid"] == 6
