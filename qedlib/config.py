@@ -129,6 +129,7 @@ class DistillConfig:
     write_rubrics: bool = False  # write rubrics for problems with a reference solution but no rubric
     screen_difficulty: list = field(default_factory=lambda: [1, 10])  # keep screened problems rated in [low, high] (1-10)
     helper: Literal["judge", "teacher"] = "judge"  # which endpoint screens problems and writes rubrics
+    max_invalid_rate: float = 0.5  # stop the stage when more than this share of teacher or judge calls fail or grade invalid (workbook default)
 
 
 @dataclass
@@ -227,6 +228,7 @@ class RLConfig:
     logging_steps: int = 1
     report_to: list = field(default_factory=list)
     launch: Launch = field(default_factory=Launch)
+    max_invalid_rate: float = 0.5  # stop training, before any save, at the first step where more than this share of rollouts got no valid reward (workbook default)
 
 
 @dataclass
@@ -280,6 +282,7 @@ class EvalConfig:
     max_calls: Optional[int] = None  # scaffold budget: model calls per problem and sample (None: unlimited)
     max_tokens: Optional[int] = None  # scaffold budget: generated tokens per problem and sample (None: unlimited)
     calibration_limit: Optional[int] = None  # judge calibration: grade the first N calibration proofs (0 skips it; None: all)
+    max_invalid_rate: float = 0.5  # stop the evaluation when more than this share of its policy or judge calls fail or grade invalid (workbook default)
 
 
 @dataclass

@@ -451,3 +451,28 @@ def _vllm_next_token_probs(gen, texts: list[str], candidates: list[str]) -> list
 def grade_completions(grader: Grader, problems: list[Problem], completions: list[Completion]) -> list[Grade]:
     """Grade each completion's final proof; unclosed thinking or an empty final makes no judge call."""
     return grader.grade(problems, [c.final for c in completions], [c.think_closed for c in completions])
+
+
+# ---------------------------------------------------------------- faults: a failed call is never a result
+class InvalidRateError(RuntimeError):
+    """A stage stopped because too many of its calls failed or gave no valid grade (the endpoint is named)."""
+
+
+def describe_endpoint(endpoint) -> str:
+    """The endpoint as a reader can find it: backend, model, and where its URL comes from (never a key)."""
+    where = ""
+    if endpoint.backend == "openai":
+        where = f" at ${endpoint.base_url_env}" if endpoint.base_url_env else f" at {endpoint.base_url}"
+    return f"{endpoint.backend} model {endpoint.model!r}{where}"
+
+
+def check_invalid_rate(what: str, endpoint, failed: int, attempted: int, limit: float, key: str,
+                       first_error: str | None = None) -> None:
+    """Stop the stage (InvalidRateError) when failed / attempted passes `limit` (the params key `key`)."""
+    if attempted and failed / attempted > limit:
+        first = f" (first error: {first_error})" if first_error else ""
+        raise InvalidRateError(
+            f"{what}: {failed} of {attempted} calls to the {describe_endpoint(endpoint)} failed or gave no valid "
+            f"grade ({failed / attempted:.0%} > {key} = {limit:g}){first}. Stopped before writing anything from "
+            f"them; the previous output is left as it was. Fix the endpoint and rerun: finished records are kept "
+            f"and only the missing ones are redone.")
