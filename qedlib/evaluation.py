@@ -167,7 +167,8 @@ class Evaluation:
         self.results = JsonlLog(self.folder / "results.jsonl", key="key")
         self.generations = JsonlLog(self.folder / "generations.jsonl", key="key")
         self.failures = JsonlLog(self.folder / FAILURES_FILE, key="id")  # every failed call, one record per attempt
-        self.calls = {"attempted": 0, "failed": 0, "first_error": None}  # this run's calls (the max_invalid_rate test)
+        # this run's rows tried (each ends in a failed policy call, a failed judge call or a grade) and failed
+        self.calls = {"attempted": 0, "failed": 0, "first_error": None, "done_before": 0}
         self.judge_generator = judge_generator
         self._graders: dict[str, object] = {}
         self._summariser = None
@@ -239,9 +240,9 @@ class Evaluation:
         for p, k, res in zip(chunk, keys, results):
             if k in self.generations:
                 continue
-            self.calls["attempted"] += 1
             rec = {k2: v for k2, v in res.to_dict().items() if k2 != "reasoning"}
-            if rec.get("finish_reason") == "error":  # the policy call failed: not a generation
+            if rec.get("finish_reason") == "error":  # the policy call failed: not a generation (a row that ends here)
+                self.calls["attempted"] += 1
                 self._fail(k, "policy", "the policy call failed (finish_reason error) after the endpoint's retries")
                 continue
             self.generations.append({"key": k, **rec})
@@ -278,7 +279,8 @@ class Evaluation:
     def _check_rate(self, role: str, endpoint) -> None:
         """Stop the evaluation once this run's failed or invalid share passes eval.max_invalid_rate."""
         c = self.calls
-        check_invalid_rate(f"05_eval ({role} calls)", endpoint, c["failed"], c["attempted"], self.cfg.eval.max_invalid_rate,
+        # the share among this evaluation's rows (finished before + tried now), so a rerun of a few failures is not 100%
+        check_invalid_rate(f"05_eval ({role} calls)", endpoint, c["failed"], c["attempted"] + c["done_before"], self.cfg.eval.max_invalid_rate,
                            "eval.max_invalid_rate", c["first_error"])
 
     def open_failures(self) -> list[dict]:
@@ -327,6 +329,7 @@ class Evaluation:
             print(f"[eval] {self.results.path.name}: {n} rows of other settings, checkpoints or benchmarks are set aside "
                   "(kept in the file, not in this run's tables)")
         write_json(self.folder / CURRENT_KEYS, sorted(self._current))  # what read_results returns
+        self.calls["done_before"] = sum(1 for k in self._current if k in self.results)
         return n
 
     def rows(self) -> list[dict]:
