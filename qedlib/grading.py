@@ -460,6 +460,8 @@ class InvalidRateError(RuntimeError):
 
 def describe_endpoint(endpoint) -> str:
     """The endpoint as a reader can find it: backend, model, and where its URL comes from (never a key)."""
+    if endpoint is None:
+        return "reward checker (no endpoint: answers checked in-process)"
     where = ""
     if endpoint.backend == "openai":
         where = f" at ${endpoint.base_url_env}" if endpoint.base_url_env else f" at {endpoint.base_url}"
@@ -476,3 +478,20 @@ def check_invalid_rate(what: str, endpoint, failed: int, attempted: int, limit: 
             f"grade ({failed / attempted:.0%} > {key} = {limit:g}){first}. Stopped before writing anything from "
             f"them; the previous output is left as it was. Fix the endpoint and rerun: finished records are kept "
             f"and only the missing ones are redone.")
+
+
+# fields a problem needs for each judge prompt (and for the verifiable answer reward)
+NEEDED_FIELDS = {"rubric": ("rubric",), "proofbench": ("rubric", "reference_solution"), "answer": ("answer",)}
+
+
+def check_gradable(problems: list, reward: str, judge_prompt: str, where: str, section: str) -> None:
+    """Fail before any training when a problem lacks what its reward needs (a rubric for the judge's rubric
+    prompt, an answer for the answer reward), naming the file, the row and the fix."""
+    need = NEEDED_FIELDS[judge_prompt] if reward == "judge" else ("answer",) if reward == "answer" else ()
+    for row, p in enumerate(problems):
+        missing = [f for f in need if not getattr(p, f)]
+        if missing:
+            raise ValueError(
+                f"{where}: row {row} (problem {p.id!r}) has no {' / '.join(missing)}, which {section}.reward = "
+                f"{reward!r}" + (f" with judge prompt {judge_prompt!r}" if reward == "judge" else "") + " needs: map the "
+                f"column in {section}.problems.columns, fix or remove that row, or choose another reward. Nothing was trained.")
