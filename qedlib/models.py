@@ -323,7 +323,7 @@ def content_fingerprint(model_ref: str) -> str:
     files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
     whole = hashlib.sha256(json.dumps([[f.name, _file_digest(f, known)] for f in files]).encode()).hexdigest()
     if len(known) != size:  # new files were hashed: remember them (a lost race only costs a rehash)
-        write_json(store, known)
+        write_json(store, {k: v for k, v in known.items() if Path(k.rsplit(":", 2)[0]).exists()})  # forget deleted files
     return f"sha256:{whole[:20]}"
 
 
