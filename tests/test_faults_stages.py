@@ -7,11 +7,12 @@ import socket
 import pytest
 
 from conftest import chat_reply
-from qedlib import distill, evaluation, rl, rubric_rl
+from qedlib import distill, evaluation, rc_rl, rl, rubric_rl
 from qedlib.config import load_config
 from qedlib.data import Problem
 from qedlib.grading import Grader, InvalidRateError
 from qedlib.io import read_jsonl
+from qedlib.layout import stage_dir
 from qedlib.models import content_fingerprint
 from qedlib.sft_data import SFTDataError, load_sft_data
 
@@ -226,7 +227,7 @@ def rl_cfg(tmp_path):
 
 def test_rubric_rl_with_the_judge_down_stops_before_any_save(tmp_path, monkeypatch):
     monkeypatch.setenv("QED_T_JUDGE_URL", closed_port_url())
-    stage = tmp_path / "03_rubric_rl"
+    stage = stage_dir(tmp_path, rubric_rl.STAGE)
     (stage / "model").mkdir(parents=True)
     (stage / "model" / "config.json").write_text('{"previous": "run"}')  # the previous run's output
     (stage / "train_result.json").write_text('{"steps": 7}')
@@ -235,6 +236,20 @@ def test_rubric_rl_with_the_judge_down_stops_before_any_save(tmp_path, monkeypat
     assert (stage / "model" / "config.json").read_text() == '{"previous": "run"}'
     assert json.loads((stage / "train_result.json").read_text()) == {"steps": 7}
     assert not list((stage / "checkpoints").glob("checkpoint-*"))  # no step was taken on nothing
+
+
+def test_rc_rl_with_the_judge_down_stops_before_any_save(tmp_path, monkeypatch):
+    monkeypatch.setenv("QED_T_JUDGE_URL", closed_port_url())
+    keys = {"model": "base", "problems": {"path": "shipped", "split": "train", "limit": 4}, "num_generations": 2,
+            "prompts_per_step": 2, "states_per_trajectory": 1, "max_steps": 2, "max_completion_length": 8,
+            "save_steps": 1, "judge": http_judge("QED_T_JUDGE_URL"),
+            "rc": {"turns": 2, "reasoning_budget": 8, "summary": {"temperature": 0.7, "top_p": 0.8, "max_new_tokens": 6}}}
+    cfg = load_config(None, {"base_model": "tiny-qwen3", "device": "cpu", "thinking": False,
+                             **{f"rc_rl.{k}": v for k, v in keys.items()}})
+    with pytest.raises(InvalidRateError, match=r"rc_rl step 1: .*\$QED_T_JUDGE_URL.*rc_rl\.max_invalid_rate"):
+        rc_rl.train(cfg, tmp_path)
+    stage = stage_dir(tmp_path, rc_rl.STAGE)
+    assert not (stage / "model").exists() and not (stage / "train_result.json").exists()
 
 
 def test_rl_findings_read_an_all_invalid_run():
