@@ -130,6 +130,7 @@ class DistillConfig:
     write_rubrics: bool = False  # write rubrics for problems with a reference solution but no rubric
     screen_difficulty: list = field(default_factory=lambda: [1, 10])  # keep screened problems rated in [low, high] (1-10)
     helper: Literal["judge", "teacher"] = "judge"  # which endpoint screens problems and writes rubrics
+    max_invalid_rate: float = 0.5  # stop the stage when more than this share of teacher or judge calls fail or grade invalid (workbook default)
 
 
 @dataclass
@@ -231,6 +232,7 @@ class RLConfig:
     logging_steps: int = 1
     report_to: list = field(default_factory=list)
     launch: Launch = field(default_factory=Launch)
+    max_invalid_rate: float = 0.5  # stop training, before any save, at the first step where more than this share of rollouts got no valid reward (workbook default)
 
 
 @dataclass
@@ -305,6 +307,7 @@ class EvalConfig:
     calibration: CalibrationSet = field(default_factory=CalibrationSet)  # which graded proofs, which judges
     paper_rows: dict = field(default_factory=dict)  # checkpoint -> the paper's row it is compared with (qedlib.paper); base/sft/rc_rl and the released hub ids need none
     estimate: EvalEstimate = field(default_factory=EvalEstimate)  # assumptions of the plan's GPU-hours and judge cost
+    max_invalid_rate: float = 0.5  # stop the evaluation when more than this share of its policy or judge calls fail or grade invalid (workbook default)
 
 
 @dataclass

@@ -28,8 +28,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+from .grading import InvalidRateError, check_invalid_rate, describe_endpoint
 from .io import JsonlLog, read_json, replace_folder, settings_hash, write_json
 from .layout import DISTILL, stage_dir
+from .models import stable_seed
 from .policy import SFT_COLUMNS, sft_messages
 from .sft_data import sft_features
 from .verdicts import judge_hash
@@ -44,10 +46,16 @@ def sample_key(problem_id: str, index: int, settings: str = "") -> str:
     return f"{problem_id}#{index}" + (f"@{settings}" if settings else "")
 
 
-def teacher_hash(dc) -> str:
-    """Hash of what a teacher sample depends on: teacher model, sampling (not n), thinking, system prompt."""
+def teacher_hash(dc, seed: int = 0) -> str:
+    """Hash of what a teacher sample depends on: teacher model, sampling (not n), thinking, system prompt, seed."""
     return settings_hash({"teacher": dc.teacher, "sampling": dataclasses.replace(dc.sampling, n=1),
-                          "thinking": dc.thinking, "system_prompt": dc.system_prompt})
+                          "thinking": dc.thinking, "system_prompt": dc.system_prompt, "seed": seed})
+
+
+def sample_seed(problem_ids, index: int, settings: str) -> int:
+    """The seed of one teacher batch (or request): from its problems, the sample index and the settings hash
+    alone, so a resumed run samples exactly what an uninterrupted one does. Below 2**32 for transformers' set_seed."""
+    return stable_seed(settings, index, *problem_ids, limit=2 ** 32)
 
 
 def grade_key(sample: str, judge) -> str:
@@ -191,7 +199,7 @@ def make_teacher(dc, model=None, tokenizer=None):
     return make_generator(dc.teacher, model, tokenizer)
 
 
-def sample_record(problem, index: int, completion, dc) -> dict:
+def sample_record(problem, index: int, completion, dc, seed: int = 0) -> dict:
     """One JSON record for one teacher sample.
 
     `truncated` is true when the budget ran out (finish_reason "length") or, with thinking on,
@@ -199,7 +207,8 @@ def sample_record(problem, index: int, completion, dc) -> dict:
     """
     from .verdicts import no_proof_reason
     no_proof = no_proof_reason(completion.final, completion.think_closed or not dc.thinking) == "truncated"
-    return {"key": sample_key(problem.id, index, teacher_hash(dc)), "settings": teacher_hash(dc), "problem_id": problem.id, "sample_index": index,
+    h = teacher_hash(dc, seed)
+    return {"key": sample_key(problem.id, index, h), "settings": h, "problem_id": problem.id, "sample_index": index,
             "teacher": dc.teacher.model, "thinking": dc.thinking, "text": completion.text,
             "reasoning": completion.reasoning, "proof": "" if no_proof else completion.final,
             "think_closed": completion.think_closed, "finish_reason": completion.finish_reason,
@@ -229,21 +238,24 @@ class _Progress:
         self.bar.close()
 
 
-def generate_samples(problems: list, dc, stage_folder: str | Path, generator=None, progress: bool = True) -> dict:
+def generate_samples(problems: list, dc, stage_folder: str | Path, generator=None, progress: bool = True,
+                     seed: int = 0) -> dict:
     """Generate `distill.sampling.n` teacher samples per problem into `samples.jsonl`, skipping done keys.
 
     Transformers/vLLM: one `generate` call per batch of `teacher.batch_size` pending prompts, each
     batch appended as soon as it returns. OpenAI: every request in flight under
     `teacher.max_concurrency`, each appended when it arrives. Failed requests are not logged (a
-    rerun retries them) and are counted under "errors".
+    rerun retries them) and are counted under "errors"; past `distill.max_invalid_rate` of them the
+    stage stops (InvalidRateError naming the teacher endpoint). Batches are cut from the whole
+    (sample index, problem) list and seeded by `sample_seed`, so a resumed run equals an uninterrupted one.
     """
     log = JsonlLog(Path(stage_folder) / SAMPLES_FILE, key="key")
-    h = teacher_hash(dc)
+    h = teacher_hash(dc, seed)
     write_json(Path(stage_folder) / SAMPLES_SETTINGS, {"settings": h})  # what read_samples returns without dc
     wanted = {sample_key(p.id, i, h): (p, i) for p in problems for i in range(dc.sampling.n)}
     todo = [pi for k, pi in wanted.items() if k not in log]
-    stats = {"skipped": len(wanted) - len(todo), "generated": 0, "errors": 0,
-             "first_error": None, "seconds": 0.0, "set_aside": set_aside(log, set(wanted), "samples")}
+    stats = {"skipped": len(wanted) - len(todo), "generated": 0, "errors": 0, "attempted": 0,
+             "first_error": None, "seconds": 0.0, "set_aside": set_aside(log, set(wanted), "samples"), "settings": h, "seed": seed}
     if not todo:
         return stats
     generator = generator or make_teacher(dc)
@@ -253,36 +265,58 @@ def generate_samples(problems: list, dc, stage_folder: str | Path, generator=Non
         if dc.teacher.backend == "openai":
             from .generation import run_sync
             run_sync(_generate_openai(todo, dc, generator, log, bar, stats))
+            _check_teacher(dc, stats)
         else:
-            _generate_batches(todo, dc, generator, log, bar, stats)
+            _generate_batches(problems, dc, generator, log, bar, stats)
     finally:
         bar.close()
         stats["seconds"] = round(time.perf_counter() - t0, 2)
     if stats["errors"]:
         print(f"[distill] {stats['errors']} teacher requests failed (first: {stats['first_error']}); "
               "they are not logged, so a rerun retries them")
+    if not any(r.get("settings") == h for r in log.values()):
+        raise InvalidRateError(f"01_distill: no teacher sample at all ({stats['errors']} requests to the "
+                               f"{describe_endpoint(dc.teacher)} failed; first: {stats['first_error']}): fix the "
+                               "teacher endpoint and rerun 01_distill")
     return stats
 
 
+def _check_teacher(dc, stats) -> None:
+    """Stop when the teacher's failed share passes distill.max_invalid_rate."""
+    # the share among this stage's samples (logged before + tried now), so a rerun of a few failures is not 100%
+    check_invalid_rate("01_distill (teacher)", dc.teacher, stats["errors"], stats["attempted"] + stats["skipped"], dc.max_invalid_rate,
+                       "distill.max_invalid_rate", stats["first_error"])
+
+
 def _keep(problem, index, completion, dc, log, stats) -> Optional[dict]:
+    stats["attempted"] += 1
     if completion.finish_reason == "error":
         stats["errors"] += 1
         stats["first_error"] = stats["first_error"] or completion.error
         return None
-    rec = sample_record(problem, index, completion, dc)
+    rec = sample_record(problem, index, completion, dc, stats["seed"])
     log.append(rec)
     stats["generated"] += 1
     return rec
 
 
-def _generate_batches(todo, dc, generator, log, bar, stats) -> None:
+def _generate_batches(problems, dc, generator, log, bar, stats) -> None:
+    from transformers import set_seed
     one = dataclasses.replace(dc.sampling, n=1)
     size = max(1, dc.teacher.batch_size)
-    for start in range(0, len(todo), size):
-        batch = todo[start:start + size]
-        groups = generator.generate([teacher_messages(p.problem, dc.system_prompt) for p, _ in batch], one, thinking=dc.thinking)
-        recs = [_keep(p, i, g[0], dc, log, stats) for (p, i), g in zip(batch, groups)]
-        bar.update([r for r in recs if r])
+    for index in range(dc.sampling.n):
+        for start in range(0, len(problems), size):
+            batch = problems[start:start + size]  # cut from the whole list: the same batches on every resume
+            missing = [p for p in batch if sample_key(p.id, index, stats["settings"]) not in log]
+            if not missing:
+                continue
+            set_seed(sample_seed([p.id for p in batch], index, stats["settings"]))
+            groups = generator.generate([teacher_messages(p.problem, dc.system_prompt) for p in batch], one,
+                                        thinking=dc.thinking)
+            todo = {p.id for p in missing}
+            recs = [_keep(p, index, g[0], dc, log, stats) for p, g in zip(batch, groups) if p.id in todo]
+            bar.update([r for r in recs if r])
+            _check_teacher(dc, stats)
 
 
 async def _generate_openai(todo, dc, generator, log, bar, stats) -> None:
@@ -290,8 +324,11 @@ async def _generate_openai(todo, dc, generator, log, bar, stats) -> None:
     sem = asyncio.Semaphore(max(1, dc.teacher.max_concurrency))
 
     async def request(problem, index):
+        # a per-request seed the server samples with (chat API; the Responses API has no seed field)
+        extra = {"seed": sample_seed([problem.id], index, stats["settings"])} if dc.teacher.api == "chat" else None
         async with sem:
-            groups = await generator.agenerate([teacher_messages(problem.problem, dc.system_prompt)], one, thinking=dc.thinking)
+            groups = await generator.agenerate([teacher_messages(problem.problem, dc.system_prompt)], one,
+                                               thinking=dc.thinking, extra=extra)
         return problem, index, groups[0][0]
 
     for next_done in asyncio.as_completed([request(p, i) for p, i in todo]):
@@ -300,12 +337,13 @@ async def _generate_openai(todo, dc, generator, log, bar, stats) -> None:
         bar.update([rec] if rec else [])
 
 
-def read_samples(stage_folder: str | Path, problems: list | None = None, n: int | None = None, dc=None) -> list[dict]:
-    """Logged teacher samples of the current teacher settings (dc's, else those of the last
+def read_samples(stage_folder: str | Path, problems: list | None = None, n: int | None = None, dc=None,
+                 seed: int = 0) -> list[dict]:
+    """Logged teacher samples of the current teacher settings (dc's with `seed`, else those of the last
     generate_samples in this folder), optionally only those of these problems and sample indices < n."""
     recs = JsonlLog(Path(stage_folder) / SAMPLES_FILE, key="key").values()
     marker = Path(stage_folder) / SAMPLES_SETTINGS
-    h = teacher_hash(dc) if dc is not None else (read_json(marker)["settings"] if marker.exists() else None)
+    h = teacher_hash(dc, seed) if dc is not None else (read_json(marker)["settings"] if marker.exists() else None)
     if h is not None:
         recs = [r for r in recs if r.get("settings") == h]
     if problems is None:
@@ -336,13 +374,15 @@ def completion_of(rec: dict):
 
 
 def grade_samples(problems: list, samples: list[dict], grader, stage_folder: str | Path,
-                  chunk: int | None = None, progress: bool = True) -> dict:
-    """Grade every logged sample not yet graded into `grades.jsonl` (chunk by chunk, resumable)."""
+                  chunk: int | None = None, progress: bool = True, max_invalid_rate: float = 1.0) -> dict:
+    """Grade every logged sample not yet graded into `grades.jsonl` (chunk by chunk, resumable). Failed judge calls
+    are not logged (a rerun retries them); past `max_invalid_rate` failed or invalid grades (pass
+    distill.max_invalid_rate) the stage stops, and with no grade at all it is an error naming the judge endpoint."""
     from .grading import grade_completions
     log = JsonlLog(Path(stage_folder) / GRADES_FILE, key="key")
     by_id = {p.id: p for p in problems}
     todo = [s for s in samples if grade_key(s["key"], grader.judge) not in log]
-    stats = {"skipped": len(samples) - len(todo), "graded": 0, "judge_errors": 0, "first_error": None, "seconds": 0.0,
+    stats = {"skipped": len(samples) - len(todo), "graded": 0, "judge_errors": 0, "invalid": 0, "first_error": None, "seconds": 0.0,
              "set_aside": set_aside(log, {grade_key(s["key"], grader.judge) for s in samples}, "grades")}
     if not todo:
         return stats
@@ -362,13 +402,21 @@ def grade_samples(problems: list, samples: list[dict], grader, stage_folder: str
                     continue
                 log.append(r)
                 stats["graded"] += 1
+                stats["invalid"] += not r["valid"]
             bar.update(recs)
+            check_invalid_rate("01_distill (judge)", grader.judge.endpoint, stats["judge_errors"] + stats["invalid"],
+                               stats["graded"] + stats["judge_errors"] + stats["skipped"], max_invalid_rate, "distill.max_invalid_rate",
+                               stats["first_error"])
     finally:
         bar.close()
         stats["seconds"] = round(time.perf_counter() - t0, 2)
     if stats["judge_errors"]:
         print(f"[distill] {stats['judge_errors']} judge calls failed (first: {stats['first_error']}); "
               "they are not logged, so a rerun retries them")
+    if samples and not any(grade_key(s["key"], grader.judge) in log for s in samples):
+        raise InvalidRateError(f"01_distill: 0 of {len(samples)} samples graded ({stats['judge_errors']} calls to the "
+                               f"judge, {describe_endpoint(grader.judge.endpoint)}, failed; first: "
+                               f"{stats['first_error']}): fix the judge endpoint and rerun 01_distill")
     return stats
 
 

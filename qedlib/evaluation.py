@@ -27,8 +27,10 @@ from . import stats
 from .config import ConfigError, Endpoint, build
 from .data import DataError, Problem, load_problems
 from .verdicts import extract_boxed  # noqa: F401  (kept importable from here)
+from .grading import check_invalid_rate
 from .io import JsonlLog, atomic_write, read_json, write_json
 from .layout import EVAL
+from .models import content_fingerprint, stable_seed
 from .paper import comparison
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
@@ -38,6 +40,7 @@ BENCHMARK_KINDS = {
     "imo-answerbench": ("answer", "answer"),  # 400 short-answer problems, equivalence of the boxed answer
     "proofbench": ("rubric", "proof"),  # 145 problems, 0-7 marking schemes (hub: wenjiema02/ProofBench)
 }
+FAILURES_FILE = "failures.jsonl"  # failed policy or judge calls: outside the results, retried by a rerun
 CURRENT_KEYS = "current_keys.json"  # the row keys the last evaluation's settings produce (read_results returns those)
 KEY_FIELDS = ("checkpoint", "benchmark", "scaffold", "problem_id", "sample")
 WALL_TIMES = "wall_times.json"  # seconds spent generating + grading per checkpoint|benchmark|scaffold group
@@ -101,25 +104,18 @@ def result_key(checkpoint: str, benchmark: str, scaffold: str, problem_id: str, 
 
 # eval keys that only choose what is evaluated or how it is summarised, not what one generation is
 _NOT_GENERATION = ("checkpoints", "benchmarks", "benchmark_limit", "samples", "success_threshold", "pass_k",
-                   "bootstrap", "chunk", "calibration_limit", "judge", "endpoint")
-
-
-def weights_fingerprint(model_ref: str) -> str:
-    """The resolved model folder with its weight files' sizes and mtimes (the reference itself when it is no folder)."""
-    path = Path(str(model_ref))
-    if not path.is_dir():
-        return str(model_ref)
-    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf") or f.name == "config.json")
-    return str(path.resolve()) + ";" + ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+                   "bootstrap", "chunk", "calibration_limit", "judge", "endpoint", "max_invalid_rate")
 
 
 def generation_hash(cfg, endpoint) -> str:
-    """Hash of what one eval generation depends on: the model (path and weights), the endpoint, sampling, scaffold settings, thinking."""
+    """Hash of what one eval generation depends on: the model's content (models.content_fingerprint, not its path),
+    the endpoint, sampling, scaffold settings, thinking and the seed."""
     from .io import settings_hash
     ev = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in _NOT_GENERATION}
-    weights = weights_fingerprint(endpoint.model) if endpoint is not None else None  # None: a policy passed in
-    return settings_hash({"weights": weights, "endpoint": endpoint, "eval": ev,
-                          "thinking": cfg.thinking})
+    # None: a policy passed in; the endpoint's model path is replaced by the content, so a moved run keeps its rows
+    weights = content_fingerprint(endpoint.model) if endpoint is not None else None
+    ep = dataclasses.replace(endpoint, model=weights) if endpoint is not None else None
+    return settings_hash({"weights": weights, "endpoint": ep, "eval": ev, "thinking": cfg.thinking, "seed": cfg.seed})
 
 
 def make_row(name: str, bench: Benchmark, scaffold: str, problem: Problem, sample: int, gen: dict, grade,
@@ -179,6 +175,9 @@ class Evaluation:
         self.cfg, self.folder = cfg, Path(stage_folder)
         self.results = JsonlLog(self.folder / "results.jsonl", key="key")
         self.generations = JsonlLog(self.folder / "generations.jsonl", key="key")
+        self.failures = JsonlLog(self.folder / FAILURES_FILE, key="id")  # every failed call, one record per attempt
+        # this run's rows tried (each ends in a failed policy call, a failed judge call or a grade) and failed
+        self.calls = {"attempted": 0, "failed": 0, "first_error": None, "done_before": 0}
         self.judge_generator = judge_generator
         self._graders: dict[str, object] = {}
         self._summariser = None
@@ -220,30 +219,84 @@ class Evaluation:
         return [(p, s) for s in range(self.cfg.eval.samples) for p in bench.problems
                 if self.row_key(name, bench, scaffold, p.id, s) not in self.results]
 
-    def run_group(self, name: str, policy, bench: Benchmark, scaffold: str) -> int:
-        """Generate (what is not logged yet) and grade (what has no row yet) one group; return rows written."""
+    def run_group(self, name: str, policy, bench: Benchmark, scaffold: str, endpoint=None) -> int:
+        """Generate (what is not logged yet) and grade (what has no row yet) one group, chunk by chunk; return rows
+        written. A failed policy or judge call is logged to failures.jsonl, never as a result, so a rerun redoes it."""
         ev, written = self.cfg.eval, 0
         # the same thinking switch as training; rc comes from eval.rc (a field name ScaffoldSettings shares)
         settings = scaffold_lib.settings_from_config(ev, task=bench.task, thinking=self.cfg.thinking)
-        pending = self.todo(name, bench, scaffold)
-        for start in range(0, len(pending), max(1, ev.chunk)):
-            chunk = pending[start:start + max(1, ev.chunk)]
-            keys = [self.gen_key(name, bench, scaffold, p.id, s) for p, s in chunk]
-            missing = [(p, s) for (p, s), k in zip(chunk, keys) if k not in self.generations]
-            for s in sorted({s for _, s in missing}):
-                probs = [p for p, t in missing if t == s]
-                seed = self.cfg.seed * 100_003 + s * 1009 + start
-                for p, res in zip(probs, scaffold_lib.run_scaffold(scaffold, probs, policy, ev.sampling, settings, seed=seed,
-                                                                        summariser=self.summariser())):
-                    rec = {k: v for k, v in res.to_dict().items() if k != "reasoning"}
-                    self.generations.append({"key": self.gen_key(name, bench, scaffold, p.id, s), **rec})
-            gens = [self.generations.records[k] for k in keys]
-            grades = self.grader(bench.judge_prompt).grade([p for p, _ in chunk], [g["final"] for g in gens],
-                                                           [g["think_closed"] for g in gens])
-            for (p, s), g, grade in zip(chunk, gens, grades):
-                self.results.append(make_row(name, bench, scaffold, p, s, g, grade, self.row_key(name, bench, scaffold, p.id, s)))
-                written += 1
+        size = max(1, ev.chunk)
+        for s in range(ev.samples):
+            # chunks are cut from the whole problem list, not from what is left, so a resumed run generates
+            # every chunk exactly as an uninterrupted one (same batch, same seed)
+            for start in range(0, len(bench.problems), size):
+                chunk = bench.problems[start:start + size]
+                todo = [p for p in chunk if self.row_key(name, bench, scaffold, p.id, s) not in self.results]
+                if todo:
+                    self._generate(name, policy, bench, scaffold, chunk, s, settings, endpoint)
+                    written += self._grade(name, bench, scaffold, todo, s)
         return written
+
+    def _generate(self, name, policy, bench, scaffold, chunk, s, settings, endpoint) -> None:
+        """Generate one chunk for sample `s` when any of its generations is missing; log the ones that are missing."""
+        keys = [self.gen_key(name, bench, scaffold, p.id, s) for p in chunk]
+        if all(k in self.generations for k in keys):
+            return
+        # scaffolds derive their step seeds as seed * 7919 + step, which must stay below 2**32
+        seed = stable_seed(self.cfg.seed, name, bench.name, scaffold, s, *(p.id for p in chunk), limit=500_000)
+        results = scaffold_lib.run_scaffold(scaffold, chunk, policy, self.cfg.eval.sampling, settings, seed=seed,
+                                            summariser=self.summariser())
+        for p, k, res in zip(chunk, keys, results):
+            if k in self.generations:
+                continue
+            rec = {k2: v for k2, v in res.to_dict().items() if k2 != "reasoning"}
+            if rec.get("finish_reason") == "error":  # the policy call failed: not a generation (a row that ends here)
+                self.calls["attempted"] += 1
+                self._fail(k, "policy", "the policy call failed (finish_reason error) after the endpoint's retries")
+                continue
+            self.generations.append({"key": k, **rec})
+        self._check_rate("policy", endpoint or self.cfg.generation)
+
+    def _grade(self, name, bench, scaffold, todo, s) -> int:
+        """Grade the generated problems of `todo` (sample `s`); append one result row per valid or invalid grade."""
+        gens = [(p, self.generations.records.get(self.gen_key(name, bench, scaffold, p.id, s))) for p in todo]
+        gens = [(p, g) for p, g in gens if g is not None]
+        if not gens:
+            return 0
+        grades = self.grader(bench.judge_prompt).grade([p for p, _ in gens], [g["final"] for _, g in gens],
+                                                       [g["think_closed"] for _, g in gens])
+        written = 0
+        for (p, g), grade in zip(gens, grades):
+            key = self.row_key(name, bench, scaffold, p.id, s)
+            self.calls["attempted"] += 1
+            if getattr(grade, "reason", None) == "judge_error":  # the judge call failed: not a grade
+                self._fail(key, "judge", getattr(grade, "detail", None) or getattr(grade, "judge_text", None) or "judge call failed")
+                continue
+            if not grade.valid:
+                self.calls["failed"] += 1  # an unreadable grade is stored (a rerun would read the same) but counted
+            self.results.append(make_row(name, bench, scaffold, p, s, g, grade, key))
+            written += 1
+        self._check_rate("judge", self.cfg.eval.judge.endpoint)
+        return written
+
+    def _fail(self, key: str, role: str, error: str) -> None:
+        """Log one failed call outside the results and count it."""
+        self.calls["failed"] += 1
+        self.calls["first_error"] = self.calls["first_error"] or error
+        self.failures.append({"id": f"{key}#{len(self.failures.records)}", "key": key, "role": role, "error": error})
+
+    def _check_rate(self, role: str, endpoint) -> None:
+        """Stop the evaluation once this run's failed or invalid share passes eval.max_invalid_rate."""
+        c = self.calls
+        # the share among this evaluation's rows (finished before + tried now), so a rerun of a few failures is not 100%
+        check_invalid_rate(f"05_eval ({role} calls)", endpoint, c["failed"], c["attempted"] + c["done_before"], self.cfg.eval.max_invalid_rate,
+                           "eval.max_invalid_rate", c["first_error"])
+
+    def open_failures(self) -> list[dict]:
+        """The latest failed call of each key not redone since (a policy failure with no generation, a judge
+        failure with no row): what a rerun will redo."""
+        latest = {r["key"]: r for r in self.failures.values()}
+        return [r for k, r in latest.items() if k not in (self.generations if r["role"] == "policy" else self.results)]
 
     def run(self, benchmarks: list[Benchmark], models: list[tuple[str, object]], scaffolds: list[str],
             policy_factory=None) -> list[dict]:
@@ -264,13 +317,17 @@ class Evaluation:
             for bench in benchmarks:
                 for sc in scaffolds:
                     with Timer() as t:
-                        n = self.run_group(name, policy, bench, sc)
+                        n = self.run_group(name, policy, bench, sc, endpoint)
                     if n:
                         print(f"[eval] {name} / {bench.name} / {sc}: {n} rows in {t.seconds:.0f} s")
                         self.add_wall_time(name, bench.name, sc, t.seconds)
             if owned:
                 close_generator(policy)  # the engine shuts down and frees its memory before the next model's starts
             del policy
+        missing = self.open_failures()
+        if missing:
+            print(f"[eval] {len(missing)} calls failed (first: {missing[0]['error']}); they are in {FAILURES_FILE}, not in "
+                  f"{self.results.path.name}: rerun the stage when the endpoint is back to complete exactly those rows")
         return self.rows()
 
     def _set_current(self, benchmarks, models, scaffolds) -> int:
@@ -282,6 +339,7 @@ class Evaluation:
             print(f"[eval] {self.results.path.name}: {n} rows of other settings, checkpoints or benchmarks are set aside "
                   "(kept in the file, not in this run's tables)")
         write_json(self.folder / CURRENT_KEYS, sorted(self._current))  # what read_results returns
+        self.calls["done_before"] = sum(1 for k in self._current if k in self.results)
         return n
 
     def add_wall_time(self, name: str, bench: str, scaffold: str, seconds: float) -> None:

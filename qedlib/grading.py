@@ -451,3 +451,47 @@ def _vllm_next_token_probs(gen, texts: list[str], candidates: list[str]) -> list
 def grade_completions(grader: Grader, problems: list[Problem], completions: list[Completion]) -> list[Grade]:
     """Grade each completion's final proof; unclosed thinking or an empty final makes no judge call."""
     return grader.grade(problems, [c.final for c in completions], [c.think_closed for c in completions])
+
+
+# ---------------------------------------------------------------- faults: a failed call is never a result
+class InvalidRateError(RuntimeError):
+    """A stage stopped because too many of its calls failed or gave no valid grade (the endpoint is named)."""
+
+
+def describe_endpoint(endpoint) -> str:
+    """The endpoint as a reader can find it: backend, model, and where its URL comes from (never a key)."""
+    if endpoint is None:
+        return "reward checker (no endpoint: answers checked in-process)"
+    where = ""
+    if endpoint.backend == "openai":
+        where = f" at ${endpoint.base_url_env}" if endpoint.base_url_env else f" at {endpoint.base_url}"
+    return f"{endpoint.backend} model {endpoint.model!r}{where}"
+
+
+def check_invalid_rate(what: str, endpoint, failed: int, attempted: int, limit: float, key: str,
+                       first_error: str | None = None) -> None:
+    """Stop the stage (InvalidRateError) when failed / attempted passes `limit` (the params key `key`)."""
+    if attempted and failed / attempted > limit:
+        first = f" (first error: {first_error})" if first_error else ""
+        raise InvalidRateError(
+            f"{what}: {failed} of {attempted} calls to the {describe_endpoint(endpoint)} failed or gave no valid "
+            f"grade ({failed / attempted:.0%} > {key} = {limit:g}){first}. Stopped before writing anything from "
+            f"them; the previous output is left as it was. Fix the endpoint and rerun: finished records are kept "
+            f"and only the missing ones are redone.")
+
+
+# fields a problem needs for each judge prompt (and for the verifiable answer reward)
+NEEDED_FIELDS = {"rubric": ("rubric",), "proofbench": ("rubric", "reference_solution"), "answer": ("answer",)}
+
+
+def check_gradable(problems: list, reward: str, judge_prompt: str, where: str, section: str) -> None:
+    """Fail before any training when a problem lacks what its reward needs (a rubric for the judge's rubric
+    prompt, an answer for the answer reward), naming the file, the row and the fix."""
+    need = NEEDED_FIELDS[judge_prompt] if reward == "judge" else ("answer",) if reward == "answer" else ()
+    for row, p in enumerate(problems):
+        missing = [f for f in need if not getattr(p, f)]
+        if missing:
+            raise ValueError(
+                f"{where}: row {row} (problem {p.id!r}) has no {' / '.join(missing)}, which {section}.reward = "
+                f"{reward!r}" + (f" with judge prompt {judge_prompt!r}" if reward == "judge" else "") + " needs: map the "
+                f"column in {section}.problems.columns, fix or remove that row, or choose another reward. Nothing was trained.")

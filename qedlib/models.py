@@ -6,13 +6,15 @@ once to safetensors) or `TINY` (random Qwen3-architecture models built offline f
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import replace_folder
+from .io import read_json, replace_folder, write_json
 
 EMBEDDED = "smollm2-135m"  # the embedded default model
 TINY = "tiny-qwen3"  # random 2-layer Qwen3 with SmolLM2's tokenizer, for smoke tests
@@ -289,3 +291,42 @@ def changed_fraction(before, after) -> float:
 def weights_changed_frac(model_dir: str | Path, init_dir: str | Path) -> float:
     """Fraction of weights that a training stage changed: its saved model vs its starting model."""
     return changed_fraction(SavedWeights(init_dir), SavedWeights(model_dir))
+
+
+# ---------------------------------------------------------------- what a model is, for resume keys
+FINGERPRINTS = "fingerprints.json"  # in cache_dir(): file identity (path, size, mtime) -> content digest
+
+
+def _file_digest(path: Path, known: dict) -> str:
+    """sha256 of one file's bytes, looked up in `known` by (resolved path, size, mtime) so it is read once."""
+    st = path.stat()
+    ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if ident not in known:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        known[ident] = h.hexdigest()
+    return known[ident]
+
+
+def content_fingerprint(model_ref: str) -> str:
+    """What a model folder holds (sha256 over its files' names and contents), so a key survives a moved run
+    folder and changes when any weight, config or tokenizer file does; a reference that is no folder (a hub id,
+    a built-in name, a served model) is its own fingerprint. Digests are cached in cache_dir()/fingerprints.json."""
+    path = Path(str(model_ref))
+    if not path.is_dir():
+        return str(model_ref)
+    store = cache_dir() / FINGERPRINTS
+    known = read_json(store) if store.exists() else {}
+    size = len(known)
+    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    whole = hashlib.sha256(json.dumps([[f.name, _file_digest(f, known)] for f in files]).encode()).hexdigest()
+    if len(known) != size:  # new files were hashed: remember them (a lost race only costs a rehash)
+        write_json(store, {k: v for k, v in known.items() if Path(k.rsplit(":", 2)[0]).exists()})  # forget deleted files
+    return f"sha256:{whole[:20]}"
+
+
+def stable_seed(*parts, limit: int = 2 ** 31) -> int:
+    """A seed in [0, limit) from its parts alone (the same in every process and run, unlike Python's hash())."""
+    return int(hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:12], 16) % limit

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import Endpoint, Sampling
 from .data import load_source
+from .grading import check_gradable
 from .generation import (TransformersGenerator, VLLMGenerator, close_generator, make_generator, release_trainer,
                          render_prompt, run_sync)
 from .io import write_json, write_jsonl
@@ -151,7 +152,9 @@ def load_problems(cfg) -> tuple[list, dict]:
     """The stage's problems (`rc_rl.problems`) after the difficulty filter, and the filter's counts."""
     from .rl import filter_by_difficulty
     rl = cfg.rc_rl
-    return filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
+    problems = load_source(rl.problems)
+    check_gradable(problems, rl.reward, rl.judge.prompt, str(rl.problems.path), "rc_rl")  # before any training
+    return filter_by_difficulty(problems, rl.min_reward_mean, rl.max_reward_mean)
 
 
 def start_model(cfg, run_dir) -> str:
@@ -187,7 +190,8 @@ def train(cfg, run_dir) -> dict:
     rollout = RCRollout(rl, by_id, cfg.thinking, summariser, grader, cfg.seed)
     rollout.prompt_to_id = {row["prompt"]: row["problem_id"] for row in dataset}
     reward_fn = RewardFunction(rl.reward, by_id, cfg.thinking, grader, rl.judge.invalid,
-                               rl.max_completion_length, rl.overlong_penalty, rl.num_generations)
+                               rl.max_completion_length, rl.overlong_penalty, rl.num_generations, rl.max_invalid_rate,
+                               "rc_rl")
     # A cache-state prompt carries one summary (all of them when accumulating) on top of the turn-0 prompt.
     grow = rl.rc.summary.max_new_tokens * (rl.rc.turns if rl.rc.accumulate else 1) + 256
     context = vllm_context(tok, dataset["prompt"], rl, grow) if rl.use_vllm else None

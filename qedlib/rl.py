@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .generation import split_thinking
+from .grading import check_invalid_rate
 from .models import pick_device
 from .training import lora_config
 
@@ -113,8 +114,10 @@ class RewardFunction:
     """
 
     def __init__(self, kind: str, problems: dict, thinking: bool, grader=None, invalid: str = "drop",
-                 max_tokens: int | None = None, overlong_window: int | None = None, group_size: int | None = None):
+                 max_tokens: int | None = None, overlong_window: int | None = None, group_size: int | None = None,
+                 max_invalid_rate: float = 1.0, section: str = "rubric_rl"):
         self.kind, self.problems, self.thinking = kind, problems, thinking
+        self.max_invalid_rate, self.section = max_invalid_rate, section  # stop training past this invalid share
         self.group_size = group_size  # rollouts per group: the first group of each call is recorded in full
         self.grader, self.invalid, self.max_tokens = grader, invalid, max_tokens
         self.overlong = None
@@ -163,7 +166,15 @@ class RewardFunction:
         if log_metric is not None:
             for k in ("truncation_rate", "empty_proof_rate", "invalid_rate", "grading_s"):
                 log_metric(k, row[k])
+        self._check_invalid(step, sum(invalid.values()), len(texts))
         return rewards
+
+    def _check_invalid(self, step: int, invalid: int, n: int) -> None:
+        """Stop training before this step's optimizer update (so before any save of model/ or metrics) when its
+        invalid share passes `<section>.max_invalid_rate`: training on no rewards is no result."""
+        endpoint = getattr(getattr(self.grader, "judge", None), "endpoint", None)  # None: no judge (answer reward)
+        check_invalid_rate(f"{self.section} step {step + 1}", endpoint, invalid, n, self.max_invalid_rate,
+                           f"{self.section}.max_invalid_rate")
 
     def _stopped(self, ids) -> bool:
         if ids is None or self.max_tokens is None:
@@ -520,7 +531,7 @@ def step_metrics(trainer, reward_fn: RewardFunction) -> list[dict]:
 def summarise_steps(rows: list[dict], tail: int = 3) -> dict:
     """Headline numbers of a run: first/last reward (means over up to `tail` steps at each end, the two
     windows never overlapping), finite losses, rates."""
-    rewards = [r["reward"] for r in rows if r["reward"] is not None]
+    rewards = [r["reward"] for r in rows if r["reward"] is not None and not math.isnan(r["reward"])]  # NaN: no valid reward
     losses = [r["loss"] for r in rows if r["loss"] is not None]
     k = max(1, min(tail, len(rewards) // 2))
     head = rewards[:k]
@@ -543,7 +554,7 @@ def clipped(grad_norm, max_grad_norm) -> bool | None:
 
 
 def _mean(xs):
-    xs = [x for x in xs if x is not None]
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]  # TRL logs NaN for no reward
     return sum(xs) / len(xs) if xs else None
 
 
@@ -563,6 +574,15 @@ def worked_group(steps: list[dict]):
     return table, {"step": row["step"], "problem_id": g["problem_id"], "group_mean": _mean(vals)}
 
 
+def group_caption(info: dict) -> str:
+    """One sentence about the worked group of `worked_group`: its step, problem and mean reward (or why it has none)."""
+    head = f"Step {info['step']}, problem `{info['problem_id']}`: "
+    if info["group_mean"] is None:
+        return head + ("no rollout got a valid reward (every grade was invalid), so the group has no mean and every "
+                       "advantage is 0: it teaches nothing.")
+    return head + f"group mean reward {info['group_mean']:.3f}."
+
+
 def _corr(xs: list, ys: list) -> float | None:
     pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
     if len(pairs) < 3:
@@ -577,6 +597,10 @@ def findings(steps: list[dict], metrics: dict, rl) -> str:
     """What a GRPO run's own numbers say, as Markdown bullets: reward spread within groups, truncation vs
     score, gradient-norm spikes, the clip ratio, and whether the weights moved."""
     out = []
+    if steps and all(r.get("invalid_rate") == 1 for r in steps):
+        out.append("**No reward.** In every step every rollout's grade was invalid (invalid_rate 1.0: the judge failed "
+                   "or wrote no readable grade), so every advantage was 0 and the run learned nothing from the reward; "
+                   "the `invalid_*` counts in steps.jsonl say why. Fix the judge and rerun the stage.")
     std, zero = _mean([r.get("reward_std") for r in steps]), _mean([r.get("frac_zero_std") for r in steps])
     if std is not None and zero is not None:
         out.append(f"**Signal.** Rewards within a group differ by a std of {std:.3f} on average (rewards are 0-1) and "
@@ -742,7 +766,8 @@ def train_on_problems(rl, model_path: str, problems, out_dir, thinking: bool, se
     args = grpo_args(rl, out_dir, seed, num_processes, training_device, context)
     args.reward_weights = reward_weights
     reward_fn = RewardFunction(rl.reward, {p.id: p for p in problems}, thinking, grader, rl.judge.invalid,
-                               rl.max_completion_length, rl.overlong_penalty, rl.num_generations)
+                               rl.max_completion_length, rl.overlong_penalty, rl.num_generations, rl.max_invalid_rate,
+                               "rc_rl" if hasattr(rl, "rc") else "rubric_rl")
     rollout = None if rl.use_vllm else SingleTurnRollout(rl, thinking)
     trainer = make_trainer(rl, model_path, dataset, [reward_fn] + (extra_rewards or []), args, rollout_func=rollout)
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir) if resume else None)

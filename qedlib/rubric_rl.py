@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .data import load_source
+from .grading import check_gradable
 from .generation import release_trainer
 from .io import write_json, write_jsonl
 from .models import resolve_model
@@ -30,7 +31,9 @@ def load_problems(cfg) -> tuple[list, dict]:
     """The stage's problems (`rubric_rl.problems`) after the difficulty filter, and the filter's counts."""
     from .rl import filter_by_difficulty
     rl = cfg.rubric_rl
-    return filter_by_difficulty(load_source(rl.problems), rl.min_reward_mean, rl.max_reward_mean)
+    problems = load_source(rl.problems)
+    check_gradable(problems, rl.reward, rl.judge.prompt, str(rl.problems.path), "rubric_rl")  # before any training
+    return filter_by_difficulty(problems, rl.min_reward_mean, rl.max_reward_mean)
 
 
 def start_model(cfg, run_dir) -> str:

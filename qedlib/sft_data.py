@@ -80,10 +80,27 @@ def _read_rows(source: str, cfg_sft, run_dir: str | Path) -> tuple[list[dict], s
                                     "(python -m qedlib run PARAMS --stages 01_distill), or point sft.dataset at "
                                     "hub:org/name or a .jsonl/.parquet file")
         source = str(path)
+        if _saved_rows(path) == 0:  # datasets cannot even load a saved dataset with no rows (an IndexError)
+            raise SFTDataError(f"sft.dataset = 'distill': {path}: the dataset is empty (01_distill kept no sample; "
+                               "its funnel.json says why): rerun 01_distill (python -m qedlib run PARAMS --stages "
+                               "01_distill) with a working judge or looser selection (distill.min_grade)")
     try:
         return read_records(source, cfg_sft.dataset_config, cfg_sft.dataset_split)
     except DataError as e:
         raise SFTDataError(f"sft.dataset: {e}") from None
+
+
+def _saved_rows(folder: Path) -> int | None:
+    """Rows of a `save_to_disk` dataset folder from its metadata (None when it does not say)."""
+    import json
+    state = folder / "state.json"
+    if not state.exists():
+        return None
+    if not json.loads(state.read_text()).get("_data_files"):
+        return 0
+    info = folder / "dataset_info.json"
+    splits = json.loads(info.read_text()).get("splits") if info.exists() else None
+    return sum(s.get("num_examples", 0) for s in splits.values()) if splits else None
 
 
 def normalise_row(row: dict, i: int, where: str) -> dict:

@@ -21,7 +21,8 @@ def tiny_cfg(tmp_path, **eval_over):
             "eval.benchmarks": [{"name": "toy", "path": str(bench), "columns": {"id": "pid", "problem": "statement", "rubric": "scheme"}}],
             "eval.checkpoints": ["base"], "eval.scaffolds": ["single"], "eval.samples": 2, "eval.chunk": 1,
             "eval.sampling": {"temperature": 0.8, "max_new_tokens": 8}, "eval.bootstrap": 50, "eval.pass_k": [1, 2],
-            "eval.judge": {"endpoint": tiny, "sampling": {"temperature": 0.0, "max_new_tokens": 8}, "cache": False}}
+            "eval.judge": {"endpoint": tiny, "sampling": {"temperature": 0.0, "max_new_tokens": 8}, "cache": False},
+            "eval.max_invalid_rate": 1.0}  # a random judge in text mode writes no score tag: every grade is invalid
     over.update({f"eval.{k}": v for k, v in eval_over.items()})
     return load_config(None, over)
 
