@@ -58,9 +58,13 @@ def accelerate_config_path(name_or_path: str) -> Path:
 
 
 def _format_value(v) -> str:
+    """A --set value as YAML reads it back: JSON, with floats like 1e-06 written 1.0e-06 (YAML 1.1 needs the dot)."""
     import json
     if isinstance(v, str):
         return v
+    if isinstance(v, float) and "e" in repr(v) and "." not in repr(v).split("e")[0]:
+        mantissa, exponent = repr(v).split("e")
+        return f"{mantissa}.0e{exponent}"
     return json.dumps(v)  # YAML reads JSON: lists, dicts, true/false, null, numbers
 
 
@@ -117,3 +121,47 @@ def accelerate_train(stage: str, params_file: str | Path, run_dir: str | Path, o
         raise RuntimeError(f"`accelerate launch` for stage {stage} exited with code {rc}; full log: {log_path}\n"
                            f"--- last {len(tail)} lines ---\n" + "".join(tail))
     return rc
+
+
+def keep_fsdp_on_cpu() -> bool:
+    """In a process `accelerate launch` started with an FSDP config on a machine without a GPU, make accelerate
+    build FSDP instead of quietly falling back to plain data parallel; True when it did.
+
+    accelerate 1.15 enables FSDP only for GPU-like distributed types (AcceleratorState checks MULTI_GPU,
+    MULTI_NPU, ...), so on a CPU box the launch's MULTI_CPU state drops the FSDP plugin and the run is DDP.
+    torch's FSDP2 itself runs on CPU over gloo (fully_shard on a CPU mesh, CPUOffloadPolicy a no-op copy), so
+    marking the already-initialised process state as multi-device lets the same config, wrapping, mixed
+    precision and optimizer run here as on the GPU. Nothing changes where a GPU is present.
+    """
+    import torch
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or torch.cuda.is_available():
+        return False
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+    if getattr(PartialState.__init__, "qed_keeps_fsdp", False):
+        return True
+    original = PartialState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        # transformers' TrainingArguments resets and rebuilds this state, so the mark is set on every build.
+        if self._shared_state.get("distributed_type") in (DistributedType.MULTI_CPU, DistributedType.NO):
+            self._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # read by AcceleratorState
+    init.qed_keeps_fsdp = True
+    PartialState.__init__ = init
+    _unpinned_cpu_offload()
+    return True
+
+
+def _unpinned_cpu_offload() -> None:
+    """On a CPU-only machine, FSDP2's CPUOffloadPolicy without pinned memory (pinning needs a GPU driver; it only
+    speeds host-device copies, which do not exist here): the same offload layout and optimizer otherwise."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    original = FullyShardedDataParallelPlugin.__post_init__
+
+    def post_init(self):
+        original(self)
+        if isinstance(self.cpu_offload, CPUOffloadPolicy) and self.cpu_offload.pin_memory:
+            self.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+    FullyShardedDataParallelPlugin.__post_init__ = post_init

@@ -21,7 +21,7 @@ def test_launch_command_composes_config_processes_and_overrides(tmp_path):
     tail = cmd[cmd.index("-m", 3):]
     assert tail[:4] == ["-m", "qedlib", "train", "sft"]
     assert tail[tail.index("--run-dir") + 1] == str(tmp_path.resolve())
-    assert "sft.lr=1e-05" in tail and 'sft.report_to=["tensorboard"]' in tail
+    assert "sft.lr=1.0e-05" in tail and 'sft.report_to=["tensorboard"]' in tail
     # Multi-node flags pass through and switch off the automatic local port.
     multi = launch_command("rubric_rl", "p.yaml", tmp_path, {}, Launch(
         num_processes=16, accelerate_config="fsdp", extra_args=["--num_machines", "2", "--machine_rank", "0"]))
