@@ -147,8 +147,24 @@ class MasterWeightsCheck:
                              "config that keeps fp32 masters (DeepSpeed, or FSDP with mixed_precision bf16).")
 
 
+def reduce_gradients_in_fp32(trainer) -> None:
+    """Under FSDP with bf16 compute, reduce gradients in fp32 (MixedPrecisionPolicy reduce_dtype): accelerate sets
+    reduce_dtype to the compute dtype and its config file has no key for it, so it is set here before prepare."""
+    import torch
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if plugin is None or policy is None or plugin.fsdp_version != 2 or policy.param_dtype != torch.bfloat16:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                         output_dtype=policy.output_dtype,
+                                                         cast_forward_inputs=policy.cast_forward_inputs)
+
+
 def add_master_weights_check(trainer, where: str) -> MasterWeightsCheck:
-    """Attach a MasterWeightsCheck to a built trainer and return it."""
+    """Make a built trainer's optimizer precision explicit: fp32 gradient reduction under FSDP, and a
+    MasterWeightsCheck (returned) that reads what the optimizer holds at step 0."""
+    reduce_gradients_in_fp32(trainer)
     check = MasterWeightsCheck(trainer, where)
     trainer.add_callback(check.callback)
     return check
