@@ -74,3 +74,64 @@ def test_gpu1_rl_keeps_fp32_masters_under_fsdp_offload(tmp_path, stage, folder):
     log = _launch_log(run / folder)
     assert FSDP_LINE in log and "fsdp-offload.yaml" in log
     assert "rl: the optimizer steps 3,219,840 float32 values" in log  # every tiny-qwen3 weight, fp32
+
+
+def test_format_side_run_trains_under_the_stages_own_launch(capsys):
+    """gpu-1's format run beside the judge run goes through the stage's fsdp-offload launch, not the kernel."""
+    from qedlib import format_run
+    overrides = _rl_overrides("rubric_rl")
+    cfg = load_config(PARAMS, overrides)
+
+    def in_kernel(*_):
+        raise AssertionError("a launched stage's side run must not train in the kernel")
+    steps, _, _ = format_run.beside_judge(in_kernel, cfg, "rubric_rl", "tiny-qwen3", [{"step": 1, "reward": 0.0}], 2,
+                                          PARAMS, overrides)
+    assert [r["step"] for r in steps] == [1, 2]
+    out = capsys.readouterr().out
+    assert "fsdp-offload.yaml" in out and "rubric_rl.reward=format" in out and FSDP_LINE in out
+    with pytest.raises(ValueError, match="pass params_file and overrides"):
+        format_run.beside_judge(in_kernel, cfg, "rubric_rl", "tiny-qwen3", [], 2)
+
+
+def test_master_weight_guard_reads_the_config_contents_not_its_name(tmp_path):
+    import yaml
+    from qedlib.config import Launch
+    from qedlib.training import check_master_weights
+    ddp_named_zero = tmp_path / "zero-but-ddp.yaml"
+    ddp_named_zero.write_text(yaml.safe_dump({"distributed_type": "MULTI_GPU", "mixed_precision": "bf16"}))
+    with pytest.raises(ValueError, match="rl.weights_dtype: bfloat16.*distributed_type MULTI_GPU"):
+        check_master_weights("bfloat16", Launch(accelerate_config=str(ddp_named_zero)), "rl")
+    with pytest.raises(ValueError, match="keeps no fp32 master weights"):
+        check_master_weights("bfloat16", Launch(), "sft")  # the kernel: plain AdamW on bf16 weights
+    fsdp_plain_name = tmp_path / "mine.yaml"
+    fsdp_plain_name.write_text(yaml.safe_dump({"distributed_type": "FSDP", "mixed_precision": "bf16"}))
+    check_master_weights("bfloat16", Launch(accelerate_config=str(fsdp_plain_name)), "rl")  # FSDP upcasts to fp32
+    check_master_weights("bfloat16", Launch(accelerate_config="zero3"), "rl")  # DeepSpeed keeps an fp32 copy
+    fsdp_fp32 = tmp_path / "fsdp-no-mp.yaml"
+    fsdp_fp32.write_text(yaml.safe_dump({"distributed_type": "FSDP", "mixed_precision": "no"}))
+    with pytest.raises(ValueError, match="mixed_precision no"):
+        check_master_weights("bfloat16", Launch(accelerate_config=str(fsdp_fp32)), "rl")
+    check_master_weights("float32", Launch(), "sft")
+
+
+def test_master_weight_check_reads_what_the_optimizer_steps(capsys):
+    """The step-0 check looks at the optimizer's own tensors, through accelerate's wrapper."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from qedlib.training import MasterWeightsCheck, optimizer_masters
+
+    class Holder:  # MasterWeightsCheck needs only the trainer's optimizer at train begin
+        optimizer = None
+    layer = torch.nn.Linear(4, 3)
+    try:
+        fp32 = Accelerator(cpu=True).prepare_optimizer(torch.optim.AdamW(layer.parameters(), lr=1e-6))
+    finally:
+        AcceleratorState._reset_state(True)  # leave no accelerate singleton behind for other tests
+    assert type(fp32).__name__ == "AcceleratedOptimizer" and optimizer_masters(fp32) == {"float32": 15}
+    check = MasterWeightsCheck(Holder(), "rl")
+    check.check(fp32, "rl")
+    assert check.holds == {"float32": 15} and "the optimizer steps 15 float32 values" in capsys.readouterr().out
+    bf16 = torch.optim.AdamW(layer.to(torch.bfloat16).parameters(), lr=1e-6)
+    with pytest.raises(ValueError, match="rl: the optimizer steps bfloat16 tensors \\(15 values\\)"):
+        check.check(bf16, "rl")
