@@ -104,7 +104,11 @@ class Launch:
     """How training runs: in the notebook's kernel, or `accelerate launch` in a subprocess."""
     num_processes: int = 1  # >1 launches accelerate with that many processes
     accelerate_config: Optional[str] = None  # path of an accelerate config (DeepSpeed/FSDP)
-    extra_args: list = field(default_factory=list)  # more `accelerate launch` flags (multi-node)
+    extra_args: list = field(default_factory=list)  # more `accelerate launch` flags
+    num_machines: int = 1  # nodes; > 1 adds accelerate's multi-node flags (num_processes counts all nodes' processes)
+    machine_rank: Optional[int] = None  # this node's rank; None: $SLURM_NODEID, else 0
+    main_process_ip: Optional[str] = None  # rendezvous host; None: the first node of $SLURM_JOB_NODELIST
+    main_process_port: int = 29500  # rendezvous port on the first node (multi-node only)
 
 
 # ---------------------------------------------------------------- stages

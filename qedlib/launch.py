@@ -84,7 +84,9 @@ def launch_command(stage: str, params_file: str | Path, run_dir: str | Path, ove
         cmd += ["--config_file", str(accelerate_config_path(config))]
     if launch.num_processes >= 1 and "--num_processes" not in extra:
         cmd += ["--num_processes", str(launch.num_processes)]
-    if "--main_process_port" not in extra and "--num_machines" not in extra:
+    if launch.num_machines > 1:
+        cmd += multinode_flags(launch)
+    elif "--main_process_port" not in extra and "--num_machines" not in extra:
         cmd += ["--main_process_port", str(free_port())]  # concurrent runs on one machine do not collide
     cmd += extra
     cmd += ["-m", "qedlib", "train", stage, "--params", str(Path(params_file).resolve()),
@@ -92,6 +94,65 @@ def launch_command(stage: str, params_file: str | Path, run_dir: str | Path, ove
     for k, v in (overrides or {}).items():
         cmd += ["--set", f"{k}={_format_value(v)}"]
     return cmd
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list ("gpu[01-03,07],login1") -> host names, in order (what `scontrol show hostnames` prints)."""
+    hosts, depth, token = [], 0, ""
+    for ch in nodelist + ",":
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            hosts += _expand_host(token.strip()) if token.strip() else []
+            token = ""
+        else:
+            token += ch
+    return hosts
+
+
+def _expand_host(token: str) -> list[str]:
+    """One host pattern with at most one bracket group ("gpu[01-03,07]") -> its host names (zero padding kept)."""
+    if "[" not in token:
+        return [token]
+    prefix, rest = token.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    out = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        for i in range(int(lo), int(hi or lo) + 1):
+            out.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+    return out
+
+
+def multinode_flags(launch: Launch, env: dict | None = None) -> list[str]:
+    """accelerate's multi-node flags for this node: machines, this node's rank and the rendezvous (the first node).
+
+    Unset ranks and hosts come from SLURM's variables (SLURM_NODEID, SLURM_JOB_NODELIST), so every node of a
+    batch job builds the same command with its own rank."""
+    env = os.environ if env is None else env
+    rank = launch.machine_rank if launch.machine_rank is not None else env.get("SLURM_NODEID")
+    if rank is None:
+        raise ValueError(f"launch.num_machines is {launch.num_machines}: set launch.machine_rank, or run under SLURM "
+                         "(SLURM_NODEID), on every node")
+    host = launch.main_process_ip
+    if host is None:
+        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        if not nodes:
+            raise ValueError(f"launch.num_machines is {launch.num_machines}: set launch.main_process_ip (the first "
+                             "node), or run under SLURM (SLURM_JOB_NODELIST)")
+        host = nodes[0]
+    return ["--num_machines", str(launch.num_machines), "--machine_rank", str(int(rank)),
+            "--main_process_ip", host, "--main_process_port", str(launch.main_process_port),
+            "--rdzv_backend", "static", "--same_network"]
+
+
+def slurm_launch(launch: Launch, env: dict | None = None) -> Launch:
+    """A stage's Launch as one node of a SLURM job sees it: machines from SLURM_NNODES and processes = machines x
+    GPUs per node (SLURM_GPUS_ON_NODE, else the params' count per machine); rank and host stay SLURM's."""
+    from dataclasses import replace
+    env = os.environ if env is None else env
+    nodes = int(env.get("SLURM_NNODES", launch.num_machines))
+    per_node = int(env.get("SLURM_GPUS_ON_NODE") or max(1, launch.num_processes // max(1, launch.num_machines)))
+    return replace(launch, num_machines=nodes, num_processes=nodes * per_node)
 
 
 def accelerate_train(stage: str, params_file: str | Path, run_dir: str | Path, overrides: dict | None,
@@ -165,3 +226,25 @@ def _unpinned_cpu_offload() -> None:
         if isinstance(self.cpu_offload, CPUOffloadPolicy) and self.cpu_offload.pin_memory:
             self.cpu_offload = CPUOffloadPolicy(pin_memory=False)
     FullyShardedDataParallelPlugin.__post_init__ = post_init
+
+
+def node_main(argv: list[str] | None = None) -> int:
+    """`python -m qedlib.launch STAGE --params P --run-dir D [--set k=v ...]`: on one node of a SLURM job
+    (scripts/slurm_train.sbatch), start this node's part of the stage's multi-node `accelerate launch`."""
+    import argparse
+    from .config import load_config, parse_override
+    parser = argparse.ArgumentParser(prog="python -m qedlib.launch", description=node_main.__doc__)
+    parser.add_argument("stage", choices=list(TRAINED))
+    parser.add_argument("--params", required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--set", dest="sets", action="append", default=[])
+    args = parser.parse_args(argv)
+    overrides = dict(parse_override(x) for x in args.sets)
+    launch = slurm_launch(getattr(load_config(args.params, overrides), args.stage).launch)
+    print(f"[qedlib] node {os.environ.get('SLURM_NODEID', launch.machine_rank)} of {launch.num_machines}", flush=True)
+    return accelerate_train(args.stage, args.params, args.run_dir, overrides, launch)
+
+
+if __name__ == "__main__":
+    sys.exit(node_main())
+
