@@ -295,6 +295,7 @@ class Config:
     thinking: bool = True  # the policy reasons in <think>...</think> before its proof
     device: str = "auto"  # device for in-process models
     gpu_memory_gib: Optional[float] = None  # memory of one GPU the recipe is planned for (`python -m qedlib plan`); null = no GPU planned
+    gpu: Optional[str] = None  # card model (plan.USABLE_GIB, e.g. H100-80GB): plan against the GiB torch reports for it; gpu_memory_gib, when set, wins
     generation: Endpoint = field(default_factory=Endpoint)  # how the policy generates (backend, batch)
     distill: DistillConfig = field(default_factory=DistillConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
