@@ -46,7 +46,7 @@ def checkpointing_args(args_cls, on: bool) -> dict:
     """The activation-checkpointing switch under the name this transformers' TrainingArguments (`args_cls`) knows.
 
     transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old
-    name, which TRL's configs set by default (True); the GPU set (5.19, held by vLLM) knows only the old name.
+    name, which TRL's configs set by default (True); the GPU set (5.17, held by vLLM) knows only the old name.
     """
     import dataclasses
     if "activation_checkpointing" in {f.name for f in dataclasses.fields(args_cls)}:
