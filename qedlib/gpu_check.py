@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .generation import free_accelerator_memory, release_trainer
-from .layout import OUTPUTS, REPO
+from .layout import OUTPUTS, REPO, RUBRIC_RL
 from .training import StepTimer, peak_flops
 
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -355,8 +355,8 @@ def check_launched_optimizer(ctx) -> dict:
         launch = load_config(params, overrides).rubric_rl.launch
         t0 = time.perf_counter()
         accelerate_train("rubric_rl", params, folder / "run", overrides, launch)
-        result = _json.loads((folder / "run" / "03_rubric_rl" / "train_result.json").read_text())
-        log = (folder / "run" / "03_rubric_rl" / "launch.log").read_text()
+        result = _json.loads((folder / "run" / RUBRIC_RL / "train_result.json").read_text())
+        log = (folder / "run" / RUBRIC_RL / "launch.log").read_text()
         fsdp = re.search(r"rl: FSDP2 (\{.*\})", log)
         steps = re.search(r"rl: the optimizer steps ([\d,]+) (\w+) values", log)
         frac = result["weights_changed_frac"]

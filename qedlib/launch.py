@@ -7,23 +7,17 @@ or `launch.accelerate_config` is set: the notebook runs exactly what you would t
         -m qedlib train sft --params params/qed-nano.yaml --run-dir outputs/qed-nano
 
 and prints the log line by line as it arrives. Shipped configs (qedlib/accelerate/, give the name
-or a path): `ddp` (plain data parallel), `zero2`, `zero2-offload` (optimizer on the CPU), `zero3`
-(DeepSpeed), `fsdp` (PyTorch FSDP2),
-`cpu-gloo` (2 CPU processes with the gloo backend, used by the tests).
+or a path): `ddp` (plain data parallel), `zero2`, `zero2-offload` (DeepSpeed's CPU Adam, compiled on
+first use), `zero3` (DeepSpeed), `fsdp` (PyTorch FSDP2), `fsdp-offload` (FSDP2 with CPU offload: fp32
+masters, grads and torch AdamW on the host; gpu-1's one-GPU path), `cpu-gloo` (2 CPU processes with the
+gloo backend, used by the tests).
 
-Multi-node (SLURM): start one `accelerate launch` per node with the node's rank and the first
-node as rendezvous; `launch.extra_args` carries the flags, e.g. in a batch script
-
-    #!/bin/bash
-    #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --cpus-per-task=64 --exclusive
-    export MAIN=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)
-    srun bash -c 'accelerate launch --config_file qedlib/accelerate/zero3.yaml \\
-        --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * 8)) \\
-        --machine_rank $SLURM_NODEID --main_process_ip $MAIN --main_process_port 29500 \\
-        -m qedlib train sft --params params/qed-nano.yaml --run-dir outputs/qed-nano'
-
-`num_processes` counts processes over all machines. The run folder must be on a filesystem every
-node sees (checkpoints and the final model are written by the main process).
+Multi-node: `launch.num_machines > 1` adds accelerate's standard multi-node flags (`multinode_flags`:
+machines, this node's rank, the first node as rendezvous), taking what the params leave unset from
+SLURM's variables. `scripts/slurm_train.sbatch` runs `python -m qedlib.launch STAGE ...` (`node_main`)
+once per node, which builds that command with the node's own rank. `num_processes` counts processes
+over all machines. The run folder must be on a filesystem every node sees (checkpoints and the final
+model are written by the main process).
 """
 from __future__ import annotations
 

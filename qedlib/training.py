@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .io import replace_folder
+from .launch import accelerate_config_path
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense bf16 FLOP/s, datasheets
 
@@ -57,7 +58,6 @@ def checkpointing_args(args_cls, on: bool) -> dict:
 def launch_layout(launch) -> dict:
     """What a Launch's accelerate config says about precision: distributed_type, mixed_precision, FSDP offload."""
     import yaml
-    from .launch import accelerate_config_path
     if not launch.accelerate_config:
         return {"distributed_type": "NO", "mixed_precision": "no", "offload": False}
     acc = yaml.safe_load(accelerate_config_path(launch.accelerate_config).read_text()) or {}
