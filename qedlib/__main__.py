@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             from .config import load_config
             overrides = dict(parse_override(s) for s in args.sets)
             cfg = load_config(args.params, overrides)
+            from .launch import keep_fsdp_on_cpu
+            keep_fsdp_on_cpu()  # an FSDP config stays FSDP on a CPU-only machine (tests; see its docstring)
             importlib.import_module(f"qedlib.{args.stage}").train(cfg, args.run_dir)  # each trained stage has a module of its name
         elif args.cmd == "export-official":
             from .export import default_out, export_official

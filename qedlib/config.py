@@ -105,7 +105,11 @@ class Launch:
     """How training runs: in the notebook's kernel, or `accelerate launch` in a subprocess."""
     num_processes: int = 1  # >1 launches accelerate with that many processes
     accelerate_config: Optional[str] = None  # path of an accelerate config (DeepSpeed/FSDP)
-    extra_args: list = field(default_factory=list)  # more `accelerate launch` flags (multi-node)
+    extra_args: list = field(default_factory=list)  # more `accelerate launch` flags
+    num_machines: int = 1  # nodes; > 1 adds accelerate's multi-node flags (num_processes counts all nodes' processes)
+    machine_rank: Optional[int] = None  # this node's rank; None: $SLURM_NODEID, else 0
+    main_process_ip: Optional[str] = None  # rendezvous host; None: the first node of $SLURM_JOB_NODELIST
+    main_process_port: int = 29500  # rendezvous port on the first node (multi-node only)
 
 
 # ---------------------------------------------------------------- stages
@@ -320,6 +324,7 @@ class Config:
     device: str = "auto"  # device for in-process models
     stages: Optional[list] = None  # the stages `python -m qedlib run` executes (e.g. [05_eval]); None: all; --stages overrides
     gpu_memory_gib: Optional[float] = None  # memory of one GPU the recipe is planned for (`python -m qedlib plan`); null = no GPU planned
+    gpu: Optional[str] = None  # card model (plan.USABLE_GIB, e.g. H100-80GB): plan against the GiB torch reports for it; gpu_memory_gib, when set, wins
     generation: Endpoint = field(default_factory=Endpoint)  # how the policy generates (backend, batch)
     distill: DistillConfig = field(default_factory=DistillConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

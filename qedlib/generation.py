@@ -225,7 +225,9 @@ class TransformersGenerator:
             recorder = SampledLogprobs(sampling.temperature) if logprobs else None
             if recorder is not None:
                 kwargs["logits_processor"] = [recorder]
-            with torch.inference_mode():
+            # FSDP2 keeps the unsharded parameters it gathers; made under inference mode they would be inference
+            # tensors the next training forward cannot use, so a sharded model generates under no_grad.
+            with torch.no_grad() if hasattr(self.model, "_get_fsdp_state") else torch.inference_mode():
                 gen = self.model.generate(**enc, **kwargs)
             lps = recorder.result(gen) if recorder is not None else None
             new = gen[:, enc["input_ids"].shape[1]:]

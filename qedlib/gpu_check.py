@@ -7,8 +7,9 @@ agreement. It runs and records, each section on its own (one failing does not st
 (c) SFT tokens/s and MFU, padded vs padding-free; (d) one GRPO step at params/gpu-1.yaml's
 rubric_rl shapes with a 4B-shape policy (synthetic full-length rollouts, so the step measures
 training, not random-model generation): step time, peak memory, weights_changed_frac; (e) when
-vLLM imports: one colocated-vLLM GRPO step and greedy agreement vLLM vs transformers; (f) memory
-back to baseline after each engine and trainer is closed. Results: `gpu_check.json` and
+vLLM imports: one colocated-vLLM GRPO step and greedy agreement vLLM vs transformers; (g) one step of
+gpu-1's rubric RL under its own `accelerate launch` (fsdp-offload: the fp32-master optimizer path);
+(f) memory back to baseline after each engine and trainer is closed. Results: `gpu_check.json` and
 `gpu_check.md` in the folder it prints. Without CUDA it fails; `--cpu` runs the same sections
 with tiny shapes on the CPU (the test suite does, so the script cannot rot).
 """
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .generation import free_accelerator_memory, release_trainer
-from .layout import OUTPUTS, REPO
+from .layout import OUTPUTS, REPO, RUBRIC_RL
 from .training import StepTimer, peak_flops
 
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -319,8 +320,7 @@ def grpo_step(ctx, model_shape: dict, rl, label: str, rollout=None, before_train
 
 def gpu1_rl(ctx, **overrides):
     """params/gpu-1.yaml's rubric_rl settings for one step (the CPU check shrinks the shapes). In this process,
-    so with fp32 master weights (gpu-1 itself runs the stage under DeepSpeed ZeRO-2 with CPU offload, whose
-    optimizer keeps the fp32 masters; DeepSpeed is not part of the check)."""
+    with fp32 master weights on the GPU (gpu-1 itself runs the stage under FSDP2 with CPU offload: section g)."""
     from .config import Launch, load_config
     rl = load_config(REPO / "params" / "gpu-1.yaml").rubric_rl
     rl = replace(rl, max_steps=1, save_steps=10**6, logging_steps=1, report_to=[], use_vllm=False, static_cache=False,
@@ -333,6 +333,40 @@ def check_grpo(ctx) -> dict:
     rl = gpu1_rl(ctx, ratio_logprobs="trainer")  # synthetic rollouts have no sampler logprobs; the cost is the same
     vocab = ctx.shapes.rl_model["vocab_size"] or len(ctx.tok)
     return grpo_step(ctx, ctx.shapes.rl_model, rl, "4B policy", SyntheticRollout(rl.max_completion_length, min(vocab, len(ctx.tok))))
+
+
+def check_launched_optimizer(ctx) -> dict:
+    """(g) One rubric-RL step of params/gpu-1.yaml through the stage's own `accelerate launch` (fsdp-offload:
+    FSDP2 CPU offload, fp32 masters, torch AdamW on the host) at lr 1e-6 on a saved random model: the optimizer
+    path the real run uses, with the dtypes it steps and whether lr-1e-6 updates survived."""
+    import json as _json
+    from .config import load_config
+    from .launch import accelerate_train
+    folder = Path(tempfile.mkdtemp(prefix="qed-gpu-check-launch-"))
+    try:
+        model = save_random_model(ctx.shapes.rl_model, ctx.tok, folder / "init", ctx.device, ctx.dtype)
+        sizes = {k: v for k, v in ctx.shapes.rl_overrides.items() if k != "lr"}
+        overrides = {"base_model": model, "device": ctx.device, "rubric_rl.model": "base", "rubric_rl.reward": "format",
+                     "rubric_rl.problems": {"path": "shipped", "limit": 2}, "rubric_rl.min_reward_mean": None,
+                     "rubric_rl.max_reward_mean": None, "rubric_rl.use_vllm": False, "rubric_rl.max_steps": 1,
+                     "rubric_rl.save_steps": 1, "rubric_rl.lr": 1.0e-6,
+                     **{f"rubric_rl.{k}": v for k, v in sizes.items()}}
+        params = REPO / "params" / "gpu-1.yaml"
+        launch = load_config(params, overrides).rubric_rl.launch
+        t0 = time.perf_counter()
+        accelerate_train("rubric_rl", params, folder / "run", overrides, launch)
+        result = _json.loads((folder / "run" / RUBRIC_RL / "train_result.json").read_text())
+        log = (folder / "run" / RUBRIC_RL / "launch.log").read_text()
+        fsdp = re.search(r"rl: FSDP2 (\{.*\})", log)
+        steps = re.search(r"rl: the optimizer steps ([\d,]+) (\w+) values", log)
+        frac = result["weights_changed_frac"]
+        return {"status": "pass" if frac > 0.5 and steps and steps.group(2) == "float32" else "fail",
+                "accelerate_config": launch.accelerate_config, "fsdp": fsdp.group(1) if fsdp else None,
+                "optimizer_steps": f"{steps.group(1)} {steps.group(2)}" if steps else None,
+                "weights_changed_frac": frac, "lr": 1.0e-6, "launch_s": round(time.perf_counter() - t0, 1)}
+    finally:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def vllm_import_error() -> str | None:
@@ -417,7 +451,7 @@ def _sync(ctx) -> None:
 
 SECTIONS = [("a", "pytest -m gpu", check_pytest), ("b", "generation tokens/s", check_generation),
             ("c", "SFT tokens/s and MFU", check_sft), ("d", "GRPO step, 4B shape", check_grpo),
-            ("e", "vLLM", check_vllm)]
+            ("e", "vLLM", check_vllm), ("g", "gpu-1 optimizer under its own launch", check_launched_optimizer)]
 
 
 # ---------------------------------------------------------------- running and recording
@@ -529,6 +563,9 @@ def summary(key: str, res: dict) -> str:
         agree = ag.get("note") or (f"first-token agreement {ag['first_token_agreement']:.2f}, exact "
                                    f"{ag['exact_agreement']:.2f}, common prefix {ag['mean_common_prefix_frac']:.2f}")
         return f"colocated step {st.get('step_s')} s, peak {_mib(st.get('peak_memory_mib'))}; {agree}"
+    if key == "g":
+        return (f"{res['accelerate_config']}: steps {res['optimizer_steps']} values, weights_changed_frac "
+                f"{res['weights_changed_frac']:.3g} at lr 1e-6")
     if key == "f":
         bad = [r["after"] for r in res["closes"] if not r["ok"]]
         return f"{len(res['closes'])} closes" + (f"; not back: {', '.join(bad)}" if bad else ", all back")

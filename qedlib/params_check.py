@@ -108,3 +108,29 @@ def all_inert_keys(cls=C.Config) -> list[str]:
                          if C._dataclass_of(typing.get_type_hints(c)[f.name]) else None)
                 for f in dataclasses.fields(c)}
     return inert_keys(full(cls))
+
+
+# Keys that code reads but that change nothing in the mode their section sets: (section kind, key, when, why).
+# A rule is data: another mode switch adds a row here. `when` gets the section's settings with defaults filled in.
+NO_EFFECT = [
+    ("rl", "rollout_batch_size", lambda s: s["use_vllm"],
+     "use_vllm: true generates with vLLM; rollout_batch_size sizes transformers' generate() calls only"),
+    ("rl", "vllm_max_model_length", lambda s: s["use_vllm"] and s["vllm_mode"] == "server",
+     "vllm_mode: server: the server's own --max-model-len sets the context, not the trainer"),
+]
+RL_SECTIONS = {"rubric_rl": C.RLConfig, "rc_rl": C.RCRLConfig}
+
+
+def no_effect_keys(params: str | Path | dict) -> list[tuple[str, str]]:
+    """(dotted key, why) for keys a params file sets that have no effect in the mode it sets (NO_EFFECT)."""
+    tree = params if isinstance(params, dict) else yaml.safe_load(Path(params).read_text()) or {}
+    found = []
+    for section, cls in RL_SECTIONS.items():
+        given = tree.get(section) or {}
+        settings = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        settings.update(given)
+        for kind, key, when, why in NO_EFFECT:
+            if kind == "rl" and key in given and when(settings):
+                found.append((f"{section}.{key}", why))
+    return found
+

@@ -24,6 +24,12 @@ The memory model (bytes per device; P parameters, P_t trainable, N processes):
   dtype in transformers rollouts, which also keep B x T x V fp32 logits when logprobs are asked).
 - colocated vLLM takes vllm_gpu_memory_utilization x GPU for its bf16 weights and KV cache; with
   sleep mode only while generating, else for the whole run.
+- the GPU is what torch reports for the card (USABLE_GIB: an "80 GB" H100 is 79.19 GiB), less a CUDA context
+  per training process (CUDA_CONTEXT_GIB) and the communication buffers of its layout (comm_buffers).
+- FSDP2 with CPU offload (fsdp_offload_params): fp32 weights, grads and AdamW live in host RAM (16 B per
+  parameter); the GPU holds the bf16 copies of the blocks being computed (the current and the prefetched one,
+  plus the embedding/head unit). DeepSpeed's optimizer offload keeps fp32 master, m, v and the fp32 gradient
+  partitions on the host (16 B per parameter).
 """
 from __future__ import annotations
 
@@ -39,6 +45,13 @@ from .evaluation import cost_estimate_text
 from .reasoning_cache import check_summariser
 
 GIB = 2 ** 30
+# GiB that torch reports as a card's total memory (`torch.cuda.get_device_properties(0).total_memory / 2**30`, the
+# "total capacity" in CUDA out-of-memory messages): what vLLM's gpu_memory_utilization multiplies. Marketing
+# "80 GB" is neither 80 GiB nor all usable. `python -m qedlib gpu-check` prints the card's own figure.
+USABLE_GIB = {"H100-80GB": 79.19, "A100-80GB": 79.15, "H200": 139.8, "A100-40GB": 39.39, "L40S": 44.39,
+              "RTX4090": 23.65}
+CUDA_CONTEXT_GIB = 0.75  # CUDA context + kernels per process on the GPU (torch with lazy module loading: ~0.5-1 GiB)
+DEEPSPEED_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size and allgather_bucket_size defaults (elements; accelerate sets none)
 PROMPT_TOKENS = 1024  # assumed longest prompt (problem + instruction); `--prompt-tokens` changes it
 
 # Public config.json facts of hub models, for when a model is not in the local cache (offline plans).
@@ -203,7 +216,7 @@ class Regime:
     name: str  # single | ddp | zero2 | zero3 | fsdp
     processes: int
     offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_params: bool = False  # DeepSpeed offload_param_device cpu, or FSDP fsdp_offload_params
     describe: str = ""
 
 
@@ -228,15 +241,18 @@ def regime(launch) -> Regime:
         extra = (", optimizer offloaded to CPU" if off_o else "") + (", weights offloaded to CPU" if off_p else "")
         return Regime(name, n, off_o, off_p, f"{n} process{'es' if n > 1 else ''}, DeepSpeed ZeRO-{stage}{extra} ({path.name})")
     if kind == "FSDP":
-        return Regime("fsdp", n, describe=f"{n} process{'es' if n > 1 else ''}, FSDP2 ({path.name})")
+        off = bool((acc.get("fsdp_config") or {}).get("fsdp_offload_params", False))
+        return Regime("fsdp", n, off, off, f"{n} process{'es' if n > 1 else ''}, FSDP2"
+                      f"{', weights, grads and AdamW offloaded to CPU' if off else ''} ({path.name})")
     return Regime("ddp", n, describe=f"{n} process{'es' if n > 1 else ''}, {kind or 'data parallel'} ({path.name})")
 
 
-def training_state(params: int, adapters: int, reg: Regime, weight_bytes: int, frozen_bytes: float | None = None
-                   ) -> dict:
+def training_state(params: int, adapters: int, reg: Regime, weight_bytes: int, frozen_bytes: float | None = None,
+                   unit_params: int = 0) -> dict:
     """Bytes per device of weights, grads and optimizer state (and host RAM for offloaded parts).
 
-    `adapters` > 0 means LoRA: the `params` base weights are frozen and only the adapters train."""
+    `adapters` > 0 means LoRA: the `params` base weights are frozen and only the adapters train. `unit_params`:
+    the largest FSDP unit other than a transformer block (the tied embedding/head), for CPU offload."""
     n = reg.processes
     trainable, frozen = (adapters, params) if adapters else (params, 0)
     host = 0.0
@@ -245,11 +261,16 @@ def training_state(params: int, adapters: int, reg: Regime, weight_bytes: int, f
         grads = 2.0 * trainable / n
         optim = 12.0 * trainable / n
         if reg.offload_optimizer:
-            host += optim
+            host += optim + 4.0 * trainable / n  # fp32 master, m, v and the fp32 gradient partition
             optim = 0.0
         if reg.offload_params and reg.name == "zero3":
             host += weights
             weights = 0.0
+    elif reg.name == "fsdp" and reg.offload_params:  # all fp32 state on the host; bf16 units on the GPU
+        host = (16.0 * trainable + (frozen_bytes or 4.0) * frozen) / n
+        weights = 2.0 * unit_params  # the gathered embedding/head unit (blocks: comm_buffers)
+        grads = 4.0 * unit_params  # its fp32-reduced gradient before the copy to the host
+        optim = 0.0
     elif reg.name == "fsdp":  # fp32 parameters, grads and AdamW, all sharded
         weights = (4.0 * trainable + (frozen_bytes or 4.0) * frozen) / n
         grads = 4.0 * trainable / n
@@ -260,6 +281,37 @@ def training_state(params: int, adapters: int, reg: Regime, weight_bytes: int, f
         grads = tb * trainable
         optim = 2 * tb * trainable  # AdamW m and v in the parameters' dtype
     return {"weights": weights, "grads": grads, "optimizer": optim, "host": host}
+
+
+def block_params(info: ModelInfo) -> int:
+    """Parameters of one transformer block (the FSDP wrap unit): all but the embedding and head, per layer."""
+    head = 0 if getattr(info.config, "tie_word_embeddings", False) else info.vocab * info.hidden
+    return max(0, info.params - info.vocab * info.hidden - head) // max(1, info.layers)
+
+
+def comm_buffers(info: ModelInfo, reg: Regime) -> tuple[float, str]:
+    """(bytes, how) of a layout's communication buffers on each GPU: DeepSpeed's buckets, FSDP's gathered blocks."""
+    block = block_params(info)
+    if reg.name == "zero2":
+        return 2 * DEEPSPEED_BUCKET * 2.0, "ZeRO-2 reduce + all-gather buckets (5e8 elements each, bf16)"
+    if reg.name == "zero3":  # transformers' "auto": reduce bucket H^2, prefetch bucket 0.9 H^2, + one block gathered
+        h2 = info.hidden ** 2
+        return (1.9 * h2 + block) * 2.0, "ZeRO-3 reduce/prefetch buckets (1.9 x hidden^2) + one gathered block, bf16"
+    if reg.name == "fsdp":  # current + prefetched block in bf16, one block's unsharded grads (bf16) and fp32 reduce
+        return block * (2 * 2.0 + 2.0 + 4.0), "FSDP2: 2 gathered bf16 blocks + one block's bf16 grads and fp32 reduction"
+    if reg.name == "ddp":
+        return 2 * 25 * 2 ** 20, "DDP gradient buckets (2 x 25 MiB)"
+    return 0.0, ""
+
+
+def overheads(p: "StagePlan", info: ModelInfo, reg: Regime) -> float:
+    """Add the CUDA context and the communication buffers to a training stage's memory; their bytes."""
+    buffers, how = comm_buffers(info, reg)
+    p.memory["CUDA context"] = CUDA_CONTEXT_GIB * GIB
+    if buffers:
+        p.memory["communication buffers"] = buffers
+        p.notes.append(f"{how}: {_gib(buffers):.2f} GiB")
+    return CUDA_CONTEXT_GIB * GIB + buffers
 
 
 def activations(info: ModelInfo, tokens: int, checkpointing: bool) -> float:
@@ -366,9 +418,9 @@ def plan_distill(cfg: Config, models: dict, prompt_tokens: int) -> StagePlan:
         p.add("judge", f"{j.model} ({j.backend}), {d.judge.samples} grade(s) per proof, <= "
                        f"{_fmt(d.judge.sampling.max_new_tokens)} tokens")
     p.add("steps", "no training: generate, grade, filter, decontaminate")
-    p.total = _endpoint_memory(t, "teacher", cfg.gpu_memory_gib, prompt_tokens, d.sampling.max_new_tokens, p, models)
+    p.total = _endpoint_memory(t, "teacher", usable_gib(cfg), prompt_tokens, d.sampling.max_new_tokens, p, models)
     for j in _judges(d.judge):
-        p.total += _endpoint_memory(j, "judge", cfg.gpu_memory_gib, prompt_tokens + d.sampling.max_new_tokens,
+        p.total += _endpoint_memory(j, "judge", usable_gib(cfg), prompt_tokens + d.sampling.max_new_tokens,
                                     d.judge.sampling.max_new_tokens, p, models)
     return p
 
@@ -393,6 +445,9 @@ def _state_notes(reg: Regime, weight_bytes: int, lora: bool) -> str:
     if reg.name in ("zero2", "zero3"):
         return "DeepSpeed: bf16 weights 2 B + bf16 grads 2 B + fp32 master/m/v 12 B per parameter, " + \
             ("all sharded" if reg.name == "zero3" else "grads and optimizer sharded") + f" over {reg.processes}"
+    if reg.name == "fsdp" and reg.offload_params:
+        return ("FSDP2 CPU offload: fp32 weights 4 B + grads 4 B + AdamW 8 B per parameter in host RAM; the GPU "
+                "holds bf16 copies of the blocks being computed")
     if reg.name == "fsdp":
         return f"FSDP2: fp32 weights 4 B + grads 4 B + AdamW 8 B per parameter, sharded over {reg.processes}"
     if lora:
@@ -422,14 +477,15 @@ def plan_sft(cfg: Config, models: dict, prompt_tokens: int) -> tuple[StagePlan, 
     p.add("tokens", f"<= {_fmt(tokens * s.grad_accum * reg.processes)} per optimizer step")
     p.add("steps", f"{s.max_steps}" if s.max_steps > 0 else f"{s.epochs:g} epochs (rows known only after distill)")
     wb = 4 if s.weights_dtype in ("auto", "float32") else 2
-    st = training_state(info.params, adapters, reg, wb, frozen_bytes=0.5 if s.qlora else None)
+    st = training_state(info.params, adapters, reg, wb, frozen_bytes=0.5 if s.qlora else None,
+                        unit_params=info.vocab * info.hidden)
     act = activations(info, tokens, s.gradient_checkpointing)
     p.memory.update({"weights": st["weights"], "grads": st["grads"], "optimizer": st["optimizer"],
                      f"activations ({_fmt(tokens)} tokens, checkpointing {'on' if s.gradient_checkpointing else 'off'})": act})
     p.notes.append(_state_notes(reg, wb, s.lora.enabled))
     if st["host"]:
         p.notes.append(f"host RAM for offloaded state: {_gib(st['host']):.1f} GiB per process")
-    p.total = st["weights"] + st["grads"] + st["optimizer"] + act
+    p.total = st["weights"] + st["grads"] + st["optimizer"] + act + overheads(p, info, reg)
     return p, ref
 
 
@@ -488,7 +544,7 @@ def plan_rl(cfg: Config, stage: str, previous: str, models: dict, prompt_tokens:
                     f"{_fmt(prompt_tokens)}{f' + {_fmt(grow)} summary' if grow else ''})")
     p.add("steps", f"{rl.max_steps} optimizer steps, {rl.steps_per_generation} per generated batch")
     wb = 2 if rl.weights_dtype == "bfloat16" else 4
-    st = training_state(info.params, adapters, reg, wb)
+    st = training_state(info.params, adapters, reg, wb, unit_params=info.vocab * info.hidden)
     act = activations(info, micro * seq, rl.gradient_checkpointing)
     p.memory.update({"weights": st["weights"], "grads": st["grads"], "optimizer": st["optimizer"],
                      f"activations ({micro} x {_fmt(seq)} tokens, checkpointing "
@@ -496,9 +552,10 @@ def plan_rl(cfg: Config, stage: str, previous: str, models: dict, prompt_tokens:
     p.notes.append(_state_notes(reg, wb, rl.lora.enabled))
     if st["host"]:
         p.notes.append(f"host RAM for offloaded state: {_gib(st['host']):.1f} GiB per process")
-    train_peak = st["weights"] + st["grads"] + st["optimizer"] + act
-    resident = st["weights"] + st["optimizer"]  # what stays on the device while rollouts run (grads are freed)
-    gpu = cfg.gpu_memory_gib
+    fixed = overheads(p, info, reg)  # CUDA context and communication buffers: there all run
+    train_peak = st["weights"] + st["grads"] + st["optimizer"] + act + fixed
+    resident = st["weights"] + st["optimizer"] + fixed  # what stays on the device while rollouts run (grads are freed)
+    gpu = usable_gib(cfg)
     kv_tok = info.kv_bytes_per_token()
     if rl.use_vllm and rl.vllm_mode == "colocate":
         p.add("vLLM", f"colocated, {rl.vllm_gpu_memory_utilization:.2f} of the GPU, context {_fmt(ctx)}"
@@ -573,12 +630,12 @@ def plan_eval(cfg: Config, trained: str, models: dict, prompt_tokens: int) -> St
             check_summariser(e.rc, cfg.thinking, "eval.rc")
         except ValueError as err:
             p.problems.append(str(err))
-    p.total = _endpoint_memory(policy, "policy", cfg.gpu_memory_gib, prompt_tokens, budget, p, models)
+    p.total = _endpoint_memory(policy, "policy", usable_gib(cfg), prompt_tokens, budget, p, models)
     for j in _judges(e.judge):
-        p.total += _endpoint_memory(j, "judge", cfg.gpu_memory_gib, prompt_tokens + budget,
+        p.total += _endpoint_memory(j, "judge", usable_gib(cfg), prompt_tokens + budget,
                                     e.judge.sampling.max_new_tokens, p, models)
     if "rc" in e.scaffolds and e.rc.summariser == "frozen":
-        p.total += _endpoint_memory(e.rc.summariser_endpoint, "summariser", cfg.gpu_memory_gib, prompt_tokens + budget,
+        p.total += _endpoint_memory(e.rc.summariser_endpoint, "summariser", usable_gib(cfg), prompt_tokens + budget,
                                     e.rc.summary.max_new_tokens, p, models)
     return p
 
@@ -604,6 +661,7 @@ class Plan:
     endpoint_lines: list
     inert: list
     gpu_gib: Optional[float]
+    no_effect: list = field(default_factory=list)  # (dotted key, why): read, but without effect in the mode set
 
     @property
     def largest(self) -> StagePlan:
@@ -616,6 +674,7 @@ class Plan:
             out += [f"{s.stage}: estimated {_gib(s.total):.1f} GiB per device > {self.gpu_gib:g} GiB GPU"
                     for s in self.stages if s.total > self.gpu_gib * GIB]
         out += [f"inert params key {k}: set but read by no code (qedlib.params_check)" for k in self.inert]
+        out += [f"params key {k} has no effect here: {why}" for k, why in self.no_effect]
         return out
 
     def fits(self, stage: StagePlan) -> str:
@@ -626,7 +685,7 @@ class Plan:
 
 def make_plan(params: str | Path, overrides: dict | None = None, prompt_tokens: int = PROMPT_TOKENS) -> Plan:
     """Plan every stage of a params file (no weights loaded)."""
-    from .params_check import inert_keys
+    from .params_check import inert_keys, no_effect_keys
     cfg = load_config(params, overrides)
     models: dict = {}
     stages = [plan_distill(cfg, models, prompt_tokens)]
@@ -651,7 +710,19 @@ def make_plan(params: str | Path, overrides: dict | None = None, prompt_tokens: 
         tree = yaml.safe_load(Path(params).read_text()) or {}
         for k, v in overrides.items():
             _set_dotted(tree, k, v)
-    return Plan(stages, lines, inert_keys(tree), cfg.gpu_memory_gib)
+    plan = Plan(stages, lines, inert_keys(tree), usable_gib(cfg))
+    plan.no_effect = no_effect_keys(tree)
+    return plan
+
+
+def usable_gib(cfg: Config) -> Optional[float]:
+    """The GiB a stage may use per GPU: gpu_memory_gib when set, else what torch reports for the `gpu` card model."""
+    if cfg.gpu_memory_gib is not None or cfg.gpu is None:
+        return cfg.gpu_memory_gib
+    if cfg.gpu not in USABLE_GIB:
+        raise PlanError(f"gpu: {cfg.gpu!r} is not in plan.USABLE_GIB ({', '.join(USABLE_GIB)}); set gpu_memory_gib "
+                        "to the GiB torch reports for your card (python -m qedlib gpu-check prints it)")
+    return USABLE_GIB[cfg.gpu]
 
 
 def render(plan: Plan) -> str:

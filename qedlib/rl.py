@@ -30,7 +30,7 @@ from pathlib import Path
 from .generation import split_thinking
 from .grading import check_invalid_rate
 from .models import pick_device
-from .training import lora_config
+from .training import add_master_weights_check, lora_config
 
 
 # ---------------------------------------------------------------- rewards
@@ -404,6 +404,7 @@ def make_trainer(rl, model_path: str, dataset, reward_funcs: list, args, rollout
     # disable_tqdm makes transformers print every log dict ({'loss': ...}); the step rows keep them all.
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)
+    trainer.qed_masters = add_master_weights_check(trainer, "rl")  # what the optimizer steps, checked at step 0
     return trainer
 
 

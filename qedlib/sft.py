@@ -29,7 +29,7 @@ from .io import write_json
 from .layout import MODEL, SFT, checkpoint, stage_dir
 from .models import cpu_has_bf16, pick_device, resolve_model
 from .sft_data import build_tokenized, load_sft_data, split_by_problem, training_chat_template
-from .training import (cast_saved_weights, check_master_weights, checkpointing_args, finish_checkpoints,
+from .training import (add_master_weights_check, cast_saved_weights, check_master_weights, checkpointing_args, finish_checkpoints,
                        last_checkpoint, lora_config, save_trained, train_or_launch as _train_or_launch, weights_moved)
 
 STAGE = SFT
@@ -184,6 +184,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, train_ds, eval_ds=None, call
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
                          processing_class=tok, peft_config=lora_config(cfg.sft.lora),
                          callbacks=[extras.as_callback(), *(callbacks or [])])
+    trainer.qed_masters = add_master_weights_check(trainer, "sft")  # what the optimizer steps, checked at step 0
     quiet_progress(trainer)
     return trainer, extras
 
@@ -262,6 +263,7 @@ def train(cfg: Config, run_dir: str | Path, callbacks: Optional[list] = None, da
                "tokens_max": stats["tokens_max"], "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
                "world_size": world, "lora": cfg.sft.lora.enabled, "packing": cfg.sft.packing,
                "padding_free": cfg.sft.padding_free, "model_dir": str(model_dir),
+               "optimizer_dtypes": trainer.qed_masters.holds, "fsdp": trainer.qed_masters.fsdp,
                "train_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 1),
                "seconds": round(time.perf_counter() - t0, 1)}
     if _is_main_process():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .io import replace_folder
+from .launch import accelerate_config_path
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense bf16 FLOP/s, datasheets
 
@@ -46,7 +47,7 @@ def checkpointing_args(args_cls, on: bool) -> dict:
     """The activation-checkpointing switch under the name this transformers' TrainingArguments (`args_cls`) knows.
 
     transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old
-    name, which TRL's configs set by default (True); the GPU set (5.19, held by vLLM) knows only the old name.
+    name, which TRL's configs set by default (True); the GPU set (5.17, held by vLLM) knows only the old name.
     """
     import dataclasses
     if "activation_checkpointing" in {f.name for f in dataclasses.fields(args_cls)}:
@@ -54,14 +55,119 @@ def checkpointing_args(args_cls, on: bool) -> dict:
     return {"gradient_checkpointing": on}
 
 
+def launch_layout(launch) -> dict:
+    """What a Launch's accelerate config says about precision: distributed_type, mixed_precision, FSDP offload."""
+    import yaml
+    if not launch.accelerate_config:
+        return {"distributed_type": "NO", "mixed_precision": "no", "offload": False}
+    acc = yaml.safe_load(accelerate_config_path(launch.accelerate_config).read_text()) or {}
+    return {"distributed_type": str(acc.get("distributed_type", "NO")),
+            "mixed_precision": str(acc.get("mixed_precision", "no")),
+            "offload": bool((acc.get("fsdp_config") or {}).get("fsdp_offload_params", False))}
+
+
 def check_master_weights(weights_dtype: str, launch, where: str) -> None:
-    """Refuse bf16 trained weights unless DeepSpeed keeps fp32 masters: plain AdamW would round lr-1e-6
-    updates away (bf16 has 8 bits of mantissa)."""
-    deepspeed = bool(launch.accelerate_config) and "zero" in str(launch.accelerate_config)
-    if weights_dtype in ("bfloat16", "float16") and not deepspeed:
-        raise ValueError(f"{where}.weights_dtype: {weights_dtype} lets AdamW round small updates away; it is allowed "
-                         f"only under DeepSpeed ({where}.launch.accelerate_config zero2 / zero2-offload / zero3), "
-                         "whose optimizer keeps fp32 master weights. Use float32 (bf16 autocast computes in bf16).")
+    """Before training: refuse 16-bit trained weights unless the launch's accelerate config (its contents, not its
+    name) gives the optimizer fp32 masters: DeepSpeed (its own fp32 copy) or FSDP with bf16 mixed precision
+    (accelerate upcasts trainable parameters to fp32). Plain AdamW on bf16 weights rounds lr-1e-6 updates away."""
+    if weights_dtype not in ("bfloat16", "float16"):
+        return
+    layout = launch_layout(launch)
+    kind = layout["distributed_type"]
+    if kind == "DEEPSPEED" or (kind == "FSDP" and layout["mixed_precision"] != "no"):
+        return
+    raise ValueError(f"{where}.weights_dtype: {weights_dtype} lets AdamW round small updates away; the launch "
+                     f"({where}.launch.accelerate_config: {launch.accelerate_config}, distributed_type {kind}, "
+                     f"mixed_precision {layout['mixed_precision']}) keeps no fp32 master weights. Use float32 "
+                     "(bf16 autocast still computes in bf16), or a DeepSpeed / FSDP-with-bf16 config (fsdp-offload).")
+
+
+def optimizer_masters(optimizer) -> dict:
+    """{dtype name: elements} of the tensors the optimizer actually steps: DeepSpeed's fp32 partitions when the
+    optimizer is DeepSpeed's, else its param groups (FSDP2 DTensors count their local shard)."""
+    inner = optimizer
+    while hasattr(inner, "optimizer") and inner.optimizer is not inner:  # accelerate / DeepSpeed wrappers
+        inner = inner.optimizer
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+            if getattr(inner, name, None):  # ZeRO-1/2, ZeRO-3, bf16 optimizer: the fp32 copies it steps
+                return _count_dtypes(list(getattr(inner, name)))
+    return _count_dtypes([p for g in inner.param_groups for p in g["params"]])
+
+
+def _count_dtypes(tensors) -> dict:
+    """{dtype name: elements} over tensors (a DTensor's local shard)."""
+    out: dict = {}
+    for t in tensors:
+        local = getattr(t, "_local_tensor", t)
+        name = str(local.dtype).removeprefix("torch.")
+        out[name] = out.get(name, 0) + local.numel()
+    return out
+
+
+def fsdp_layout(model) -> Optional[dict]:
+    """For an FSDP2 model: the offload policy and compute/reduce dtypes its first sharded group really uses; else None."""
+    for module in model.modules():
+        state = getattr(module, "_get_fsdp_state", None)
+        group = state()._fsdp_param_group if state else None
+        if group is not None:
+            mp = group.mp_policy
+            return {"offload": type(group.offload_policy).__name__,
+                    "param_dtype": str(mp.param_dtype).removeprefix("torch.") if mp.param_dtype else None,
+                    "reduce_dtype": str(mp.reduce_dtype).removeprefix("torch.") if mp.reduce_dtype else None}
+    return None
+
+
+class MasterWeightsCheck:
+    """Trainer callback: at the first step, read what the optimizer holds; raise if it steps 16-bit tensors
+    (their lr-1e-6 updates round away). `holds` keeps {dtype: elements} for the stage's metrics."""
+
+    def __init__(self, trainer, where: str):
+        from transformers import TrainerCallback
+        outer = self
+        self.holds: dict = {}
+        self.fsdp: Optional[dict] = None  # fsdp_layout of the prepared model
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                outer.fsdp = fsdp_layout(trainer.model_wrapped)
+                if outer.fsdp:
+                    print(f"[qedlib] {where}: FSDP2 {outer.fsdp}", flush=True)
+                outer.check(trainer.optimizer, where)
+        self.callback = _CB()
+
+    def check(self, optimizer, where: str) -> None:
+        """Record and check the dtypes the optimizer steps."""
+        self.holds = optimizer_masters(optimizer)
+        low = {k: v for k, v in self.holds.items() if k in ("bfloat16", "float16")}
+        print(f"[qedlib] {where}: the optimizer steps " + ", ".join(f"{v:,} {k}" for k, v in self.holds.items())
+              + " values", flush=True)
+        if low:
+            raise ValueError(f"{where}: the optimizer steps {', '.join(low)} tensors ({sum(low.values()):,} values): "
+                             f"lr-1e-6 updates round away. Set {where}.weights_dtype: float32, or launch with a "
+                             "config that keeps fp32 masters (DeepSpeed, or FSDP with mixed_precision bf16).")
+
+
+def reduce_gradients_in_fp32(trainer) -> None:
+    """Under FSDP with bf16 compute, reduce gradients in fp32 (MixedPrecisionPolicy reduce_dtype): accelerate sets
+    reduce_dtype to the compute dtype and its config file has no key for it, so it is set here before prepare."""
+    import torch
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if plugin is None or policy is None or plugin.fsdp_version != 2 or policy.param_dtype != torch.bfloat16:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                         output_dtype=policy.output_dtype,
+                                                         cast_forward_inputs=policy.cast_forward_inputs)
+
+
+def add_master_weights_check(trainer, where: str) -> MasterWeightsCheck:
+    """Make a built trainer's optimizer precision explicit: fp32 gradient reduction under FSDP, and a
+    MasterWeightsCheck (returned) that reads what the optimizer holds at step 0."""
+    reduce_gradients_in_fp32(trainer)
+    check = MasterWeightsCheck(trainer, where)
+    trainer.add_callback(check.callback)
+    return check
 
 
 def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_dir: str | Path | None = None) -> Path:

@@ -10,7 +10,7 @@ def test_gpu_check_cpu_runs_every_section_and_records_it(tmp_path, capsys):
     assert main(["gpu-check", "--cpu", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = {s["key"]: s for s in record["sections"]}
-    assert list(sections) == list("abcdef") and record["passed"]
+    assert list(sections) == list("abcdegf") and record["passed"]
     assert sections["a"]["returncode"] == 0 and sections["a"].get("skipped", 0) >= 1  # no CUDA: gpu tests skip
     gen = sections["b"]["rows"]
     assert {(r["cache"], r["batch"]) for r in gen} == {(c, b) for c in ("default", "static") for b in (1, 4)}
@@ -21,6 +21,10 @@ def test_gpu_check_cpu_runs_every_section_and_records_it(tmp_path, capsys):
     grpo = sections["d"]
     assert grpo["status"] == "pass" and 0 < grpo["weights_changed_frac"] <= 1 and grpo["rollouts"] == 4
     assert sections["e"]["status"] == "not run" and "not run" in sections["e"]["note"]
+    launched = sections["g"]  # gpu-1's own launch config and optimizer: fp32 masters, lr-1e-6 updates survive
+    assert launched["status"] == "pass" and launched["accelerate_config"] == "fsdp-offload"
+    assert "CPUOffloadPolicy" in launched["fsdp"] and launched["optimizer_steps"].endswith(" float32")
+    assert launched["weights_changed_frac"] > 0.5
     closes = sections["f"]["closes"]
     assert len(closes) == 4 and all(c["ok"] and not c["alive"] for c in closes)
     table = (tmp_path / "gpu_check.md").read_text()

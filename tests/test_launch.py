@@ -21,7 +21,7 @@ def test_launch_command_composes_config_processes_and_overrides(tmp_path):
     tail = cmd[cmd.index("-m", 3):]
     assert tail[:4] == ["-m", "qedlib", "train", "sft"]
     assert tail[tail.index("--run-dir") + 1] == str(tmp_path.resolve())
-    assert "sft.lr=1e-05" in tail and 'sft.report_to=["tensorboard"]' in tail
+    assert "sft.lr=1.0e-05" in tail and 'sft.report_to=["tensorboard"]' in tail
     # Multi-node flags pass through and switch off the automatic local port.
     multi = launch_command("rubric_rl", "p.yaml", tmp_path, {}, Launch(
         num_processes=16, accelerate_config="fsdp", extra_args=["--num_machines", "2", "--machine_rank", "0"]))
@@ -30,12 +30,15 @@ def test_launch_command_composes_config_processes_and_overrides(tmp_path):
 
 def test_shipped_configs_exist_and_bad_names_are_explained():
     from accelerate.commands.config.config_args import load_config_from_file
-    for name in ("zero2", "zero2-offload", "zero3", "fsdp", "ddp", "cpu-gloo"):
+    for name in ("zero2", "zero2-offload", "zero3", "fsdp", "fsdp-offload", "ddp", "cpu-gloo"):
         assert yaml.safe_load(accelerate_config_path(name).read_text())["distributed_type"]
         parsed = load_config_from_file(str(accelerate_config_path(name)))  # accelerate's own loader accepts it
         assert parsed.distributed_type.value in ("DEEPSPEED", "FSDP", "MULTI_GPU")
     assert load_config_from_file(str(accelerate_config_path("zero3"))).deepspeed_config["zero_stage"] == 3
-    with pytest.raises(FileNotFoundError, match="shipped: cpu-gloo, ddp, fsdp, zero2, zero2-offload, zero3"):
+    offload = load_config_from_file(str(accelerate_config_path("fsdp-offload")))
+    assert offload.fsdp_config["fsdp_offload_params"] is True and offload.mixed_precision == "bf16"
+    assert offload.fsdp_config["fsdp_version"] == 2 and offload.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    with pytest.raises(FileNotFoundError, match="shipped: cpu-gloo, ddp, fsdp, fsdp-offload, zero2, zero2-offload, zero3"):
         accelerate_config_path("zero4")
     with pytest.raises(ValueError, match="stage"):
         launch_command("distill", "p.yaml", ".", {}, Launch())
