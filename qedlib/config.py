@@ -105,6 +105,8 @@ class Launch:
     num_processes: int = 1  # >1 launches accelerate with that many processes
     accelerate_config: Optional[str] = None  # path of an accelerate config (DeepSpeed/FSDP)
     extra_args: list = field(default_factory=list)  # more `accelerate launch` flags (multi-node)
+    mode: Literal["here", "external"] = "here"  # here: the notebook trains (or launches); external: a batch job trains, the notebook waits for its completion record
+    wait_s: float = 0.0  # external: how long the notebook waits for the batch job's record before refusing with its command
 
 
 # ---------------------------------------------------------------- stages
