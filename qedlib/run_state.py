@@ -35,6 +35,9 @@ STAGE_KEYS = {DISTILL: ("seed", "base_model", "distill"),
 
 # Keys that change what is kept or logged, not any stage's results.
 BOOKKEEPING = {"run_name", "keep_checkpoints", "save_total_limit", "report_to", "logging_steps"}
+# Sections that say how a stage runs (here or as a batch job, on how many processes), not what it produces: a
+# notebook (`launch.mode: external`) and the cluster job that trains for it must agree on the record's hash.
+HOW_IT_RUNS = {"launch"}
 
 # What a stage leaves for the next one when it has no record (run interactively, before records existed).
 OUTPUT_FOLDERS = {DISTILL: "dataset", SFT: MODEL, RUBRIC_RL: MODEL, RC_RL: MODEL}
@@ -47,7 +50,7 @@ class RunLocked(RuntimeError):
 # ---------------------------------------------------------------- records
 def _drop_bookkeeping(tree):
     if isinstance(tree, dict):
-        return {k: _drop_bookkeeping(v) for k, v in tree.items() if k not in BOOKKEEPING}
+        return {k: _drop_bookkeeping(v) for k, v in tree.items() if k not in BOOKKEEPING | HOW_IT_RUNS}
     return tree
 
 
