@@ -23,6 +23,7 @@ from .layout import DISTILL, EVAL, MODEL, RC_RL, RUBRIC_RL, SFT, STAGES
 
 RECORD_FILE = "stage.json"  # a stage's completion record, in its folder
 LOCK_FILE = "run.lock"  # the run folder's writer: pid, host, command
+KERNEL_LOG = "kernel.log"  # a stage kernel's own stderr (a log, not a result)
 LOCK_ENV = "QED_RUN_LOCK"  # the lock's token, inherited by the kernels of the run that holds it
 
 # The config sections whose values produce each stage's results; a stage also redoes its work when an
@@ -98,7 +99,7 @@ def stage_hash(cfg, run_dir, stage: str) -> str:
 def _produced(folder: Path) -> dict:
     """Relative path -> size of the files a stage left (checkpoints, pruned afterwards, and the record left out)."""
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != RECORD_FILE and "checkpoints" not in p.relative_to(folder).parts}
+            if p.is_file() and p.name not in (RECORD_FILE, KERNEL_LOG) and "checkpoints" not in p.relative_to(folder).parts}
 
 
 def write_record(cfg, run_dir, stage: str, complete: str) -> Path:

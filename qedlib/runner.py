@@ -19,7 +19,7 @@ from .io import read_json, folder_size
 from .layout import (CONFIG_FILE, DISTILL, MODEL_DIRS, OUTPUTS, PIPELINE, RC_RL, REPO, RUBRIC_RL, RUN_FILE, STAGES,
                      TIMINGS_FILE, TRAINED, git_commit, hardware, stage_dir)
 from .plan import endpoints
-from .run_state import (BOOKKEEPING, LOCK_ENV, STAGE_KEYS, RunLocked, acquire_lock, check_not_locked, check_record,
+from .run_state import (BOOKKEEPING, KERNEL_LOG, LOCK_ENV, STAGE_KEYS, RunLocked, acquire_lock, check_not_locked, check_record,
                         read_record, release_lock, remove_record, stage_hash, write_json_if_changed, write_record,
                         write_text_if_changed)
 
@@ -274,7 +274,7 @@ def _execute_stage(cfg: Config, params_file: str, run_dir: Path, stage: str, ove
                             # nbclient: keep the widgets' state in the notebook's metadata, so the sample and
                             # result browsers render outside JupyterLab too (viewers with a widget manager)
                             store_widget_state=True,
-                            kernel_manager_class=local_kernel_manager())
+                            kernel_manager_class=local_kernel_manager(out.with_name(KERNEL_LOG)))
     except pm.PapermillExecutionError as e:
         raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
                            f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
@@ -284,7 +284,7 @@ def _execute_stage(cfg: Config, params_file: str, run_dir: Path, stage: str, ove
     return round(time.perf_counter() - t0, 1)
 
 
-def local_kernel_manager():
+def local_kernel_manager(kernel_log: Path | None = None):
     """nbclient's kernel manager, talking to the kernel over local IPC sockets (not TCP on localhost), with a
     kernel that dies with the runner.
 
@@ -293,6 +293,8 @@ def local_kernel_manager():
     jupyter_client starts the kernel in its own session, so a kill -9 of the runner's process group misses
     it and ipykernel's parent poller notices only between Python bytecodes (a kernel inside a long torch
     call went on training and saving); the kernel therefore asks Linux to SIGKILL it when its parent dies.
+    With `kernel_log`, the kernel process's own stderr (ipykernel's log, not the cells' output, which goes to the
+    notebook) is appended there, so a Ctrl-C of the runner prints one line, not the kernel's interrupted handler.
     """
     from jupyter_client.manager import AsyncKernelManager
 
@@ -301,7 +303,11 @@ def local_kernel_manager():
             super().__init__(**{"transport": "ipc", **kwargs})
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
-            await super()._async_launch_kernel(kernel_cmd, **{"preexec_fn": die_with_parent(os.getpid()), **kw})
+            kw = {"preexec_fn": die_with_parent(os.getpid()), **kw}
+            if kernel_log is None:
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+            with open(kernel_log, "ab") as log:  # the kernel keeps its own descriptor
+                await super()._async_launch_kernel(kernel_cmd, **{"stderr": log, **kw})
     return IPCKernelManager
 
 
