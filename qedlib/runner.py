@@ -3,6 +3,8 @@
 `python -m qedlib run PARAMS [--run-name NAME] [--stages ...] [--set key=value ...]`. Each notebook
 gets three papermill parameters (`params_file`, `run_dir`, `overrides`) and reads the previous
 stage's artifacts from the run folder. `start_stage` is what every notebook's second cell calls.
+A rerun skips each stage whose completion record (qedlib.run_state) matches the settings; one process
+writes a run folder at a time (its lock); what the stages need is checked before the first one starts.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .io import read_json, folder_size
 from .layout import (CONFIG_FILE, DISTILL, MODEL_DIRS, OUTPUTS, PIPELINE, RC_RL, REPO, RUBRIC_RL, RUN_FILE, STAGES,
                      TIMINGS_FILE, TRAINED, git_commit, hardware, stage_dir)
 from .plan import endpoints
-from .run_state import (BOOKKEEPING, KERNEL_LOG, LOCK_ENV, STAGE_KEYS, RunLocked, acquire_lock, check_not_locked, check_record,
+from .run_state import (BOOKKEEPING, HOW_IT_RUNS, KERNEL_LOG, LOCK_ENV, STAGE_KEYS, RunLocked, acquire_lock, check_not_locked, check_record,
                         read_record, release_lock, remove_record, stage_hash, write_json_if_changed, write_record,
                         write_text_if_changed)
 
@@ -65,7 +67,8 @@ def say_config_changes(saved: Path, cfg: Config, stages: list[str] | None = None
         return {}
     old = yaml.safe_load(saved.read_text()) or {}
     new = json.loads(json.dumps(cfg.to_dict()))
-    changed = [k for k in changed_keys(old, new) if k.split(".")[-1] not in BOOKKEEPING]
+    changed = [k for k in changed_keys(old, new)
+               if k.split(".")[-1] not in BOOKKEEPING and not HOW_IT_RUNS & set(k.split("."))]
     redo = stages_to_redo(changed, stages)
     for stage, why in redo.items():
         print(f"[qedlib] {stage}: results will be recomputed, not resumed ({why}; previous config {saved})", flush=True)
@@ -85,7 +88,8 @@ def start_stage(params_file: str, run_dir: str, overrides: dict, stage: str) -> 
     check_not_locked(run_dir)
     folder = stage_dir(run_dir, stage)
     say_config_changes(folder / CONFIG_FILE, cfg, [stage])
-    if read_record(run_dir, stage) and read_record(run_dir, stage).get("hash") != stage_hash(cfg, run_dir, stage):
+    record = read_record(run_dir, stage)
+    if record and record.get("hash") != stage_hash(cfg, run_dir, stage):
         remove_record(run_dir, stage)  # its outputs are about to change: the record must not vouch for them
     write_text_if_changed(folder / CONFIG_FILE, config_text(cfg))
     from transformers import set_seed

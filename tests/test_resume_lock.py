@@ -154,7 +154,7 @@ def test_external_mode_waits_for_the_batch_job_or_refuses_with_its_command(finis
     cfg = load_config(SMOKE, changed)
     result_file = run_dir / "03_rubric_rl" / "train_result.json"
     never = lambda c, d: pytest.fail("external mode must not train in the notebook")
-    with pytest.raises(RuntimeError, match=r"launch.mode is external.*accelerate launch .* -m qedlib train rubric_rl"):
+    with pytest.raises(RuntimeError, match=r"(?s)launch.mode is external.*accelerate launch .* -m qedlib train rubric_rl"):
         train_or_launch("rubric_rl", cfg.rubric_rl.launch, never, cfg, run_dir, SMOKE, changed, result_file)
     # the batch job (what a cluster runs) trains with the same settings and writes the record the notebook waits for
     job = subprocess.Popen([sys.executable, "-m", "qedlib", "train", "rubric_rl", "--params", SMOKE, "--run-dir",
