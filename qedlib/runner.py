@@ -185,6 +185,25 @@ def _run_stages(cfg: Config, params_file: str, run_dir: Path, wanted: list[str],
     print(f"[qedlib] run folder {run_dir}: {folder_size(run_dir) / 2**30:.2f} GiB", flush=True)
 
 
+def mark_interrupted(nb_path: Path) -> None:
+    """After Ctrl-C: papermill saved the unrun cells as "completed"; mark them "pending" and say at the top where
+    the run stopped, so the executed notebook does not look finished."""
+    try:
+        nb = json.loads(nb_path.read_text())
+    except (OSError, ValueError):
+        return
+    code = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    for cell in code:
+        if cell.get("execution_count") is None:
+            cell.setdefault("metadata", {}).setdefault("papermill", {})["status"] = "pending"
+    ran = sum(c.get("execution_count") is not None for c in code)
+    banner = {"cell_type": "markdown", "id": "qedlib-interrupted", "metadata": {"tags": ["papermill-error-cell-tag"]},
+              "source": [f"**Interrupted (Ctrl-C) after {ran} of {len(code)} code cells**: the cells below without "
+                         "output did not run. Rerun the same `python -m qedlib run` command to resume."]}
+    nb["cells"] = [banner] + [c for c in nb["cells"] if c.get("id") != "qedlib-interrupted"]
+    nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False))
+
+
 def check_before_run(cfg: Config, run_dir: Path, wanted: list[str]) -> None:
     """Everything the wanted stages need that can be checked before the first starts: endpoint environment
     variables, starting models, problem files and their rubrics; one ConfigError naming every missing thing."""
@@ -283,6 +302,7 @@ def _execute_stage(cfg: Config, params_file: str, run_dir: Path, stage: str, ove
         raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
                            f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
     except KeyboardInterrupt:
+        mark_interrupted(out)
         raise Interrupted(f"interrupted in stage {stage} (its notebook so far: {out}); rerun the same command to "
                           "resume: finished stages are skipped, this one resumes from its checkpoints and logs") from None
     return round(time.perf_counter() - t0, 1)

@@ -258,6 +258,10 @@ def test_ctrl_c_ends_with_one_line_naming_the_stage(tmp_path):
     lines = [l for l in err.splitlines() if l.startswith("[qedlib]")]
     assert len(lines) == 1 and "interrupted in stage 01_distill" in lines[0] and "rerun the same command" in lines[0]
     assert not (tmp_path / "smoke" / LOCK_FILE).exists()  # released on the way out
+    cells = json.loads(notebook.read_text())["cells"]  # the executed notebook does not look finished
+    assert "Interrupted (Ctrl-C)" in "".join(cells[0]["source"])
+    unrun = [c for c in cells if c["cell_type"] == "code" and c.get("execution_count") is None]
+    assert unrun and all(c["metadata"]["papermill"]["status"] == "pending" for c in unrun)
 
 
 def test_missing_model_env_and_rubric_fail_before_any_stage(tmp_path, monkeypatch):
