@@ -131,6 +131,18 @@ def test_changed_setting_names_its_keys_and_the_stages_after(finished_run, tmp_p
 
 
 @pytest.mark.smoke
+def test_run_recomputes_a_changed_stage_and_says_which_keys_changed(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    r = qedlib_run(SMOKE, "--outputs", str(run_dir.parent), "--stages", "distill", "sft",
+                   "--set", "distill.sampling.temperature=0.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[qedlib] running 01_distill (settings changed: distill.sampling.temperature" in r.stdout
+    assert "[qedlib] running 02_sft (its input from 01_distill changed" in r.stdout
+    assert json.loads((run_dir / "01_distill" / RECORD_FILE).read_text())["settings"]["distill"]["sampling"][
+        "temperature"] == 0.5
+
+
+@pytest.mark.smoke
 def test_notebook_training_reuses_a_model_trained_with_the_same_settings(finished_run, tmp_path, capsys):
     from qedlib import rubric_rl
     from qedlib.training import train_or_launch
