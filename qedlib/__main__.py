@@ -78,13 +78,19 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.params, overrides)
             from .launch import keep_fsdp_on_cpu
             keep_fsdp_on_cpu()  # an FSDP config stays FSDP on a CPU-only machine (tests; see its docstring)
-            importlib.import_module(f"qedlib.{args.stage}").train(cfg, args.run_dir)  # each trained stage has a module of its name
+            from .training import train_recorded
+            # each trained stage has a module of its name; a batch job with a matching completion record skips
+            train_recorded(args.stage, cfg, args.run_dir, importlib.import_module(f"qedlib.{args.stage}").train)
         elif args.cmd == "export-official":
             from .export import default_out, export_official
             files = export_official(args.run_dir, args.out)
             groups = sorted({f.parent for f in files})
             print(f"[export] {len(files)} run files in {len(groups)} checkpoint/benchmark/scaffold folders under "
                   f"{(args.out or default_out(args.run_dir))}; official aggregate of one: scripts/stats.py {groups[0]}")
+    except KeyboardInterrupt as e:  # one line, not a traceback: where it stopped and how to go on
+        what = str(e) or f"interrupted ({args.cmd}); rerun the same command to resume"
+        print(f"[qedlib] {what}", file=sys.stderr)
+        return 130
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

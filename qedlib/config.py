@@ -110,6 +110,8 @@ class Launch:
     machine_rank: Optional[int] = None  # this node's rank; None: $SLURM_NODEID, else 0
     main_process_ip: Optional[str] = None  # rendezvous host; None: the first node of $SLURM_JOB_NODELIST
     main_process_port: int = 29500  # rendezvous port on the first node (multi-node only)
+    mode: Literal["here", "external"] = "here"  # here: the notebook trains (or launches); external: a batch job trains, the notebook waits for its completion record
+    wait_s: float = 0.0  # external: how long the notebook waits for the batch job's record before refusing with its command
 
 
 # ---------------------------------------------------------------- stages

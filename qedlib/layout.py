@@ -50,9 +50,10 @@ def checkpoint(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = N
 
     "base" -> cfg.base_model; "sft" / "rubric_rl" / "rc_rl" -> that stage's saved model;
     "previous" -> the model of the stage before `stage` in the pipeline (rubric_rl: sft; rc_rl:
-    rubric_rl), falling back to earlier stages and then the base model when it was not run, so that
+    rubric_rl), falling back (with a message) to an earlier trained stage when it was not run, so that
     rerunning a stage in a finished run starts where the pipeline says, not from a later stage's
-    model; anything else is a model reference (embedded name, folder or hub id).
+    model; never silently to the base model: with no earlier model it is an error (say `model: base`);
+    anything else is a model reference (embedded name, folder or hub id).
     """
     if ref == "base":
         return cfg.base_model
@@ -74,7 +75,9 @@ def checkpoint(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = N
                     print(f"[qedlib] {stage}: 'previous' is {before[-1]}, which has no model in {run_dir}; "
                           f"starting from {name}")
                 return str(path)
-        return cfg.base_model
+        raise FileNotFoundError(f"{stage}.model is 'previous' but no earlier stage ({', '.join(before) or 'none'}) "
+                                f"has a model in {run_dir}: run {TRAINED[before[-1]] if before else 'it'} first, "
+                                f"or set {stage}.model: base to start from base_model ({cfg.base_model})")
     return ref
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 from . import stats
 from .layout import DISTILL, EVAL, METRICS_FILE, RC_RL, RUBRIC_RL, RUN_FILE, STAGES, TIMINGS_FILE, git_commit, hardware
 from .paper import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
+from .run_state import write_text_if_changed
 from .tables import markdown_table
 
 
@@ -277,10 +278,10 @@ def write_report(run_dir, rows: Optional[list[dict]] = None, summary=None, thres
         md += ["## Figures", ""] + ([f"Interactive figures ({', '.join(plotted)}) are in report.html.", ""] if plotted else [])
         md += [f.text + "\n" for f in figs.values() if isinstance(f, Note)]
     md_path = run_dir / "report.md"
-    md_path.write_text("\n".join(md))
     html_path = run_dir / "report.html"
-    html_path.write_text(_html(sections, figs))
-    return {"md": md_path, "html": html_path, "figures": figs}
+    # rewritten only when the content changes: a rerun that skips every stage leaves the run folder untouched
+    changed = [write_text_if_changed(md_path, "\n".join(md)), write_text_if_changed(html_path, _html(sections, figs))]
+    return {"md": md_path, "html": html_path, "figures": figs, "changed": any(changed)}
 
 
 def refresh(run_dir, cfg) -> dict:

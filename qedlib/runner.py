@@ -3,33 +3,35 @@
 `python -m qedlib run PARAMS [--run-name NAME] [--stages ...] [--set key=value ...]`. Each notebook
 gets three papermill parameters (`params_file`, `run_dir`, `overrides`) and reads the previous
 stage's artifacts from the run folder. `start_stage` is what every notebook's second cell calls.
+A rerun skips each stage whose completion record (qedlib.run_state) matches the settings; one process
+writes a run folder at a time (its lock); what the stages need is checked before the first one starts.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config, save_config
-from .io import read_json, write_json, folder_size
-from .layout import (CONFIG_FILE, DISTILL, EVAL, OUTPUTS, RC_RL, REPO, RUBRIC_RL, RUN_FILE, SFT, STAGES, TIMINGS_FILE,
-                     git_commit, hardware, stage_dir)
+from .config import Config, ConfigError, load_config
+from .data import load_source
+from .io import read_json, folder_size
+from .layout import (CONFIG_FILE, DISTILL, MODEL_DIRS, OUTPUTS, PIPELINE, RC_RL, REPO, RUBRIC_RL, RUN_FILE, STAGES,
+                     TIMINGS_FILE, TRAINED, git_commit, hardware, stage_dir)
+from .plan import endpoints
+from .run_state import (BOOKKEEPING, HOW_IT_RUNS, KERNEL_LOG, LOCK_ENV, STAGE_KEYS, RunLocked, acquire_lock, check_not_locked, check_record,
+                        read_record, release_lock, remove_record, stage_hash, write_json_if_changed, write_record,
+                        write_text_if_changed)
 
 NOTEBOOKS = REPO / "notebooks"
 KERNEL = "qed"
 
 
-# The config sections whose values produce each stage's results; a stage also redoes its work when an
-# earlier stage's results change (its input data or starting model).
-STAGE_KEYS = {DISTILL: ("seed", "base_model", "distill"),
-              SFT: ("thinking", "sft"),
-              RUBRIC_RL: ("rubric_rl",),
-              RC_RL: ("rc_rl",),
-              EVAL: ("generation", "eval")}
 
-
-# Keys that change what is kept or logged, not any stage's results.
-BOOKKEEPING = {"run_name", "keep_checkpoints", "save_total_limit", "report_to", "logging_steps"}
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage; its text is the one line the command line prints (the stage, how to resume)."""
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -65,20 +67,31 @@ def say_config_changes(saved: Path, cfg: Config, stages: list[str] | None = None
         return {}
     old = yaml.safe_load(saved.read_text()) or {}
     new = json.loads(json.dumps(cfg.to_dict()))
-    changed = [k for k in changed_keys(old, new) if k.split(".")[-1] not in BOOKKEEPING]
+    changed = [k for k in changed_keys(old, new)
+               if k.split(".")[-1] not in BOOKKEEPING and not HOW_IT_RUNS & set(k.split("."))]
     redo = stages_to_redo(changed, stages)
     for stage, why in redo.items():
         print(f"[qedlib] {stage}: results will be recomputed, not resumed ({why}; previous config {saved})", flush=True)
     return redo
 
 
+def config_text(cfg: Config) -> str:
+    """The resolved config as the YAML that CONFIG_FILE holds."""
+    import yaml
+    return yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)
+
+
 def start_stage(params_file: str, run_dir: str, overrides: dict, stage: str) -> tuple[Config, Path]:
-    """Validate the params, say what differs from this stage's last config, save the resolved config
-    in the stage folder, seed; return (cfg, folder)."""
+    """Validate the params, refuse a run folder another process writes, say what differs from this stage's last
+    config, save the resolved config in the stage folder, seed; return (cfg, folder)."""
     cfg = load_config(params_file, overrides)
+    check_not_locked(run_dir)
     folder = stage_dir(run_dir, stage)
     say_config_changes(folder / CONFIG_FILE, cfg, [stage])
-    save_config(cfg, folder / CONFIG_FILE)
+    record = read_record(run_dir, stage)
+    if record and record.get("hash") != stage_hash(cfg, run_dir, stage):
+        remove_record(run_dir, stage)  # its outputs are about to change: the record must not vouch for them
+    write_text_if_changed(folder / CONFIG_FILE, config_text(cfg))
     from transformers import set_seed
     set_seed(cfg.seed)  # python, numpy, torch (and CUDA when present)
     quiet_outputs()
@@ -126,61 +139,216 @@ def _failed_cell(nb_path: Path) -> str:
 
 def run_pipeline(params_file: str, run_name: str | None = None, stages: list[str] | None = None,
                  overrides: dict | None = None, outputs: str | Path = OUTPUTS) -> Path:
-    """Execute the notebooks in order; return the run folder. Stops at the first failing stage."""
-    import papermill as pm
+    """Execute the notebooks in order, skipping stages that finished with these settings; return the run folder.
+
+    One writer per run folder (run_state's lock); everything a stage needs is checked before the first one
+    starts; stops at the first failing stage; Ctrl-C raises Interrupted naming the stage.
+    """
     overrides = dict(overrides or {})
     cfg = load_config(params_file, overrides)  # fail fast on a bad params file
     run_dir = (Path(outputs) / (run_name or cfg.run_name)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     wanted = _select_stages(stages or cfg.stages)  # --stages, else the params' `stages` (an eval-only recipe), else all
-    say_config_changes(run_dir / CONFIG_FILE, cfg, wanted)  # before anything runs: what will not be resumed
-    save_config(cfg, run_dir / CONFIG_FILE)
-    timings = read_json(run_dir / TIMINGS_FILE) if (run_dir / TIMINGS_FILE).exists() else {}
-    info = {"params_file": str(params_file), "overrides": overrides, "commit": git_commit(), "hardware": hardware()}
-    write_json(run_dir / RUN_FILE, {**info, "timings_s": timings})  # the report (in the eval stage) reads it
-    for stage in wanted:
-        src = NOTEBOOKS / f"{stage}.ipynb"
-        out = stage_dir(run_dir, stage) / f"{stage}.ipynb"
-        before = f" (last time {timings[stage]:.0f} s)" if stage in timings else ""
-        print(f"[qedlib] running {stage}{before} -> {out}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            # papermill's bar: cells done / cells, elapsed and remaining time of this stage
-            pm.execute_notebook(str(src), str(out), kernel_name=KERNEL, cwd=str(NOTEBOOKS),
-                                parameters={"params_file": str(Path(params_file).resolve()),
-                                            "run_dir": str(run_dir), "overrides": overrides},
-                                progress_bar={"desc": f"  {stage} cells", "mininterval": 5.0, "ncols": 90},
-                                log_output=False,
-                                # nbclient: keep the widgets' state in the notebook's metadata, so the sample and
-                                # result browsers render outside JupyterLab too (viewers with a widget manager)
-                                store_widget_state=True,
-                                kernel_manager_class=local_kernel_manager())
-        except pm.PapermillExecutionError as e:
-            raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
-                               f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
-        timings[stage] = round(time.perf_counter() - t0, 1)
-        write_json(run_dir / TIMINGS_FILE, timings)
-        write_json(run_dir / RUN_FILE, {**info, "timings_s": timings})
-        print(f"[qedlib] {stage} done in {timings[stage]:.0f} s", flush=True)
-    from . import report  # here, not at the top: a notebook's start_stage need not import the eval stack
-    written = report.refresh(run_dir, cfg)  # now with every finished stage's metrics and wall time
-    print(f"[qedlib] report: {written['md']} and {written['html']}", flush=True)
-    print(f"[qedlib] run folder {run_dir}: {folder_size(run_dir) / 2**30:.2f} GiB", flush=True)
+    token = acquire_lock(run_dir, f"python -m qedlib run {params_file}")
+    try:
+        check_before_run(cfg, run_dir, wanted)
+        _run_stages(cfg, params_file, run_dir, wanted, overrides, token)
+    finally:
+        release_lock(run_dir, token)
     return run_dir
 
 
-def local_kernel_manager():
-    """nbclient's kernel manager, talking to the kernel over local IPC sockets (not TCP on localhost).
+def _run_stages(cfg: Config, params_file: str, run_dir: Path, wanted: list[str], overrides: dict, token: str) -> None:
+    """The stages of one run, each skipped when its completion record matches, then the report."""
+    say_config_changes(run_dir / CONFIG_FILE, cfg, wanted)  # before anything runs: what will not be resumed
+    write_text_if_changed(run_dir / CONFIG_FILE, config_text(cfg))
+    timings = read_json(run_dir / TIMINGS_FILE) if (run_dir / TIMINGS_FILE).exists() else {}
+    info = {"params_file": str(params_file), "overrides": overrides, "commit": git_commit(), "hardware": hardware()}
+    ran = False
+    for stage in wanted:
+        done, why = check_record(cfg, run_dir, stage)
+        if done:
+            print(f"[qedlib] {stage}: skipped, {why}", flush=True)
+            continue
+        if not ran:  # the report (in the eval stage) reads it; written only when a stage runs
+            write_json_if_changed(run_dir / RUN_FILE, {**info, "timings_s": timings})
+        ran = True
+        timings[stage] = _execute_stage(cfg, params_file, run_dir, stage, overrides, token, why, timings.get(stage))
+        write_json_if_changed(run_dir / TIMINGS_FILE, timings)
+        write_json_if_changed(run_dir / RUN_FILE, {**info, "timings_s": timings})
+        write_record(cfg, run_dir, stage, "stage")  # the stage's last act: a rerun with these settings skips it
+        print(f"[qedlib] {stage} done in {timings[stage]:.0f} s", flush=True)
+    from . import report  # here, not at the top: a notebook's start_stage need not import the eval stack
+    written = report.refresh(run_dir, cfg)  # now with every finished stage's metrics and wall time
+    print(f"[qedlib] report: {written['md']} and {written['html']}{'' if written.get('changed', True) else ' (unchanged)'}",
+          flush=True)
+    print(f"[qedlib] run folder {run_dir}: {folder_size(run_dir) / 2**30:.2f} GiB", flush=True)
+
+
+def mark_interrupted(nb_path: Path) -> None:
+    """After Ctrl-C: papermill saved the unrun cells as "completed"; mark them "pending" and say at the top where
+    the run stopped, so the executed notebook does not look finished."""
+    try:
+        nb = json.loads(nb_path.read_text())
+    except (OSError, ValueError):
+        return
+    code = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    for cell in code:
+        if cell.get("execution_count") is None:
+            cell.setdefault("metadata", {}).setdefault("papermill", {})["status"] = "pending"
+    ran = sum(c.get("execution_count") is not None for c in code)
+    banner = {"cell_type": "markdown", "id": "qedlib-interrupted", "metadata": {"tags": ["papermill-error-cell-tag"]},
+              "source": [f"**Interrupted (Ctrl-C) after {ran} of {len(code)} code cells**: the cells below without "
+                         "output did not run. Rerun the same `python -m qedlib run` command to resume."]}
+    nb["cells"] = [banner] + [c for c in nb["cells"] if c.get("id") != "qedlib-interrupted"]
+    nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False))
+
+
+def check_before_run(cfg: Config, run_dir: Path, wanted: list[str]) -> None:
+    """Everything the wanted stages need that can be checked before the first starts: endpoint environment
+    variables, starting models, problem files and their rubrics; one ConfigError naming every missing thing."""
+    problems = _missing_env(cfg, wanted) + _missing_models(cfg, run_dir, wanted) + _missing_data(cfg, wanted)
+    if problems:
+        raise ConfigError("before any stage starts:\n  " + "\n  ".join(problems))
+
+
+def _missing_env(cfg: Config, wanted: list[str]) -> list[str]:
+    """Unset environment variables of the endpoints the wanted stages call (plan.endpoints' list)."""
+    sections = {s for st in wanted for s in STAGE_KEYS[st]} | {"generation"}
+    out = []
+    for where, ep in endpoints(cfg):
+        if where.split(".")[0] not in sections:
+            continue
+        for env in (ep.base_url_env, ep.api_key_env):
+            if env and not os.environ.get(env):
+                out.append(f"{where}: environment variable {env} is not set (export it before the run)")
+    return out
+
+
+def _missing_models(cfg: Config, run_dir: Path, wanted: list[str]) -> list[str]:
+    """Training stages whose starting model will not exist: 'previous' with no earlier trained stage in this run
+    (no silent fallback to the base model) or a folder that is not there."""
+    out = []
+    for name, stage in TRAINED.items():
+        if stage not in wanted:
+            continue
+        ref = getattr(cfg, name).model
+        if ref == "previous":
+            earlier = PIPELINE[:PIPELINE.index(name)]
+            if not any(TRAINED[e] in wanted or (run_dir / MODEL_DIRS[e] / "config.json").exists()
+                       or (run_dir / MODEL_DIRS[e] / "adapter_config.json").exists() for e in earlier):
+                out.append(f"{name}.model is 'previous' but no earlier stage ({', '.join(earlier) or 'none'}) has a "
+                           f"model in {run_dir} or runs now: run it first, or set {name}.model: base to start from "
+                           f"base_model ({cfg.base_model})")
+        elif ref in MODEL_DIRS and TRAINED[ref] not in wanted and not (run_dir / MODEL_DIRS[ref]).is_dir():
+            out.append(f"{name}.model is {ref!r} but {run_dir / MODEL_DIRS[ref]} does not exist: run that stage first")
+        elif ref.startswith(("/", "./", "../", "~")) and not Path(ref).expanduser().exists():
+            out.append(f"{name}.model: folder {ref} does not exist")
+    return out
+
+
+def _missing_data(cfg: Config, wanted: list[str]) -> list[str]:
+    """Problem files that are not there, and RL problems without the rubric their judge grades against."""
+    out = []
+    for name, stage in (("distill", DISTILL), ("rubric_rl", RUBRIC_RL), ("rc_rl", RC_RL)):
+        if stage not in wanted:
+            continue
+        src = getattr(cfg, name).problems
+        if src.path.startswith("hub:") or (src.path != "shipped" and not Path(src.path).suffix):
+            continue  # hub datasets and named benchmarks are fetched by the stage itself
+        if src.path != "shipped" and not Path(src.path).expanduser().exists():
+            out.append(f"{name}.problems.path: {src.path} does not exist")
+            continue
+        if name == "distill" or getattr(cfg, name).reward != "judge":
+            continue
+        try:
+            problems = load_source(src)
+        except (ValueError, OSError) as e:
+            out.append(f"{name}.problems: {e}")
+            continue
+        bare = [p.id for p in problems if not (p.rubric or "").strip()]
+        if bare:
+            out.append(f"{name}.problems ({src.path}): {len(bare)} of {len(problems)} problems have no rubric "
+                       f"(first: {', '.join(map(str, bare[:5]))}); the judge grades against one: add a rubric "
+                       "column (or map it with problems.columns), or drop those rows")
+    return out
+
+
+def _execute_stage(cfg: Config, params_file: str, run_dir: Path, stage: str, overrides: dict, token: str, why: str,
+                   last_s: float | None) -> float:
+    """Run one stage's notebook with papermill into its folder; return its wall time in seconds."""
+    import papermill as pm
+    src = NOTEBOOKS / f"{stage}.ipynb"
+    out = stage_dir(run_dir, stage) / f"{stage}.ipynb"
+    record = read_record(run_dir, stage)
+    if record and not check_record(cfg, run_dir, stage, need="training")[0]:
+        remove_record(run_dir, stage)  # a stale record must not vouch for outputs about to change
+    before = f", last time {last_s:.0f} s" if last_s else ""
+    print(f"[qedlib] running {stage} ({why}{before}) -> {out}", flush=True)
+    os.environ[LOCK_ENV] = token  # the kernel inherits it: its start_stage knows this run holds the lock
+    t0 = time.perf_counter()
+    try:
+        # papermill's bar: cells done / cells, elapsed and remaining time of this stage
+        pm.execute_notebook(str(src), str(out), kernel_name=KERNEL, cwd=str(NOTEBOOKS),
+                            parameters={"params_file": str(Path(params_file).resolve()),
+                                        "run_dir": str(run_dir), "overrides": overrides},
+                            progress_bar={"desc": f"  {stage} cells", "mininterval": 5.0, "ncols": 90},
+                            log_output=False,
+                            # nbclient: keep the widgets' state in the notebook's metadata, so the sample and
+                            # result browsers render outside JupyterLab too (viewers with a widget manager)
+                            store_widget_state=True,
+                            kernel_manager_class=local_kernel_manager(out.with_name(KERNEL_LOG)))
+    except pm.PapermillExecutionError as e:
+        raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
+                           f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
+    except KeyboardInterrupt:
+        mark_interrupted(out)
+        raise Interrupted(f"interrupted in stage {stage} (its notebook so far: {out}); rerun the same command to "
+                          "resume: finished stages are skipped, this one resumes from its checkpoints and logs") from None
+    return round(time.perf_counter() - t0, 1)
+
+
+def local_kernel_manager(kernel_log: Path | None = None):
+    """nbclient's kernel manager, talking to the kernel over local IPC sockets (not TCP on localhost), with a
+    kernel that dies with the runner.
 
     ipykernel >= 7 warns at every start that a TCP kernel is unencrypted; IPC sockets are files
     that only this user can open, so there is nothing to warn about, and no port to collide on.
+    jupyter_client starts the kernel in its own session, so a kill -9 of the runner's process group misses
+    it and ipykernel's parent poller notices only between Python bytecodes (a kernel inside a long torch
+    call went on training and saving); the kernel therefore asks Linux to SIGKILL it when its parent dies.
+    With `kernel_log`, the kernel process's own stderr (ipykernel's log, not the cells' output, which goes to the
+    notebook) is appended there, so a Ctrl-C of the runner prints one line, not the kernel's interrupted handler.
     """
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             super().__init__(**{"transport": "ipc", **kwargs})
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw = {"preexec_fn": die_with_parent(os.getpid()), **kw}
+            if kernel_log is None:
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+            with open(kernel_log, "ab") as log:  # the kernel keeps its own descriptor
+                await super()._async_launch_kernel(kernel_cmd, **{"stderr": log, **kw})
     return IPCKernelManager
+
+
+def die_with_parent(parent_pid: int):
+    """A Popen preexec_fn: the child gets SIGKILL when its parent exits (Linux prctl; elsewhere it does nothing)."""
+    def arm() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            return  # not Linux: ipykernel's parent poller still ends the kernel, a second later
+        if os.getppid() != parent_pid:  # the parent died before prctl: no signal will come
+            os._exit(1)
+    return arm
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _select_stages(stages: list[str] | None) -> list[str]:

@@ -6,22 +6,37 @@ no stage.
 """
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
-from .io import replace_folder
-from .launch import accelerate_config_path
+from .io import read_json, replace_folder
+from .launch import accelerate_config_path, accelerate_train, launch_command
+from .layout import MODEL, TRAINED
+from .run_state import check_record, remove_record, write_record
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense bf16 FLOP/s, datasheets
 
 
 def last_checkpoint(folder: str | Path) -> Optional[str]:
-    """The newest checkpoint-N folder under `folder` (transformers' own rule), or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint-N folder under `folder`, or None.
+
+    A checkpoint without trainer_state.json (the Trainer writes it last) was cut short by a kill during the save:
+    it is skipped with a message and the one before it is used, instead of failing every resume.
+    """
     folder = Path(folder)
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        print(f"[qedlib] skipping {path}: incomplete (no trainer_state.json; a kill during the save?)", flush=True)
+    return None
 
 
 def lora_config(lora):
@@ -34,13 +49,62 @@ def lora_config(lora):
 
 
 def train_or_launch(stage: str, launch, train, cfg, run_dir, params_file: str, overrides: dict, result_file) -> dict:
-    """Run `train(cfg, run_dir)` here, or under `accelerate launch` (num_processes > 1 or a config) and read its result."""
-    if launch.num_processes > 1 or launch.accelerate_config:
-        from .io import read_json
-        from .launch import accelerate_train
-        accelerate_train(stage, params_file, run_dir, overrides, launch)
+    """The stage's training result: the saved one when its model was trained with these settings (by an earlier
+    run or a batch job), else train with `train(cfg, run_dir)` here or under `accelerate launch` (num_processes > 1
+    or a config); with `launch.mode: external`, wait for a batch job instead (`launch.wait_s`)."""
+    folder = TRAINED[stage]
+    done, why = check_record(cfg, run_dir, folder, need="training")
+    if done and Path(result_file).exists():
+        print(f"[qedlib] {stage}: not training again, {Path(run_dir) / folder / MODEL} was trained with these "
+              f"settings ({why}); showing its saved results", flush=True)
         return read_json(result_file)
-    return train(cfg, run_dir)
+    if launch.mode == "external":
+        return wait_for_batch_job(stage, launch, cfg, run_dir, params_file, overrides, result_file, why)
+    remove_record(run_dir, folder)  # the model is about to change
+    if launch.num_processes > 1 or launch.accelerate_config:
+        accelerate_train(stage, params_file, run_dir, overrides, launch)
+        result = read_json(result_file)
+    else:
+        result = train(cfg, run_dir)
+    write_record(cfg, run_dir, folder, "training")  # training's last act: a rerun with these settings reuses it
+    return result
+
+
+def wait_for_batch_job(stage: str, launch, cfg, run_dir, params_file: str, overrides: dict, result_file,
+                       why: str) -> dict:
+    """`launch.mode: external`: poll for a batch job's completion record with these settings for up to
+    `launch.wait_s` seconds; return its result, or refuse with the command that trains the stage."""
+    command = shlex.join(["accelerate", "launch"] + launch_command(stage, params_file, run_dir, overrides, launch)[3:])
+    deadline = time.monotonic() + launch.wait_s
+    if launch.wait_s > 0:
+        print(f"[qedlib] {stage}: launch.mode external: waiting up to {launch.wait_s:.0f} s for a batch job's "
+              f"completion record ({why}); the job runs:\n  {command}", flush=True)
+    while time.monotonic() < deadline:
+        time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
+        done, _ = check_record(cfg, run_dir, TRAINED[stage], need="training")
+        if done and Path(result_file).exists():
+            print(f"[qedlib] {stage}: the batch job finished; showing its saved results", flush=True)
+            return read_json(result_file)
+    raise RuntimeError(f"{stage}: launch.mode is external and no model trained with these settings is in "
+                       f"{Path(run_dir) / TRAINED[stage]} ({why}) after {launch.wait_s:.0f} s "
+                       f"(launch.wait_s); train it as a batch job, then rerun this cell:\n  {command}")
+
+
+WAIT_POLL_S = 2.0  # how often an external-mode notebook looks for the batch job's record
+
+
+def train_recorded(stage: str, cfg, run_dir, train) -> Optional[dict]:
+    """What `python -m qedlib train STAGE` runs (each rank of a batch job): skip when the stage's model was trained
+    with these settings, else `train(cfg, run_dir)` and, on the main process, write the completion record."""
+    folder = TRAINED[stage]
+    done, why = check_record(cfg, run_dir, folder, need="training")
+    if done:
+        print(f"[qedlib] {stage}: not training again ({why})", flush=True)
+        return None
+    result = train(cfg, run_dir)
+    if os.environ.get("RANK", "0") == "0":  # accelerate sets RANK on every process; rank 0 saved the model
+        write_record(cfg, run_dir, folder, "training")
+    return result
 
 
 def checkpointing_args(args_cls, on: bool) -> dict:

@@ -134,7 +134,9 @@ def test_previous_is_the_stage_before_in_the_pipeline(tmp_path, capsys):
     from qedlib.config import Config
     from qedlib.layout import MODEL_DIRS, checkpoint
     cfg = Config(base_model="base-model")
-    assert checkpoint(cfg, tmp_path, "previous", "rubric_rl") == "base-model"  # nothing trained yet
+    import pytest
+    with pytest.raises(FileNotFoundError, match="set rubric_rl.model: base"):  # nothing trained yet: no silent base
+        checkpoint(cfg, tmp_path, "previous", "rubric_rl")
     for name in ("sft", "rubric_rl", "rc_rl"):  # a finished run
         (tmp_path / MODEL_DIRS[name]).mkdir(parents=True)
         (tmp_path / MODEL_DIRS[name] / "config.json").write_text("{}")
@@ -144,6 +146,5 @@ def test_previous_is_the_stage_before_in_the_pipeline(tmp_path, capsys):
     (tmp_path / MODEL_DIRS["rubric_rl"] / "config.json").unlink()  # rubric RL skipped: RC-RL falls back, says so
     assert checkpoint(cfg, tmp_path, "previous", "rc_rl") == str(tmp_path / MODEL_DIRS["sft"])
     assert "'previous' is rubric_rl" in capsys.readouterr().out
-    import pytest
     with pytest.raises(ValueError, match="training stage"):
         checkpoint(cfg, tmp_path, "previous")
