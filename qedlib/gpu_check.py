@@ -345,11 +345,20 @@ def check_launched_optimizer(ctx) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="qed-gpu-check-launch-"))
     try:
         model = save_random_model(ctx.shapes.rl_model, ctx.tok, folder / "init", ctx.device, ctx.dtype)
-        sizes = {k: v for k, v in ctx.shapes.rl_overrides.items() if k != "lr"}
+        # A step small enough to finish in seconds: TRL's sampler drops a batch with fewer problems than
+        # prompts_per_step (gpu-1's 8 would leave an empty dataloader), and transformers decoding through a
+        # CPU-offloaded 4B model is slow, so 2 problems x 2 rollouts of 64 tokens on the GPU shapes too.
+        sizes = {"num_generations": 2, "prompts_per_step": 2, "micro_batch_size": 2, "max_completion_length": 64,
+                 **{k: v for k, v in ctx.shapes.rl_overrides.items() if k != "lr"}}
+        # gpu-1 generates with colocated vLLM, whose weight sync reads the FSDP2-offloaded parameters: exercise it
+        # where vLLM imports (on the lent GPU nodes it usually does not travel: then transformers generates)
+        vllm = ctx.cuda and vllm_import_error() is None
         overrides = {"base_model": model, "device": ctx.device, "rubric_rl.model": "base", "rubric_rl.reward": "format",
                      "rubric_rl.problems": {"path": "shipped", "limit": 2}, "rubric_rl.min_reward_mean": None,
-                     "rubric_rl.max_reward_mean": None, "rubric_rl.use_vllm": False, "rubric_rl.max_steps": 1,
+                     "rubric_rl.max_reward_mean": None, "rubric_rl.use_vllm": vllm, "rubric_rl.max_steps": 1,
                      "rubric_rl.save_steps": 1, "rubric_rl.lr": 1.0e-6,
+                     **({"rubric_rl.vllm_mode": "colocate", "rubric_rl.vllm_max_model_length": 1024,
+                         "rubric_rl.vllm_gpu_memory_utilization": 0.3} if vllm else {}),
                      **{f"rubric_rl.{k}": v for k, v in sizes.items()}}
         params = REPO / "params" / "gpu-1.yaml"
         launch = load_config(params, overrides).rubric_rl.launch
@@ -363,7 +372,8 @@ def check_launched_optimizer(ctx) -> dict:
         return {"status": "pass" if frac > 0.5 and steps and steps.group(2) == "float32" else "fail",
                 "accelerate_config": launch.accelerate_config, "fsdp": fsdp.group(1) if fsdp else None,
                 "optimizer_steps": f"{steps.group(1)} {steps.group(2)}" if steps else None,
-                "weights_changed_frac": frac, "lr": 1.0e-6, "launch_s": round(time.perf_counter() - t0, 1)}
+                "weights_changed_frac": frac, "lr": 1.0e-6, "generation": "colocated vLLM" if vllm else "transformers",
+                "launch_s": round(time.perf_counter() - t0, 1)}
     finally:
         import shutil
         shutil.rmtree(folder, ignore_errors=True)

@@ -141,11 +141,21 @@ def multinode_flags(launch: Launch, env: dict | None = None) -> list[str]:
 
 def slurm_launch(launch: Launch, env: dict | None = None) -> Launch:
     """A stage's Launch as one node of a SLURM job sees it: machines from SLURM_NNODES and processes = machines x
-    GPUs per node (SLURM_GPUS_ON_NODE, else the params' count per machine); rank and host stay SLURM's."""
+    GPUs per node (SLURM_GPUS_ON_NODE, else the params' count per machine); rank and host stay SLURM's.
+
+    The job must have the processes the params name: SFT's global batch is processes x batch_size x grad_accum,
+    so a job with more nodes than the params would silently train with a larger batch at the same lr and steps.
+    """
     from dataclasses import replace
     env = os.environ if env is None else env
     nodes = int(env.get("SLURM_NNODES", launch.num_machines))
     per_node = int(env.get("SLURM_GPUS_ON_NODE") or max(1, launch.num_processes // max(1, launch.num_machines)))
+    if nodes * per_node != launch.num_processes:
+        raise ValueError(f"the SLURM job has {nodes} node(s) x {per_node} GPU(s) = {nodes * per_node} processes but the "
+                         f"stage's launch.num_processes is {launch.num_processes} (num_machines "
+                         f"{launch.num_machines}): submit with --nodes={max(1, launch.num_processes // per_node)}, or "
+                         "change launch.num_processes / num_machines in the params (--set) so the global batch is "
+                         "the one you mean")
     return replace(launch, num_machines=nodes, num_processes=nodes * per_node)
 
 
@@ -159,7 +169,8 @@ def accelerate_train(stage: str, params_file: str | Path, run_dir: str | Path, o
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else repo
     if "OMP_NUM_THREADS" not in env:  # processes sharing the CPU cores must not oversubscribe them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, launch.num_processes)))
+        per_node = max(1, launch.num_processes // max(1, launch.num_machines))  # the processes on this machine
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // per_node))
     shown = [a if i else "accelerate" for i, a in enumerate(cmd)]
     shown = shown[:1] + ["launch"] + shown[3:]
     print("[qedlib] " + shlex.join(shown), flush=True)

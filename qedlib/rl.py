@@ -338,7 +338,7 @@ def grpo_args(rl, out_dir: str | Path, seed: int, num_processes: int | None = No
               vllm_max_model_length: int | None = None):
     """Translate our RLConfig into TRL's GRPOConfig, every switch the method depends on set explicitly."""
     from trl import GRPOConfig
-    from .training import checkpointing_args
+    from .training import accumulation_args, checkpointing_args
     check_objective(rl)
     choice = pick_device(training_device, "auto", training=True)
     micro, accum = batch_shape(rl, num_processes or world_size())
@@ -365,6 +365,7 @@ def grpo_args(rl, out_dir: str | Path, seed: int, num_processes: int | None = No
         vllm_importance_sampling_clip_max=rl.is_cap,
         bf16=choice.dtype == "bfloat16", fp16=choice.dtype == "float16", use_cpu=choice.device == "cpu",
         **checkpointing_args(GRPOConfig, rl.gradient_checkpointing),
+        **accumulation_args(),  # FSDP offload: each micro-batch's gradient to the host (training.accumulation_args)
         save_strategy="steps", save_steps=rl.save_steps, save_total_limit=2,
         logging_steps=rl.logging_steps, report_to=rl.report_to or "none", disable_tqdm=True,
         shuffle_dataset=rl.shuffle, dataloader_num_workers=0,

@@ -29,7 +29,7 @@ from .io import write_json
 from .layout import MODEL, SFT, checkpoint, stage_dir
 from .models import cpu_has_bf16, pick_device, resolve_model
 from .sft_data import build_tokenized, load_sft_data, split_by_problem, training_chat_template
-from .training import (add_master_weights_check, cast_saved_weights, check_master_weights, checkpointing_args, finish_checkpoints,
+from .training import (accumulation_args, add_master_weights_check, cast_saved_weights, check_master_weights, checkpointing_args, finish_checkpoints,
                        last_checkpoint, lora_config, save_trained, train_or_launch as _train_or_launch, weights_moved)
 
 STAGE = SFT
@@ -111,6 +111,7 @@ def trl_args(cfg: Config, output_dir: Path, device: str, has_eval: bool, **extra
         dataloader_num_workers=0, save_only_model=False,
     )
     kwargs.update(checkpointing_args(TRLSFTConfig, s.gradient_checkpointing))
+    kwargs.update(accumulation_args())  # FSDP offload: each micro-batch's gradient to the host
     kwargs.update(extra)
     return TRLSFTConfig(**kwargs)
 

@@ -119,6 +119,19 @@ def checkpointing_args(args_cls, on: bool) -> dict:
     return {"gradient_checkpointing": on}
 
 
+def accumulation_args() -> dict:
+    """TrainingArguments under FSDP parameter offload (what `accelerate launch` with fsdp-offload exports as
+    FSDP_OFFLOAD_PARAMS): reduce every micro-batch's gradient to the host, not only the last one's.
+
+    transformers skips the gradient sync on all but the last micro-batch of an accumulation (`no_sync`), and FSDP2
+    then keeps an unsharded gradient in the reduce dtype (fp32 here) on the GPU: ~16 GiB for a 4B model, which the
+    offload exists to avoid. With sync_each_batch each micro-batch's gradient goes to the host as it is made.
+    """
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true":
+        return {"accelerator_config": {"gradient_accumulation_kwargs": {"sync_each_batch": True}}}
+    return {}
+
+
 def launch_layout(launch) -> dict:
     """What a Launch's accelerate config says about precision: distributed_type, mixed_precision, FSDP offload."""
     import yaml
@@ -301,7 +314,7 @@ def cast_saved_weights(model_dir: str | Path, dtype: str) -> None:
 
 # What a finished stage no longer needs in its kept checkpoint: optimizer and scheduler state (a rerun with
 # resume=true finds the last step already done, so it loads weights and trainer state only).
-RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "optimizer.bin", "global_step*")
+RESUME_ONLY = ("pytorch_model_fsdp*", "optimizer.pt", "scheduler.pt", "scaler.pt", "optimizer.bin", "global_step*")
 
 
 def prune_checkpoints(ckpt_dir: str | Path, keep: str, model_dir: str | Path | None = None) -> int:

@@ -110,3 +110,18 @@ def test_shipped_fsdp2_config_trains_saves_and_resumes_on_two_cpu_processes(tmp_
     assert accelerate_train("sft", params, run, {"sft.resume": True, "sft.max_steps": 4}, launch) == 0
     metrics = json.loads((run / "02_sft" / "train_metrics.json").read_text())
     assert (metrics["resumed_from"], metrics["steps"], metrics["steps_this_run"]) == ("checkpoint-2", 4, 2)
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_fsdp_offload_reduces_every_micro_batch_to_the_host(monkeypatch, tmp_path, offload):
+    """Under fsdp-offload (accelerate exports FSDP_OFFLOAD_PARAMS=true) SFT and RL sync gradients at every micro-batch,
+    so FSDP2 never holds an unsharded fp32 gradient on the GPU across an accumulation; elsewhere the default no_sync."""
+    from qedlib.config import load_config
+    from qedlib.rl import grpo_args
+    from qedlib.sft import trl_args
+    assert yaml.safe_load(accelerate_config_path("fsdp-offload").read_text())["fsdp_config"]["fsdp_offload_params"]
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true" if offload else "false")
+    cfg = load_config(Path(__file__).resolve().parent.parent / "params" / "smoke.yaml")
+    want = {"sync_each_batch": True} if offload else None
+    for args in (trl_args(cfg, tmp_path / "sft", "cpu", False), grpo_args(cfg.rubric_rl, tmp_path / "rl", 0, 1, "cpu")):
+        assert args.accelerator_config.gradient_accumulation_kwargs == want

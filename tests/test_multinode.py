@@ -98,3 +98,12 @@ def test_two_nodes_on_loopback_train_rubric_rl_with_fsdp_and_save_one_model(tmp_
     assert changed_fraction(ckpt, saved) == 0.0  # one model, equal to the weights trained at the last step
     assert changed_fraction(SavedWeights(resolve_model("tiny-qwen3")), saved) > 0.5
     assert "FSDP2 {'offload': 'OffloadPolicy', 'param_dtype': 'bfloat16', 'reduce_dtype': 'float32'}" in log
+
+
+def test_a_slurm_job_with_other_processes_than_the_params_is_refused(monkeypatch):
+    """sbatch --nodes=4 for qed-nano's SFT (8 processes: one node) would train a 4x global batch: refused."""
+    for k, v in SLURM.items():
+        monkeypatch.setenv(k, v)
+    sft = load_config(ROOT / "params" / "qed-nano.yaml").sft.launch
+    with pytest.raises(ValueError, match=r"32 processes but the stage's launch.num_processes is 8.*--nodes=1"):
+        slurm_launch(sft)
