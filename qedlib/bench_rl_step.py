@@ -101,7 +101,8 @@ def one_model(model: str, server, prompts: int, group: int, max_completion_lengt
                   sampling=Sampling(temperature=1.0, max_new_tokens=64), invalid="zero", cache=False)
     rl = RLConfig(num_generations=group, prompts_per_step=prompts, max_steps=steps,
                   max_completion_length=max_completion_length, temperature=1.0, reward="judge", judge=judge,
-                  rollout_batch_size=completions, save_steps=10_000, shuffle=False)  # one generate() call, as TRL
+                  rollout_batch_size=completions, save_steps=10_000, shuffle=False,  # one generate() call, as TRL
+                  max_invalid_rate=1.0)  # the echo judge writes no score tag by design: every grade is invalid
     with tempfile.TemporaryDirectory(prefix="qed-bench-rl-step-") as tmp:
         grader = Grader(judge, cache_dir=None)
         rows, trainer = train_on_problems(rl, path, problems, os.path.join(tmp, "ours"), thinking=False, seed=0,
