@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from qedlib.config import Endpoint, Sampling
+from qedlib.generation import split_thinking
 
 
 class FakeSamplingParams:
@@ -245,3 +246,12 @@ def test_openai_generator_pools_one_client_per_loop_and_closes_it(fake_openai):
     assert len(asyncio.run(many_callers())) == 8 and gen.stats["clients"] == 2  # one more loop, one more client
     assert asyncio.run(many_callers()) and gen.stats["clients"] == 3 and peak[0] <= 3
     assert server.calls == 10 + 2 * 8 and gen.stats["errors"] == 0
+
+
+def test_split_thinking_on_literal_strings():
+    assert split_thinking("a</think>\n\nproof", thinking=True) == ("a", "proof", True)
+    assert split_thinking("<think>a</think>b</think> final", thinking=True) == ("a</think>b", "final", True)
+    assert split_thinking("still reasoning", thinking=True) == ("still reasoning", "", False)
+    assert split_thinking("plain answer", thinking=False) == ("", "plain answer", True)
+    assert split_thinking("<think>unfinished", thinking=False) == ("unfinished", "", False)
+    assert split_thinking("proof text", thinking=True, reasoning_field="r") == ("r", "proof text", True)
