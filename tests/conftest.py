@@ -1,5 +1,5 @@
 """Shared fixtures: tiny models built offline, one tiny generator, one fake OpenAI server, the shipped problems,
-headless Chromium."""
+TRL's advantages from one real GRPO step, headless Chromium."""
 import json
 import os
 import shutil
@@ -152,6 +152,35 @@ def fake_openai():
 def shipped_problems():
     from qedlib.data import load_problems
     return load_problems("shipped")
+
+
+@pytest.fixture
+def trl_advantages(tiny_model_path, shipped_problems, tmp_path):
+    """trl_advantages(groups, scale_rewards) -> the advantages TRL's GRPOTrainer computed, per group, in one real
+    training step on tiny-qwen3 (our trainer subclass, rollouts and GRPOConfig) whose one reward function returned
+    `groups` flattened (one list of rewards per problem, None for an invalid grade)."""
+    from transformers import AutoTokenizer
+    from qedlib.config import RLConfig
+    from qedlib.rl import SingleTurnRollout, grpo_args, make_trainer, problem_prompts
+
+    def run(groups: list[list], scale_rewards: str = "none") -> list[list[float]]:
+        size, flat = len(groups[0]), [r for g in groups for r in g]
+
+        def scripted_reward(prompts, completions, **kw):  # the rewards in TRL's batch order: group after group
+            assert len(completions) == len(flat)
+            return list(flat)
+        rl = RLConfig(num_generations=size, prompts_per_step=len(groups), max_steps=1, max_completion_length=4,
+                      reward="format", scale_rewards=scale_rewards, save_steps=100)
+        dataset = problem_prompts(AutoTokenizer.from_pretrained(tiny_model_path), shipped_problems[:len(groups)],
+                                  thinking=False)
+        args = grpo_args(rl, tmp_path / f"trl-{scale_rewards}", seed=0, num_processes=1)
+        trainer = make_trainer(rl, tiny_model_path, dataset, [scripted_reward], args,
+                               rollout_func=SingleTurnRollout(rl, thinking=False))
+        trainer.train()
+        assert trainer.state.global_step == 1
+        adv = list(trainer._logs["advantages"])  # TRL's own record of the step's advantages, in batch order
+        return [adv[i * size:(i + 1) * size] for i in range(len(groups))]
+    return run
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -1,9 +1,12 @@
-"""Crash-safe writes (qedlib.io): one atomic file write, one atomic folder swap, used by every writer."""
+"""Crash-safe writes (qedlib.io): one atomic file write, one atomic folder swap, used by every writer; a JSONL log
+that survives a torn last line."""
+import json
 from pathlib import Path
 
 import pytest
 
 from qedlib import io
+from qedlib.io import JsonlLog
 
 
 def test_atomic_write_replaces_whole_or_keeps_the_old_file(tmp_path):
@@ -45,3 +48,15 @@ def test_replace_folder_swaps_or_keeps_what_another_rank_finished(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["new"] and not tmp.exists()
     with pytest.raises(OSError):
         io.replace_folder(tmp_path / "missing", tmp_path / "elsewhere")
+
+
+def test_jsonl_log_survives_a_torn_line(tmp_path):
+    log = JsonlLog(tmp_path / "x.jsonl")
+    log.append({"key": "a", "v": 1})
+    log.append({"key": "b", "v": 2})
+    with open(tmp_path / "x.jsonl", "ab") as f:
+        f.write(b'{"key": "c", "v"')  # a crash mid-write
+    again = JsonlLog(tmp_path / "x.jsonl")
+    assert len(again) == 2 and "c" not in again
+    again.append({"key": "c", "v": 3})
+    assert [json.loads(l)["key"] for l in open(tmp_path / "x.jsonl")] == ["a", "b", "c"]

@@ -1,11 +1,8 @@
-"""Benchmarks are wired: the registry resolves; `bench rl-step` steps both trainers against an echo judge."""
+"""Benchmarks are wired: the registry resolves; `bench rl-step`, run through it, steps both trainers against an
+echo judge and ends with its headline."""
 from __future__ import annotations
 
-from qedlib.bench import BENCHMARKS
-
-
-def test_rl_step_is_registered():
-    assert BENCHMARKS["rl-step"][0] == "qedlib.bench_rl_step:run"
+from qedlib.bench import BENCHMARKS, run_benchmark
 
 
 def test_every_benchmark_resolves_and_the_training_ones_live_outside_the_stages():
@@ -18,11 +15,14 @@ def test_every_benchmark_resolves_and_the_training_ones_live_outside_the_stages(
 
 
 def test_rl_step_bench_runs_both_trainers_against_the_echo_judge(capsys):
-    """~20 s on 2 CPU cores: two GRPO trainers, two steps each, and a judge server."""
-    from qedlib.bench_rl_step import run
-    headline = run(models=("tiny-qwen3-1k",), prompts=1, group=4, max_completion_length=4, latency_ms=100)
+    """~20 s on 2 CPU cores: `bench rl-step` through the registry, two GRPO trainers, two steps each, and a judge
+    server; its table ends with the headline line."""
+    headline = run_benchmark("rl-step", models=("tiny-qwen3-1k",), prompts=1, group=4, max_completion_length=4,
+                             latency_ms=100)
     out = capsys.readouterr().out
     assert "x faster" in headline and "4 completions" in headline
+    lines = out.strip().splitlines()
+    assert lines[-1] == f"headline: {headline}" and lines[-2].startswith("| tiny-qwen3-1k | plain")
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
             if line.startswith("| tiny-qwen3-1k")]
     assert [r[1].split(":")[0].split(" ")[0] for r in rows] == ["ours", "plain"]

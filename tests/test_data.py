@@ -12,7 +12,7 @@ import yaml
 
 from qedlib import data
 from qedlib.config import ProblemSource, load_config
-from qedlib.data import DataError, load_problems, load_source, skipped_metrics
+from qedlib.data import DataError, load_problems, load_source, records_to_problems, skipped_metrics
 
 
 def test_csv_cells_stay_text(tmp_path):
@@ -174,3 +174,49 @@ def test_hub_revision_reaches_load_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     probs = load_source(ProblemSource(path="hub:org/set", hub_revision="0123abc"))
     assert seen == {"name": "org/set", "split": "train", "revision": "0123abc"} and probs[0].problem == "Prove that 1 = 1."
+
+
+def test_shipped_problems_are_valid():
+    probs = load_problems("shipped")
+    assert len(probs) >= 30
+    assert sum(p.extra["split"] == "eval" for p in probs) >= 10
+    assert all(p.reference_solution and p.rubric for p in probs)
+    assert sum(p.answer is not None for p in probs) >= len(probs) // 3
+
+
+def test_row_without_problem_is_named():
+    with pytest.raises(DataError, match=r"f.jsonl: row 1: column 'question' is missing or empty"):
+        records_to_problems([{"question": "ok"}, {"question": ""}], {"problem": "question"}, "f.jsonl")
+
+
+def test_bad_json_line_is_named(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"problem": "a"}\n{oops\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: not valid JSON"):
+        load_problems(str(p))
+
+
+def test_read_records_from_parquet_folder_and_bad_paths(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from qedlib.data import read_records
+    rows = [{"problem": "P1", "messages": [{"role": "user", "content": "P1"}, {"role": "assistant", "content": "A"}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    got, where = read_records(tmp_path / "t.parquet")
+    assert got == rows and isinstance(got[0]["messages"], list) and where.endswith("t.parquet")
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    assert read_records(tmp_path / "dd", hub_split="test")[0] == rows
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="save_to_disk"):
+        read_records(tmp_path / "empty")
+    with pytest.raises(DataError, match="does not exist"):
+        read_records(tmp_path / "nope.parquet")
+
+
+def test_imobench_loads_or_skips():
+    try:
+        probs = load_problems("imo-proofbench")
+    except DataError as e:
+        pytest.skip(f"IMO-Bench not available: {e}")
+    assert len(probs) == 60 and {p.extra["split"] for p in probs} == {"basic", "advanced"}

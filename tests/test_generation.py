@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from qedlib.config import Endpoint, Sampling
+from qedlib.generation import split_thinking
 
 
 class FakeSamplingParams:
@@ -170,24 +171,42 @@ def test_release_trainer_shuts_the_colocated_engine_and_drops_the_model(fake_vll
     assert trainer.model is None and trainer.optimizer is None and trainer.vllm_generation is None
 
 
-def test_eval_closes_each_engine_before_starting_the_next(monkeypatch, tmp_path):
-    from qedlib.config import Config
+def test_eval_closes_each_engine_before_starting_the_next(monkeypatch, tmp_path, fake_openai, shipped_problems):
+    """The real Evaluation against one fake OpenAI server serving two checkpoints and the judge: each checkpoint's
+    generator is closed after its requests and before the next checkpoint's generator starts."""
+    from conftest import chat_reply
+    from qedlib.config import load_config
     from qedlib.evaluation import Benchmark, Evaluation
+    from qedlib.generation import OpenAIGenerator
     events = []
 
-    class Policy:
-        def __init__(self, endpoint):
-            self.name = endpoint.model
-            events.append(f"start {self.name}")
+    def reply(body):
+        events.append(f"request {body['model']}")
+        if body["model"] == "judge":
+            return chat_reply("Complete and rigorous. <score>7</score>")
+        return chat_reply("Proof. The claim holds.")
+    server = fake_openai(reply)
+    real_init, real_close = OpenAIGenerator.__init__, OpenAIGenerator.close
 
-        def close(self):
-            events.append(f"close {self.name}")
-    monkeypatch.setattr("qedlib.generation.make_generator", Policy)  # the engines eval builds itself
-    monkeypatch.setattr(Evaluation, "todo", lambda self, name, bench, sc: [("p", 0)])
-    monkeypatch.setattr(Evaluation, "run_group", lambda self, name, policy, bench, sc: events.append(f"run {name}") or 0)
-    models = [(m, Endpoint(model=m)) for m in ("base", "sft")]
-    Evaluation(Config(), tmp_path).run([Benchmark("b", [], "rubric")], models, ["single"])
-    assert events == ["start base", "run base", "close base", "start sft", "run sft", "close sft"]
+    def init(self, endpoint):  # records, then builds the real generator
+        events.append(f"start {endpoint.model}")
+        real_init(self, endpoint)
+
+    def close(self):  # records, then closes the real generator
+        events.append(f"close {self.endpoint.model}")
+        real_close(self)
+    monkeypatch.setattr(OpenAIGenerator, "__init__", init)
+    monkeypatch.setattr(OpenAIGenerator, "close", close)
+    served = {"backend": "openai", "base_url": server.url, "max_retries": 0}
+    cfg = load_config(None, {"thinking": False, "eval.samples": 1, "eval.judge.cache": False,
+                             "eval.judge.endpoint": {"model": "judge", **served}})
+    models = [(m, Endpoint(model=m, **served)) for m in ("base", "sft")]
+    problems = [p for p in shipped_problems if p.rubric][:2]
+    rows = Evaluation(cfg, tmp_path).run([Benchmark("b", problems, "rubric")], models, ["single"])
+    assert [(r["checkpoint"], r["score"]) for r in rows] == [("base", 7.0)] * 2 + [("sft", 7.0)] * 2
+    policy = [e for e in events if e.split()[1] in ("base", "sft")]
+    assert policy == ["start base", "request base", "request base", "close base",
+                      "start sft", "request sft", "request sft", "close sft"]
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.5])
@@ -245,3 +264,12 @@ def test_openai_generator_pools_one_client_per_loop_and_closes_it(fake_openai):
     assert len(asyncio.run(many_callers())) == 8 and gen.stats["clients"] == 2  # one more loop, one more client
     assert asyncio.run(many_callers()) and gen.stats["clients"] == 3 and peak[0] <= 3
     assert server.calls == 10 + 2 * 8 and gen.stats["errors"] == 0
+
+
+def test_split_thinking_on_literal_strings():
+    assert split_thinking("a</think>\n\nproof", thinking=True) == ("a", "proof", True)
+    assert split_thinking("<think>a</think>b</think> final", thinking=True) == ("a</think>b", "final", True)
+    assert split_thinking("still reasoning", thinking=True) == ("still reasoning", "", False)
+    assert split_thinking("plain answer", thinking=False) == ("", "plain answer", True)
+    assert split_thinking("<think>unfinished", thinking=False) == ("unfinished", "", False)
+    assert split_thinking("proof text", thinking=True, reasoning_field="r") == ("r", "proof text", True)

@@ -1,6 +1,5 @@
 """RL building blocks: rewards on literal strings, the TRL config, the objective as labelled, a learning check."""
 import asyncio
-import math
 from dataclasses import replace
 
 import pytest
@@ -72,14 +71,12 @@ def test_judge_reward_no_proof_is_zero_and_invalid_reaches_trl_as_none(shipped_p
     assert asyncio.run(fn(prompts=["x"] * 5, completions=texts, problem_id=[p.id] * 5))[1] == 0.0
 
 
-def test_trl_leaves_none_rewards_out_of_the_group_baseline():
-    """What `invalid: drop` relies on, checked on TRL 1.16's own advantage code path."""
-    import torch
-    from trl.trainer.utils import nanstd  # noqa: F401  (the helper TRL's baseline uses)
-    rewards = torch.tensor([1.0, float("nan"), 0.0, 0.5])
-    mean = torch.nanmean(rewards)
-    adv = torch.nan_to_num(rewards - mean, nan=0.0)
-    assert adv.tolist() == [0.5, 0.0, -0.5, 0.0]
+def test_trl_leaves_none_rewards_out_of_the_group_baseline(trl_advantages):
+    """What `invalid: drop` relies on, on TRL 1.16's own code path (one real GRPOTrainer step, scale_rewards: none):
+    a None reward is left out of its group's mean and gets advantage 0; each group has its own baseline."""
+    first, second = trl_advantages([[1.0, None, 0.0, 0.5], [0.2, 0.2, 0.6, None]], "none")
+    assert first == pytest.approx([0.5, 0.0, -0.5, 0.0], abs=1e-6)  # baseline 0.5, not 1.5 / 4
+    assert second == pytest.approx([-0.4 / 3, -0.4 / 3, 0.8 / 3, 0.0], abs=1e-6)  # baseline 1 / 3, not 0.25
 
 
 def test_grpo_args_match_the_paper_switches(tmp_path):

@@ -30,14 +30,13 @@ def test_group_advantages_on_literal_numbers():
         group_advantages([1.0], "batch")
 
 
-def test_group_advantages_match_trls_own_computation():
-    """The same numbers through TRL 1.16's nanstd / nanmean path (grpo_trainer's scale_rewards: group)."""
-    import torch
-    from trl.trainer.utils import nanstd
-    rewards = [0.9, None, 0.1, 0.4, 0.4]
-    t = torch.tensor([float("nan") if r is None else r for r in rewards])
-    trl_adv = torch.nan_to_num((t - torch.nanmean(t)) / (nanstd(t) + 1e-4), nan=0.0).tolist()
-    assert group_advantages(rewards, "group") == pytest.approx(trl_adv, abs=1e-6)
+def test_group_advantages_match_trls_own_computation(trl_advantages):
+    """The worked example's advantages (rl.group_advantages) equal those TRL's GRPOTrainer computed in one real
+    step for the same rewards, with and without std scaling: an invalid (None) reward, a nearly constant judge."""
+    groups = [[0.9, None, 0.1, 0.4, 0.4], [0.30, 0.31, 0.30, 0.31, 0.30]]
+    for scale in ("none", "group"):
+        for rewards, trl in zip(groups, trl_advantages(groups, scale)):
+            assert group_advantages(rewards, scale) == pytest.approx(trl, abs=1e-4), (scale, rewards)
 
 
 def test_reward_function_records_the_first_group(shipped_problems):
