@@ -314,7 +314,7 @@ def cast_saved_weights(model_dir: str | Path, dtype: str) -> None:
 
 # What a finished stage no longer needs in its kept checkpoint: optimizer and scheduler state (a rerun with
 # resume=true finds the last step already done, so it loads weights and trainer state only).
-RESUME_ONLY = ("pytorch_model_fsdp*", "optimizer.pt", "scheduler.pt", "scaler.pt", "optimizer.bin", "global_step*")
+RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "optimizer.bin", "global_step*")
 
 
 def prune_checkpoints(ckpt_dir: str | Path, keep: str, model_dir: str | Path | None = None) -> int:

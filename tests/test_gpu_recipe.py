@@ -27,10 +27,12 @@ def _rl_overrides(stage: str) -> dict:
            f"{s}.problems": {"path": "shipped", "limit": 4}, f"{s}.min_reward_mean": None,
            f"{s}.max_reward_mean": None, f"{s}.use_vllm": False, f"{s}.num_generations": 2,
            f"{s}.prompts_per_step": 2, f"{s}.micro_batch_size": 2, f"{s}.max_steps": 2,
-           f"{s}.max_completion_length": 8, f"{s}.save_steps": 2, f"{s}.lr": 1.0e-6}
+           f"{s}.max_completion_length": 8, f"{s}.save_steps": 2, f"{s}.lr": 1.0e-6,
+           # a size: gpu-1's divisor 64 is its 64 sequences per step (the official scale); these runs have 4
+           f"{s}.loss_divisor": None}
     if stage == "rc_rl":
         out.update({"rc_rl.states_per_trajectory": 1, "rc_rl.rc.turns": 1, "rc_rl.rc.reasoning_budget": 8,
-                    "rc_rl.rc.summary.max_new_tokens": 8})
+                    "rc_rl.rc.summary.max_new_tokens": 8, "rc_rl.rc.summary_thinking_budget": 8})
     return out
 
 
