@@ -28,11 +28,14 @@ LOCK_ENV = "QED_RUN_LOCK"  # the lock's token, inherited by the kernels of the r
 
 # The config sections whose values produce each stage's results; a stage also redoes its work when an
 # earlier stage's results change (its input data or starting model): its record chains the one before it.
+# The global keys every later stage reads itself (seed: its sampling and data order; thinking: its chat template;
+# base_model: `model: base` and eval's "base" checkpoint) are in its own keys too: the chain alone misses them
+# when `--stages` runs a later stage without the earlier ones.
 STAGE_KEYS = {DISTILL: ("seed", "base_model", "distill"),
-              SFT: ("thinking", "sft"),
-              RUBRIC_RL: ("rubric_rl",),
-              RC_RL: ("rc_rl",),
-              EVAL: ("generation", "eval")}
+              SFT: ("seed", "thinking", "base_model", "sft"),
+              RUBRIC_RL: ("seed", "thinking", "base_model", "rubric_rl"),
+              RC_RL: ("seed", "thinking", "base_model", "rc_rl"),
+              EVAL: ("seed", "thinking", "base_model", "generation", "eval")}
 
 # Keys that change what is kept or logged, not any stage's results.
 BOOKKEEPING = {"run_name", "keep_checkpoints", "save_total_limit", "report_to", "logging_steps",

