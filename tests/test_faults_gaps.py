@@ -66,3 +66,31 @@ def test_eval_with_a_new_seed_generates_new_rows_and_keeps_the_old_ones_apart(tm
     assert len(list(read_jsonl(folder / "results.jsonl"))) == 12
     back = evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, policy_factory=lambda ep: policy)
     assert policy.prompts == 12 and {r["key"] for r in back} == {r["key"] for r in first}  # seed 0's rows are kept
+
+
+# ---------------------------------------------------------------- failure 8: fail early, name the thing
+def test_unset_api_key_and_missing_data_files_fail_before_any_stage(tmp_path):
+    """The issue's late failures: an API-key variable the eval judge reads only at 05 (after training), a benchmark
+    file and an SFT dataset that are not there; one refusal naming each, before any notebook runs."""
+    env = {k: v for k, v in ENV.items() if k != "QED_GAP_UNSET_KEY"}
+    bench, data = tmp_path / "gone" / "bench.jsonl", tmp_path / "gone" / "sft.jsonl"
+    r = subprocess.run([sys.executable, "-m", "qedlib", "run", SMOKE, "--outputs", str(tmp_path), "--stages", "sft",
+                        "rubric_rl", "eval", "--set", "eval.judge.endpoint.backend=openai", "--set",
+                        "eval.judge.endpoint.base_url=http://127.0.0.1:9/v1", "--set",
+                        "eval.judge.endpoint.api_key_env=QED_GAP_UNSET_KEY", "--set",
+                        f"eval.benchmarks=[shipped, {{name: mine, path: {bench}}}]", "--set", f"sft.dataset={data}"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "before any stage starts" in r.stderr and "Traceback" not in r.stderr
+    assert "eval.judge: environment variable QED_GAP_UNSET_KEY is not set" in r.stderr
+    assert f"eval.benchmarks[1].path: {bench} does not exist" in r.stderr
+    assert f"sft.dataset: {data} does not exist" in r.stderr
+    assert not any((tmp_path / "smoke" / s).exists() for s in STAGES)  # nothing ran
+
+
+def test_sft_from_distill_with_no_distill_output_fails_before_any_stage(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "qedlib", "run", SMOKE, "--outputs", str(tmp_path), "--stages", "sft"],
+                       capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"sft.dataset is 'distill' but {tmp_path / 'smoke' / '01_distill' / 'dataset'} does not exist" in r.stderr
+    assert not (tmp_path / "smoke" / "02_sft").exists()
