@@ -94,3 +94,44 @@ def test_sft_from_distill_with_no_distill_output_fails_before_any_stage(tmp_path
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"sft.dataset is 'distill' but {tmp_path / 'smoke' / '01_distill' / 'dataset'} does not exist" in r.stderr
     assert not (tmp_path / "smoke" / "02_sft").exists()
+
+
+def test_a_torn_checkpoint_does_not_block_resume_of_a_real_trainer(tiny_model_path, shipped_problems, tmp_path, capsys):
+    """Killed while saving checkpoint-2 (no trainer_state.json): `resume: true` starts from checkpoint-1 and trains
+    on, instead of failing every rerun until the folder is deleted by hand."""
+    from qedlib.config import RLConfig
+    from qedlib.rl import train_on_problems
+    rl = RLConfig(num_generations=2, prompts_per_step=2, max_steps=2, max_completion_length=6, reward="format",
+                  save_steps=1)
+    train_on_problems(rl, tiny_model_path, shipped_problems[:4], tmp_path, thinking=False)
+    torn = tmp_path / "checkpoint-2"
+    (torn / "trainer_state.json").unlink()  # the Trainer writes it last: a kill mid-save leaves the rest
+    for f in torn.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])  # and a half-written weights file
+    rows, trainer = train_on_problems(replace(rl, max_steps=3), tiny_model_path, shipped_problems[:4], tmp_path,
+                                      thinking=False, resume=True)
+    assert f"skipping {torn}: incomplete" in capsys.readouterr().out
+    assert trainer.state.global_step == 3
+    assert len(trainer.generation_seconds) == 2  # steps 2 and 3: resumed from checkpoint-1, not from step 0
+    assert (tmp_path / "checkpoint-3" / "trainer_state.json").is_file()
+
+
+# ---------------------------------------------------------------- item 5: one writer per run folder
+def test_a_stale_lock_is_taken_over_with_a_message_and_a_live_one_refused(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no process has now
+    lock = tmp_path / LOCK_FILE
+    lock.write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "started": "yesterday",
+                                "command": "python -m qedlib run params/cpu.yaml", "token": "old"}))
+    token = acquire_lock(tmp_path, "python -m qedlib run params/smoke.yaml")
+    said = capsys.readouterr().out
+    assert f"taking over the stale lock of a dead process: pid {dead.pid}" in said and str(lock) in said
+    held = json.loads(lock.read_text())
+    assert (held["pid"], held["token"]) == (os.getpid(), token)
+    from qedlib.run_state import RunLocked
+    with pytest.raises(RunLocked, match=rf"in use by pid {os.getpid()} on .*params/smoke.yaml"):
+        acquire_lock(tmp_path, "python -m qedlib run params/smoke.yaml")  # a live holder (this process) is refused
+    release_lock(tmp_path, "not-the-token")
+    assert lock.exists()  # only its holder removes it
+    release_lock(tmp_path, token)
+    assert not lock.exists()
