@@ -135,3 +135,12 @@ def test_a_stale_lock_is_taken_over_with_a_message_and_a_live_one_refused(tmp_pa
     assert lock.exists()  # only its holder removes it
     release_lock(tmp_path, token)
     assert not lock.exists()
+
+
+# ---------------------------------------------------------------- failure 9: one line, not a traceback
+def test_plan_with_a_missing_benchmark_file_is_one_line_naming_it(tmp_path, capsys):
+    from qedlib.__main__ import main
+    gone = tmp_path / "bench.jsonl"
+    assert main(["plan", SMOKE, "--set", f"eval.benchmarks=[{{name: mine, path: {gone}}}]"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{gone} does not exist" in err and "Traceback" not in err
