@@ -32,6 +32,7 @@ from .io import JsonlLog, atomic_write, read_json, write_json
 from .layout import EVAL
 from .models import content_fingerprint, stable_seed
 from .paper import comparison
+from .run_state import note_open_work
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
 BENCHMARK_KINDS = {
@@ -328,6 +329,9 @@ class Evaluation:
         if missing:
             print(f"[eval] {len(missing)} calls failed (first: {missing[0]['error']}); they are in {FAILURES_FILE}, not in "
                   f"{self.results.path.name}: rerun the stage when the endpoint is back to complete exactly those rows")
+        absent = sum(k not in self.results for k in self._current)
+        note_open_work(self.folder, "eval", f"{absent} of {len(self._current)} result rows missing after failed calls "
+                       f"({self.folder / FAILURES_FILE})" if absent else None)
         return self.rows()
 
     def _set_current(self, benchmarks, models, scaffolds) -> int:

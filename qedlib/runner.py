@@ -22,7 +22,7 @@ from .layout import (CONFIG_FILE, DISTILL, EVAL, MODEL_DIRS, OUTPUTS, PIPELINE, 
                      SFT, STAGES, TIMINGS_FILE, TRAINED, git_commit, hardware, stage_dir)
 from .plan import endpoints
 from .run_state import (BOOKKEEPING, HOW_IT_RUNS, KERNEL_LOG, LOCK_ENV, STAGE_KEYS, RunLocked, acquire_lock, check_not_locked, check_record,
-                        read_record, release_lock, remove_record, stage_hash, write_json_if_changed, write_record,
+                        open_work, read_record, release_lock, remove_record, stage_hash, write_json_if_changed, write_record,
                         write_text_if_changed)
 
 NOTEBOOKS = REPO / "notebooks"
@@ -178,6 +178,9 @@ def _run_stages(cfg: Config, params_file: str, run_dir: Path, wanted: list[str],
         write_json_if_changed(run_dir / RUN_FILE, {**info, "timings_s": timings})
         write_record(cfg, run_dir, stage, "stage")  # the stage's last act: a rerun with these settings skips it
         print(f"[qedlib] {stage} done in {timings[stage]:.0f} s", flush=True)
+        if open_work(run_dir, stage):  # its record will not count: the next run redoes exactly what failed
+            print(f"[qedlib] {stage} left failed calls to redo ({open_work(run_dir, stage)}): rerun the same command "
+                  "when the endpoint is back", flush=True)
     from . import report  # here, not at the top: a notebook's start_stage need not import the eval stack
     written = report.refresh(run_dir, cfg)  # now with every finished stage's metrics and wall time
     print(f"[qedlib] report: {written['md']} and {written['html']}{'' if written.get('changed', True) else ' (unchanged)'}",

@@ -144,3 +144,49 @@ def test_plan_with_a_missing_benchmark_file_is_one_line_naming_it(tmp_path, caps
     assert main(["plan", SMOKE, "--set", f"eval.benchmarks=[{{name: mine, path: {gone}}}]"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{gone} does not exist" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- failure 1: a stage that ends with failed calls
+def test_eval_finished_with_failed_judge_calls_is_not_skipped_by_the_next_run(tmp_path, monkeypatch, tiny_generator,
+                                                                              fake_openai):
+    """Below eval.max_invalid_rate the stage ends and the runner records it; the rerun must still redo the failed
+    rows (the runner would otherwise skip a 'finished' stage and the missing rows would never come)."""
+    from conftest import chat_reply
+    from test_faults_stages import closed_port_url, http_judge
+    monkeypatch.setenv("QED_T_JUDGE_URL", closed_port_url())
+    cfg = eval_cfg(tmp_path, **{"eval.judge": http_judge("QED_T_JUDGE_URL"), "eval.max_invalid_rate": 1.0})
+    policy = Policy(tiny_generator)
+    evaluation.evaluate(cfg, tmp_path, policy_factory=lambda ep: policy)
+    write_record(cfg, tmp_path, "05_eval", "stage")  # what the runner does when the notebook ends
+    done, why = check_record(cfg, tmp_path, "05_eval")
+    assert not done and "failed calls" in why and evaluation.FAILURES_FILE in why, why
+    judge = fake_openai(lambda body: chat_reply("Fine. <score>6</score>"))
+    monkeypatch.setenv("QED_T_JUDGE_URL", judge.url)
+    rows = evaluation.evaluate(cfg, tmp_path, policy_factory=lambda ep: policy)
+    assert len(rows) == 6 and judge.calls >= 1
+    write_record(cfg, tmp_path, "05_eval", "stage")
+    assert check_record(cfg, tmp_path, "05_eval")[0]  # complete now: the next run skips it
+
+
+def test_distill_finished_with_failed_judge_calls_is_not_skipped_by_the_next_run(tmp_path, monkeypatch, fake_openai):
+    from conftest import chat_reply, fail_then
+    from test_faults_stages import PROBLEMS, _sample, distill_cfg
+    from qedlib import distill
+    from qedlib.grading import Grader
+    judge = fake_openai(fail_then(2, lambda body: chat_reply("Fine. <score>6</score>")))
+    monkeypatch.setenv("QED_T_JUDGE_URL", judge.url)
+    cfg = distill_cfg(**{"distill.judge": {"endpoint": {"backend": "openai", "model": "judge", "max_retries": 0,
+                                                        "base_url_env": "QED_T_JUDGE_URL"}, "mode": "text",
+                                           "cache": False}})
+    folder = tmp_path / "01_distill"
+    samples = [_sample(p, i) for p in PROBLEMS for i in range(2)]
+    stats = distill.grade_samples(PROBLEMS, samples, Grader(cfg.distill.judge), folder, chunk=1, progress=False,
+                                  max_invalid_rate=1.0)
+    assert (stats["graded"], stats["judge_errors"]) == (4, 2)
+    write_record(cfg, tmp_path, "01_distill", "stage")
+    done, why = check_record(cfg, tmp_path, "01_distill")
+    assert not done and "2 judge calls failed" in why, why
+    again = distill.grade_samples(PROBLEMS, samples, Grader(cfg.distill.judge), folder, chunk=1, progress=False)
+    assert (again["graded"], again["skipped"], again["judge_errors"]) == (2, 4, 0)
+    write_record(cfg, tmp_path, "01_distill", "stage")
+    assert check_record(cfg, tmp_path, "01_distill")[0]
