@@ -590,6 +590,7 @@ def judge_comparison(run: "Evaluation", benchmarks: list[Benchmark], cfg, calibr
     endpoint, each grading the same proofs with the same prompt, mode and sampling (qedlib.calibration)."""
     from .grading import Grader
     if calibration is None:
+        note_open_work(run.folder, "calibration", None)
         return {}
     out = {cal.judge_label(cfg.eval.judge.endpoint): calibration}
     graded = calibration_rows(cfg)[:cfg.eval.calibration_limit]
@@ -599,6 +600,10 @@ def judge_comparison(run: "Evaluation", benchmarks: list[Benchmark], cfg, calibr
         judge = dataclasses.replace(cfg.eval.judge, endpoint=ep, prompt=prompt, panel=[])
         gen = None if ep.backend == "openai" else LazyGenerator(ep)
         out[label] = cal.calibrate(Grader(judge, cache_dir=run.folder / "judge_cache", generator=gen), graded)
+    failed = sum(r.get("invalid_by_reason", {}).get("judge_error", 0) for r in out.values())
+    # a failed call is no grade and is not cached: the stage stays open until a rerun made it
+    note_open_work(run.folder, "calibration", f"{failed} calibration judge call{'s' if failed > 1 else ''} failed"
+                   if failed else None)
     return out
 
 

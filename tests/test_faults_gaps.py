@@ -190,3 +190,21 @@ def test_distill_finished_with_failed_judge_calls_is_not_skipped_by_the_next_run
     assert (again["graded"], again["skipped"], again["judge_errors"]) == (2, 4, 0)
     write_record(cfg, tmp_path, "01_distill", "stage")
     assert check_record(cfg, tmp_path, "01_distill")[0]
+
+
+def test_calibration_with_a_failed_judge_call_leaves_open_work_until_redone(tmp_path, fake_openai):
+    """Item 1, calibration alike: a failed calibration grade is no grade (test_calibration), and the eval stage it
+    belongs to is not skipped by the next run until that call was made."""
+    from test_calibration import JUDGE_A, JUDGE_B, calibration_config, scripted_judge
+    from qedlib.run_state import open_work
+    server_a, server_b = fake_openai(scripted_judge(JUDGE_A)), fake_openai(scripted_judge(JUDGE_B))
+    cfg = calibration_config(tmp_path, server_a.url, server_b.url)
+    run = evaluation.Evaluation(cfg, tmp_path / "05_eval")
+    evaluation.judge_comparison(run, [], cfg, evaluation.judge_calibration(run, [], cfg))  # judge B fails on P2-C
+    assert "1 calibration judge call failed" in open_work(tmp_path, "05_eval")
+    JUDGE_B["P2-C"] = 2
+    try:
+        evaluation.judge_comparison(run, [], cfg, evaluation.judge_calibration(run, [], cfg))
+    finally:
+        JUDGE_B["P2-C"] = None
+    assert open_work(tmp_path, "05_eval") is None
