@@ -13,12 +13,18 @@ from dataclasses import replace
 
 import pytest
 
-from test_faults_stages import Policy, eval_cfg
-from qedlib import evaluation, runner
-from qedlib.config import load_config
+from conftest import chat_reply, fail_then
+from test_calibration import JUDGE_A, JUDGE_B, calibration_config, scripted_judge
+from test_faults_stages import PROBLEMS, Policy, _sample, closed_port_url, distill_cfg, eval_cfg, http_judge
+from qedlib import distill, evaluation, runner
+from qedlib.__main__ import main
+from qedlib.config import RLConfig, load_config
+from qedlib.grading import Grader
 from qedlib.io import read_jsonl
 from qedlib.layout import REPO, STAGES
-from qedlib.run_state import LOCK_FILE, RECORD_FILE, acquire_lock, check_record, release_lock, write_record
+from qedlib.rl import train_on_problems
+from qedlib.run_state import (LOCK_FILE, RunLocked, acquire_lock, check_record, open_work, release_lock,
+                              write_record)
 
 SMOKE = str(REPO / "params" / "smoke.yaml")
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TRL_EXPERIMENTAL_SILENCE": "1"}
@@ -99,8 +105,6 @@ def test_sft_from_distill_with_no_distill_output_fails_before_any_stage(tmp_path
 def test_a_torn_checkpoint_does_not_block_resume_of_a_real_trainer(tiny_model_path, shipped_problems, tmp_path, capsys):
     """Killed while saving checkpoint-2 (no trainer_state.json): `resume: true` starts from checkpoint-1 and trains
     on, instead of failing every rerun until the folder is deleted by hand."""
-    from qedlib.config import RLConfig
-    from qedlib.rl import train_on_problems
     rl = RLConfig(num_generations=2, prompts_per_step=2, max_steps=2, max_completion_length=6, reward="format",
                   save_steps=1)
     train_on_problems(rl, tiny_model_path, shipped_problems[:4], tmp_path, thinking=False)
@@ -128,7 +132,6 @@ def test_a_stale_lock_is_taken_over_with_a_message_and_a_live_one_refused(tmp_pa
     assert f"taking over the stale lock of a dead process: pid {dead.pid}" in said and str(lock) in said
     held = json.loads(lock.read_text())
     assert (held["pid"], held["token"]) == (os.getpid(), token)
-    from qedlib.run_state import RunLocked
     with pytest.raises(RunLocked, match=rf"in use by pid {os.getpid()} on .*params/smoke.yaml"):
         acquire_lock(tmp_path, "python -m qedlib run params/smoke.yaml")  # a live holder (this process) is refused
     release_lock(tmp_path, "not-the-token")
@@ -139,7 +142,6 @@ def test_a_stale_lock_is_taken_over_with_a_message_and_a_live_one_refused(tmp_pa
 
 # ---------------------------------------------------------------- failure 9: one line, not a traceback
 def test_plan_with_a_missing_benchmark_file_is_one_line_naming_it(tmp_path, capsys):
-    from qedlib.__main__ import main
     gone = tmp_path / "bench.jsonl"
     assert main(["plan", SMOKE, "--set", f"eval.benchmarks=[{{name: mine, path: {gone}}}]"]) == 2
     err = capsys.readouterr().err
@@ -151,8 +153,6 @@ def test_eval_finished_with_failed_judge_calls_is_not_skipped_by_the_next_run(tm
                                                                               fake_openai):
     """Below eval.max_invalid_rate the stage ends and the runner records it; the rerun must still redo the failed
     rows (the runner would otherwise skip a 'finished' stage and the missing rows would never come)."""
-    from conftest import chat_reply
-    from test_faults_stages import closed_port_url, http_judge
     monkeypatch.setenv("QED_T_JUDGE_URL", closed_port_url())
     cfg = eval_cfg(tmp_path, **{"eval.judge": http_judge("QED_T_JUDGE_URL"), "eval.max_invalid_rate": 1.0})
     policy = Policy(tiny_generator)
@@ -169,10 +169,6 @@ def test_eval_finished_with_failed_judge_calls_is_not_skipped_by_the_next_run(tm
 
 
 def test_distill_finished_with_failed_judge_calls_is_not_skipped_by_the_next_run(tmp_path, monkeypatch, fake_openai):
-    from conftest import chat_reply, fail_then
-    from test_faults_stages import PROBLEMS, _sample, distill_cfg
-    from qedlib import distill
-    from qedlib.grading import Grader
     judge = fake_openai(fail_then(2, lambda body: chat_reply("Fine. <score>6</score>")))
     monkeypatch.setenv("QED_T_JUDGE_URL", judge.url)
     cfg = distill_cfg(**{"distill.judge": {"endpoint": {"backend": "openai", "model": "judge", "max_retries": 0,
@@ -195,8 +191,6 @@ def test_distill_finished_with_failed_judge_calls_is_not_skipped_by_the_next_run
 def test_calibration_with_a_failed_judge_call_leaves_open_work_until_redone(tmp_path, fake_openai):
     """Item 1, calibration alike: a failed calibration grade is no grade (test_calibration), and the eval stage it
     belongs to is not skipped by the next run until that call was made."""
-    from test_calibration import JUDGE_A, JUDGE_B, calibration_config, scripted_judge
-    from qedlib.run_state import open_work
     server_a, server_b = fake_openai(scripted_judge(JUDGE_A)), fake_openai(scripted_judge(JUDGE_B))
     cfg = calibration_config(tmp_path, server_a.url, server_b.url)
     run = evaluation.Evaluation(cfg, tmp_path / "05_eval")
