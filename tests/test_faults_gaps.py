@@ -1,10 +1,12 @@
 """Issue 22 gaps: failures whose first tests went around the code path the issue reported, each reproduced here
 through the function the runner, the notebook or the trainer really calls.
 
-7: a new seed (or thinking, base_model) with `--stages` naming a later stage was skipped by its completion record,
-   and eval with a new seed must generate new rows; 8: an unset API-key variable and a missing data file fail before
-   any stage, a torn checkpoint-N does not block `resume: true` of a real trainer; item 5: a stale lock is taken over
-   with a message naming the dead holder."""
+1: a distill, eval or calibration run that ends below max_invalid_rate with failed calls must not be skipped by the
+   next run (its record alone would vouch for missing rows); 7: a new seed (or thinking, base_model) with `--stages`
+   naming a later stage was skipped by its completion record, and eval with a new seed must generate new rows;
+   8: an unset API-key variable, a missing SFT dataset or benchmark file fail before any stage, a torn checkpoint-N
+   does not block `resume: true` of a real trainer; 9: a missing data file in `plan` is one line; item 5: a stale
+   lock is taken over with a message naming the dead holder."""
 import json
 import os
 import subprocess
