@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from .config import ConfigError, parse_override
+    from .data import DataError
     try:
         if args.cmd == "prepare":
             from .models import build_tiny, prepare_embedded
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         what = str(e) or f"interrupted ({args.cmd}); rerun the same command to resume"
         print(f"[qedlib] {what}", file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, RuntimeError) as e:
+    except (ConfigError, DataError, FileNotFoundError, RuntimeError) as e:  # bad input: one line naming it
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -33,6 +33,7 @@ from .io import JsonlLog, read_json, replace_folder, settings_hash, write_json
 from .layout import DISTILL, stage_dir
 from .models import stable_seed
 from .policy import SFT_COLUMNS, sft_messages
+from .run_state import note_open_work
 from .sft_data import sft_features
 from .verdicts import judge_hash
 
@@ -274,6 +275,7 @@ def generate_samples(problems: list, dc, stage_folder: str | Path, generator=Non
     if stats["errors"]:
         print(f"[distill] {stats['errors']} teacher requests failed (first: {stats['first_error']}); "
               "they are not logged, so a rerun retries them")
+    note_open_work(stage_folder, "teacher", f"{stats['errors']} teacher requests failed" if stats["errors"] else None)
     if not any(r.get("settings") == h for r in log.values()):
         raise InvalidRateError(f"01_distill: no teacher sample at all ({stats['errors']} requests to the "
                                f"{describe_endpoint(dc.teacher)} failed; first: {stats['first_error']}): fix the "
@@ -413,6 +415,7 @@ def grade_samples(problems: list, samples: list[dict], grader, stage_folder: str
     if stats["judge_errors"]:
         print(f"[distill] {stats['judge_errors']} judge calls failed (first: {stats['first_error']}); "
               "they are not logged, so a rerun retries them")
+    note_open_work(stage_folder, "judge", f"{stats['judge_errors']} judge calls failed" if stats["judge_errors"] else None)
     if samples and not any(grade_key(s["key"], grader.judge) in log for s in samples):
         raise InvalidRateError(f"01_distill: 0 of {len(samples)} samples graded ({stats['judge_errors']} calls to the "
                                f"judge, {describe_endpoint(grader.judge.endpoint)}, failed; first: "

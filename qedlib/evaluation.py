@@ -32,6 +32,7 @@ from .io import JsonlLog, atomic_write, read_json, write_json
 from .layout import EVAL
 from .models import content_fingerprint, stable_seed
 from .paper import comparison
+from .run_state import note_open_work
 
 # benchmark name -> (judge prompt, task). Any other name is a file path or hub:org/name (rubric prompt).
 BENCHMARK_KINDS = {
@@ -328,6 +329,9 @@ class Evaluation:
         if missing:
             print(f"[eval] {len(missing)} calls failed (first: {missing[0]['error']}); they are in {FAILURES_FILE}, not in "
                   f"{self.results.path.name}: rerun the stage when the endpoint is back to complete exactly those rows")
+        absent = sum(k not in self.results for k in self._current)
+        note_open_work(self.folder, "eval", f"{absent} of {len(self._current)} result rows missing after failed calls "
+                       f"({self.folder / FAILURES_FILE})" if absent else None)
         return self.rows()
 
     def _set_current(self, benchmarks, models, scaffolds) -> int:
@@ -586,6 +590,7 @@ def judge_comparison(run: "Evaluation", benchmarks: list[Benchmark], cfg, calibr
     endpoint, each grading the same proofs with the same prompt, mode and sampling (qedlib.calibration)."""
     from .grading import Grader
     if calibration is None:
+        note_open_work(run.folder, "calibration", None)
         return {}
     out = {cal.judge_label(cfg.eval.judge.endpoint): calibration}
     graded = calibration_rows(cfg)[:cfg.eval.calibration_limit]
@@ -595,6 +600,10 @@ def judge_comparison(run: "Evaluation", benchmarks: list[Benchmark], cfg, calibr
         judge = dataclasses.replace(cfg.eval.judge, endpoint=ep, prompt=prompt, panel=[])
         gen = None if ep.backend == "openai" else LazyGenerator(ep)
         out[label] = cal.calibrate(Grader(judge, cache_dir=run.folder / "judge_cache", generator=gen), graded)
+    failed = sum(r.get("invalid_by_reason", {}).get("judge_error", 0) for r in out.values())
+    # a failed call is no grade and is not cached: the stage stays open until a rerun made it
+    note_open_work(run.folder, "calibration", f"{failed} calibration judge call{'s' if failed > 1 else ''} failed"
+                   if failed else None)
     return out
 
 

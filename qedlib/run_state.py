@@ -25,14 +25,18 @@ RECORD_FILE = "stage.json"  # a stage's completion record, in its folder
 LOCK_FILE = "run.lock"  # the run folder's writer: pid, host, command
 KERNEL_LOG = "kernel.log"  # a stage kernel's own stderr (a log, not a result)
 LOCK_ENV = "QED_RUN_LOCK"  # the lock's token, inherited by the kernels of the run that holds it
+OPEN_FILE = "open_work.json"  # calls a stage could not make (an endpoint down): its record counts once a rerun made them
 
 # The config sections whose values produce each stage's results; a stage also redoes its work when an
 # earlier stage's results change (its input data or starting model): its record chains the one before it.
+# The global keys every later stage reads itself (seed: its sampling and data order; thinking: its chat template;
+# base_model: `model: base` and eval's "base" checkpoint) are in its own keys too: the chain alone misses them
+# when `--stages` runs a later stage without the earlier ones.
 STAGE_KEYS = {DISTILL: ("seed", "base_model", "distill"),
-              SFT: ("thinking", "sft"),
-              RUBRIC_RL: ("rubric_rl",),
-              RC_RL: ("rc_rl",),
-              EVAL: ("generation", "eval")}
+              SFT: ("seed", "thinking", "base_model", "sft"),
+              RUBRIC_RL: ("seed", "thinking", "base_model", "rubric_rl"),
+              RC_RL: ("seed", "thinking", "base_model", "rc_rl"),
+              EVAL: ("seed", "thinking", "base_model", "generation", "eval")}
 
 # Keys that change what is kept or logged, not any stage's results.
 BOOKKEEPING = {"run_name", "keep_checkpoints", "save_total_limit", "report_to", "logging_steps",
@@ -100,7 +104,7 @@ def stage_hash(cfg, run_dir, stage: str) -> str:
 def _produced(folder: Path) -> dict:
     """Relative path -> size of the files a stage left (checkpoints, pruned afterwards, and the record left out)."""
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in (RECORD_FILE, KERNEL_LOG) and "checkpoints" not in p.relative_to(folder).parts}
+            if p.is_file() and p.name not in (RECORD_FILE, KERNEL_LOG, OPEN_FILE) and "checkpoints" not in p.relative_to(folder).parts}
 
 
 def write_record(cfg, run_dir, stage: str, complete: str) -> Path:
@@ -150,7 +154,32 @@ def check_record(cfg, run_dir, stage: str, need: str = "stage") -> tuple[bool, s
         f = folder / rel
         if not f.is_file() or f.stat().st_size != size:
             return False, f"{f} is missing or changed since the stage finished"
+    work = open_work(run_dir, stage) if need == "stage" else None
+    if work:  # below max_invalid_rate the stage ended, but what failed is still to be done
+        return False, f"its last run left failed calls to redo: {work}"
     return True, f"finished with these settings ({where})"
+
+
+def note_open_work(stage_folder, part: str, what: Optional[str]) -> None:
+    """Say (`what`) or clear (None) that `part` of a stage ended with failed calls a rerun must make; while any part
+    is open the stage's record does not make a rerun skip it. The file is only written when its content changes."""
+    path = Path(stage_folder) / OPEN_FILE
+    notes = _holder(path) or {}
+    if what:
+        notes[part] = what
+    else:
+        notes.pop(part, None)
+    if notes:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_if_changed(path, notes)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def open_work(run_dir, stage: str) -> Optional[str]:
+    """What `stage`'s last run left to redo (note_open_work), or None."""
+    notes = _holder(Path(run_dir) / stage / OPEN_FILE)
+    return "; ".join(notes.values()) if notes else None
 
 
 # ---------------------------------------------------------------- the writer's lock

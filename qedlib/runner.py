@@ -18,11 +18,11 @@ from pathlib import Path
 from .config import Config, ConfigError, load_config
 from .data import load_source
 from .io import read_json, folder_size
-from .layout import (CONFIG_FILE, DISTILL, MODEL_DIRS, OUTPUTS, PIPELINE, RC_RL, REPO, RUBRIC_RL, RUN_FILE, STAGES,
-                     TIMINGS_FILE, TRAINED, git_commit, hardware, stage_dir)
+from .layout import (CONFIG_FILE, DISTILL, EVAL, MODEL_DIRS, OUTPUTS, PIPELINE, RC_RL, REPO, RUBRIC_RL, RUN_FILE,
+                     SFT, STAGES, TIMINGS_FILE, TRAINED, git_commit, hardware, stage_dir)
 from .plan import endpoints
 from .run_state import (BOOKKEEPING, HOW_IT_RUNS, KERNEL_LOG, LOCK_ENV, STAGE_KEYS, RunLocked, acquire_lock, check_not_locked, check_record,
-                        read_record, release_lock, remove_record, stage_hash, write_json_if_changed, write_record,
+                        open_work, read_record, release_lock, remove_record, stage_hash, write_json_if_changed, write_record,
                         write_text_if_changed)
 
 NOTEBOOKS = REPO / "notebooks"
@@ -178,6 +178,9 @@ def _run_stages(cfg: Config, params_file: str, run_dir: Path, wanted: list[str],
         write_json_if_changed(run_dir / RUN_FILE, {**info, "timings_s": timings})
         write_record(cfg, run_dir, stage, "stage")  # the stage's last act: a rerun with these settings skips it
         print(f"[qedlib] {stage} done in {timings[stage]:.0f} s", flush=True)
+        if open_work(run_dir, stage):  # its record will not count: the next run redoes exactly what failed
+            print(f"[qedlib] {stage} left failed calls to redo ({open_work(run_dir, stage)}): rerun the same command "
+                  "when the endpoint is back", flush=True)
     from . import report  # here, not at the top: a notebook's start_stage need not import the eval stack
     written = report.refresh(run_dir, cfg)  # now with every finished stage's metrics and wall time
     print(f"[qedlib] report: {written['md']} and {written['html']}{'' if written.get('changed', True) else ' (unchanged)'}",
@@ -207,7 +210,8 @@ def mark_interrupted(nb_path: Path) -> None:
 def check_before_run(cfg: Config, run_dir: Path, wanted: list[str]) -> None:
     """Everything the wanted stages need that can be checked before the first starts: endpoint environment
     variables, starting models, problem files and their rubrics; one ConfigError naming every missing thing."""
-    problems = _missing_env(cfg, wanted) + _missing_models(cfg, run_dir, wanted) + _missing_data(cfg, wanted)
+    problems = (_missing_env(cfg, wanted) + _missing_models(cfg, run_dir, wanted) + _missing_data(cfg, wanted)
+                + _missing_inputs(cfg, run_dir, wanted))
     if problems:
         raise ConfigError("before any stage starts:\n  " + "\n  ".join(problems))
 
@@ -271,6 +275,31 @@ def _missing_data(cfg: Config, wanted: list[str]) -> list[str]:
             out.append(f"{name}.problems ({src.path}): {len(bare)} of {len(problems)} problems have no rubric "
                        f"(first: {', '.join(map(str, bare[:5]))}); the judge grades against one: add a rubric "
                        "column (or map it with problems.columns), or drop those rows")
+    return out
+
+
+def _local_file(path: str) -> bool:
+    """A path the stage reads from this machine (not hub:org/name, a named benchmark or the shipped set)."""
+    return path != "shipped" and not path.startswith("hub:") and bool(Path(path).suffix)
+
+
+def _missing_inputs(cfg: Config, run_dir: Path, wanted: list[str]) -> list[str]:
+    """SFT's dataset and eval's benchmark files that are not there (each stage would fail only when it reads them,
+    after the stages before it trained)."""
+    out = []
+    if SFT in wanted:
+        source = cfg.sft.dataset
+        distilled = run_dir / DISTILL / "dataset"
+        if source == "distill" and DISTILL not in wanted and not distilled.exists():
+            out.append(f"sft.dataset is 'distill' but {distilled} does not exist: run 01_distill first, or point "
+                       "sft.dataset at hub:org/name or a .jsonl/.parquet file")
+        elif source != "distill" and _local_file(source) and not Path(source).expanduser().exists():
+            out.append(f"sft.dataset: {source} does not exist")
+    if EVAL in wanted:
+        for i, spec in enumerate(cfg.eval.benchmarks):
+            path = str(spec.get("path", "")) if isinstance(spec, dict) else str(spec)
+            if _local_file(path) and not Path(path).expanduser().exists():
+                out.append(f"eval.benchmarks[{i}].path: {path} does not exist")
     return out
 
 
