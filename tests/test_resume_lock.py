@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -255,14 +256,24 @@ def test_die_with_parent_ends_a_child_in_its_own_session_when_the_parent_is_kill
 
 # ---------------------------------------------------------------- fail early, name the thing
 def test_ctrl_c_ends_with_one_line_naming_the_stage(tmp_path):
-    run = start_run(tmp_path, "--stages", "distill")
+    # The teacher is a server that takes the connection and never answers, so the stage is certainly mid-cell
+    # when Ctrl-C comes (a smoke distill can finish in seconds: a fixed sleep would race it).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    silent.settimeout(180)
+    teacher = {"model": "silent", "backend": "openai", "base_url": f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
+               "timeout_s": 600.0, "max_retries": 0}
+    run = start_run(tmp_path, "--stages", "distill", "--set", f"distill.teacher={json.dumps(teacher)}")
     try:
         notebook = tmp_path / "smoke" / "01_distill" / "01_distill.ipynb"
-        wait_for(notebook.exists, 180, "the distill notebook to start")
-        time.sleep(2)
+        held, _ = silent.accept()  # the kernel is now waiting for the teacher's answer
+        wait_for(notebook.exists, 60, "the distill notebook to be written")
         run.send_signal(signal.SIGINT)  # Ctrl-C reaches the runner (the kernel has its own session)
         out, err = run.communicate(timeout=120)
+        held.close()
     finally:
+        silent.close()
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 130, err[-2000:]
