@@ -38,6 +38,18 @@ def start_run(outputs: Path, *args) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def silent_teacher() -> tuple[socket.socket, str]:
+    """A listening socket that takes connections and never answers, and the `--set` that makes distill's teacher
+    call it: the stage then certainly waits mid-cell (a smoke distill can finish in seconds, so a sleep races it)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    silent.settimeout(180)
+    teacher = {"model": "silent", "backend": "openai", "base_url": f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
+               "timeout_s": 600.0, "max_retries": 0}
+    return silent, f"distill.teacher={json.dumps(teacher)}"
+
+
 def snapshot(folder: Path) -> dict:
     """Every file under `folder`: (mtime_ns, sha256)."""
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
@@ -190,11 +202,13 @@ def test_external_mode_waits_for_the_batch_job_or_refuses_with_its_command(finis
 
 # ---------------------------------------------------------------- one writer per run folder
 def test_second_run_into_a_folder_is_refused_and_kill_9_ends_the_kernel(tmp_path):
-    first = start_run(tmp_path, "--stages", "distill")
+    silent, teacher = silent_teacher()  # the first run stays mid-stage until it is killed
+    first = start_run(tmp_path, "--stages", "distill", "--set", teacher)
     try:
         lock = tmp_path / "smoke" / LOCK_FILE
-        wait_for(lock.exists, 120, "the first run's lock")
-        second = qedlib_run(SMOKE, "--outputs", str(tmp_path), "--stages", "distill", timeout=300)
+        held, _ = silent.accept()  # its kernel is waiting on the teacher
+        assert lock.exists()
+        second = qedlib_run(SMOKE, "--outputs", str(tmp_path), "--stages", "distill", "--set", teacher, timeout=300)
         assert second.returncode == 2
         assert f"is in use by pid {first.pid} on" in second.stderr and str(lock) in second.stderr
         assert not (tmp_path / "smoke" / "01_distill" / RECORD_FILE).exists()
@@ -206,7 +220,9 @@ def test_second_run_into_a_folder_is_refused_and_kill_9_ends_the_kernel(tmp_path
         t0 = time.monotonic()
         wait_for(lambda: not alive(kernel), 5, f"kernel {kernel} to end after its runner was killed")
         print(f"kernel gone {time.monotonic() - t0:.2f} s after kill -9 of the runner")
+        held.close()
     finally:
+        silent.close()
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
@@ -256,15 +272,8 @@ def test_die_with_parent_ends_a_child_in_its_own_session_when_the_parent_is_kill
 
 # ---------------------------------------------------------------- fail early, name the thing
 def test_ctrl_c_ends_with_one_line_naming_the_stage(tmp_path):
-    # The teacher is a server that takes the connection and never answers, so the stage is certainly mid-cell
-    # when Ctrl-C comes (a smoke distill can finish in seconds: a fixed sleep would race it).
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    silent.settimeout(180)
-    teacher = {"model": "silent", "backend": "openai", "base_url": f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
-               "timeout_s": 600.0, "max_retries": 0}
-    run = start_run(tmp_path, "--stages", "distill", "--set", f"distill.teacher={json.dumps(teacher)}")
+    silent, teacher = silent_teacher()  # Ctrl-C lands while the kernel waits for an answer that never comes
+    run = start_run(tmp_path, "--stages", "distill", "--set", teacher)
     try:
         notebook = tmp_path / "smoke" / "01_distill" / "01_distill.ipynb"
         held, _ = silent.accept()  # the kernel is now waiting for the teacher's answer
