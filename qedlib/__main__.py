@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .layout import PIPELINE
@@ -99,4 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:  # Ctrl-C: the lock is released and the notebook marked; leave now, so that no library's
+        sys.stdout.flush()  # exit hook (a half-stopped kernel client) can hold the terminal
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -316,6 +317,13 @@ def _execute_stage(cfg: Config, params_file: str, run_dir: Path, stage: str, ove
     print(f"[qedlib] running {stage} ({why}{before}) -> {out}", flush=True)
     os.environ[LOCK_ENV] = token  # the kernel inherits it: its start_stage knows this run holds the lock
     t0 = time.perf_counter()
+    interrupted = False
+
+    def on_ctrl_c(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        _on_ctrl_c(signum, frame)
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if threading.current_thread() is threading.main_thread() else None
     try:
         # papermill's bar: cells done / cells, elapsed and remaining time of this stage
         pm.execute_notebook(str(src), str(out), kernel_name=KERNEL, cwd=str(NOTEBOOKS),
@@ -327,13 +335,19 @@ def _execute_stage(cfg: Config, params_file: str, run_dir: Path, stage: str, ove
                             # result browsers render outside JupyterLab too (viewers with a widget manager)
                             store_widget_state=True,
                             kernel_manager_class=local_kernel_manager(out.with_name(KERNEL_LOG)))
-    except pm.PapermillExecutionError as e:
-        raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
-                           f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as e:
+        if not (interrupted or isinstance(e, KeyboardInterrupt)):
+            if isinstance(e, pm.PapermillExecutionError):
+                raise RuntimeError(f"stage {stage} failed in notebook {src.name}, {_failed_cell(out)}\n"
+                                   f"executed notebook with the full traceback: {out}\n({e.ename}: {e.evalue})") from None
+            raise
+        # Ctrl-C (papermill may report the kernel it killed as a dead kernel: still an interruption)
         mark_interrupted(out)
         raise Interrupted(f"interrupted in stage {stage} (its notebook so far: {out}); rerun the same command to "
                           "resume: finished stages are skipped, this one resumes from its checkpoints and logs") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return round(time.perf_counter() - t0, 1)
 
 
@@ -358,10 +372,33 @@ def local_kernel_manager(kernel_log: Path | None = None):
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             kw = {"preexec_fn": die_with_parent(os.getpid()), **kw}
             if kernel_log is None:
-                return await super()._async_launch_kernel(kernel_cmd, **kw)
-            with open(kernel_log, "ab") as log:  # the kernel keeps its own descriptor
-                await super()._async_launch_kernel(kernel_cmd, **{"stderr": log, **kw})
+                await super()._async_launch_kernel(kernel_cmd, **kw)
+            else:
+                with open(kernel_log, "ab") as log:  # the kernel keeps its own descriptor
+                    await super()._async_launch_kernel(kernel_cmd, **{"stderr": log, **kw})
+            pid = getattr(self.provisioner, "pid", None)
+            if pid:
+                STAGE_KERNELS.add(pid)
     return IPCKernelManager
+
+
+STAGE_KERNELS: set[int] = set()  # pids of the kernels this runner started: Ctrl-C ends them first
+
+
+def _on_ctrl_c(signum, frame):
+    """SIGINT during a stage: kill the stage's kernel, then raise KeyboardInterrupt.
+
+    The kernel is in its own session, so a Ctrl-C never reaches it; killing it first means nothing the runner
+    waits on (a cell's reply, the kernel's graceful shutdown) can keep the runner from ending: papermill sees a
+    dead kernel at once. Safe for the same reason kill -9 is: every stage writes atomically and appends logs.
+    """
+    for pid in list(STAGE_KERNELS):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        STAGE_KERNELS.discard(pid)
+    raise KeyboardInterrupt
 
 
 def die_with_parent(parent_pid: int):

@@ -71,7 +71,13 @@ def test_verdict_in_words():
 def run_dir(tmp_path_factory, tiny_model_path):
     """`python -m qedlib run params/paper-table.yaml` with the hub ids replaced by the tiny model's folder."""
     from conftest import FakeOpenAI
+    from qedlib.data import DataError, load_problems
     from qedlib.runner import run_pipeline
+    try:  # the paper's benchmarks: ../shared/data/imobench, QED_IMOBENCH or the download cache
+        for name in ("imo-proofbench", "imo-answerbench"):
+            load_problems(name)
+    except DataError as e:
+        pytest.skip(f"IMO-Bench not available: {e}")
     servers = [FakeOpenAI(judge_reply(6)), FakeOpenAI(judge_reply(2))]  # 6: a grade the 7/6/1/0 prompt allows
     overrides = {
         "thinking": False,  # the tiny model never closes a think block in 16 tokens: no proof would reach the judge
