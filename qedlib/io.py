@@ -72,6 +72,14 @@ def read_json(path: str | Path) -> Any:
     return json.loads(path.read_text())
 
 
+def read_json_or_none(path: str | Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (files written whole or not at all)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 # Fields that change speed, cost or where a model runs, not what it writes: left out of settings hashes.
 NOT_OUTPUT_FIELDS = frozenset({"max_concurrency", "timeout_s", "max_retries", "retry_backoff_s", "batch_size", "device",
                                "deadline_s", "static_cache", "vllm", "price_in_per_mtok", "price_out_per_mtok", "api_key_env",

@@ -9,12 +9,12 @@ JavaScript inline (no CDN), so it opens offline.
 from __future__ import annotations
 
 import html
-import json
 import re
 from pathlib import Path
 from typing import Optional
 
 from . import stats
+from .io import read_json_or_none
 from .layout import DISTILL, EVAL, METRICS_FILE, RC_RL, RUBRIC_RL, RUN_FILE, STAGES, TIMINGS_FILE, git_commit, hardware
 from .paper import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
 from .run_state import write_text_if_changed
@@ -37,10 +37,10 @@ def _flatten(d: dict, prefix: str = "", depth: int = 2) -> dict:
 def stage_metrics(run_dir) -> list[dict]:
     """One record per stage that wrote metrics.json: its wall time and flattened metrics."""
     run_dir = Path(run_dir)
-    timings = _read(run_dir / TIMINGS_FILE) or (_read(run_dir / RUN_FILE) or {}).get("timings_s", {})
+    timings = read_json_or_none(run_dir / TIMINGS_FILE) or (read_json_or_none(run_dir / RUN_FILE) or {}).get("timings_s", {})
     out = []
     for stage in STAGES:
-        m = _read(run_dir / stage / METRICS_FILE)
+        m = read_json_or_none(run_dir / stage / METRICS_FILE)
         if m is None:
             continue
         out.append({"stage": stage, "wall_s": timings.get(stage), "metrics": _flatten(m)})
@@ -49,17 +49,10 @@ def stage_metrics(run_dir) -> list[dict]:
 
 def run_info(run_dir) -> dict:
     """Commit, hardware and params of the run (run.json when the pipeline runner wrote it, else this process)."""
-    info = _read(Path(run_dir) / RUN_FILE) or {}
+    info = read_json_or_none(Path(run_dir) / RUN_FILE) or {}
     if "commit" not in info or "hardware" not in info:
         info = {**info, "commit": info.get("commit") or git_commit(), "hardware": info.get("hardware") or hardware()}
     return info
-
-
-def _read(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def paper_comparison(summary) -> list[dict]:
@@ -209,7 +202,7 @@ JUDGES_NOTE = ("The judges graded the same proofs; the measures are the official
 
 def paper_section(run_dir) -> Optional[str]:
     """The paper beside the run, from 05_eval/metrics.json (its `paper_comparison`); None when no result has a paper row."""
-    recs = (_read(Path(run_dir) / EVAL / METRICS_FILE) or {}).get("paper_comparison")
+    recs = (read_json_or_none(Path(run_dir) / EVAL / METRICS_FILE) or {}).get("paper_comparison")
     if not recs:
         return None
     return PAPER_NOTE + "\n\n" + markdown_table(PAPER_COLUMNS, [[_cost_cell(c, r.get(c)) for c in PAPER_COLUMNS] for r in recs], ",.1f")
@@ -226,7 +219,7 @@ def _cost_cell(column: str, value):
 
 def judges_section(run_dir) -> Optional[str]:
     """The judges compared on the calibration proofs, from 05_eval/metrics.json; None unless there are several."""
-    judges = (_read(Path(run_dir) / EVAL / METRICS_FILE) or {}).get("judge_comparison") or []
+    judges = (read_json_or_none(Path(run_dir) / EVAL / METRICS_FILE) or {}).get("judge_comparison") or []
     if len(judges) < 2:
         return None
     cols = list(judges[0])

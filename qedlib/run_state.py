@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from .io import atomic_write, settings_hash, write_json
+from .io import atomic_write, read_json_or_none, settings_hash, write_json
 from .layout import DISTILL, EVAL, MODEL, RC_RL, RUBRIC_RL, SFT, STAGES
 
 RECORD_FILE = "stage.json"  # a stage's completion record, in its folder
@@ -164,7 +164,7 @@ def note_open_work(stage_folder, part: str, what: Optional[str]) -> None:
     """Say (`what`) or clear (None) that `part` of a stage ended with failed calls a rerun must make; while any part
     is open the stage's record does not make a rerun skip it. The file is only written when its content changes."""
     path = Path(stage_folder) / OPEN_FILE
-    notes = _holder(path) or {}
+    notes = read_json_or_none(path) or {}
     if what:
         notes[part] = what
     else:
@@ -178,7 +178,7 @@ def note_open_work(stage_folder, part: str, what: Optional[str]) -> None:
 
 def open_work(run_dir, stage: str) -> Optional[str]:
     """What `stage`'s last run left to redo (note_open_work), or None."""
-    notes = _holder(Path(run_dir) / stage / OPEN_FILE)
+    notes = read_json_or_none(Path(run_dir) / stage / OPEN_FILE)
     return "; ".join(notes.values()) if notes else None
 
 
@@ -191,13 +191,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _holder(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _describe(h: dict, path: Path) -> str:
@@ -220,7 +213,7 @@ def acquire_lock(run_dir, command: str) -> str:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            h = _holder(path)
+            h = read_json_or_none(path)
             if not _stale(h):
                 raise RunLocked(f"run folder {run_dir} is in use by {_describe(h, path)}. Wait for that run to finish "
                                 "or use another --run-name; if that process is gone on another host, delete the lock "
@@ -237,7 +230,7 @@ def acquire_lock(run_dir, command: str) -> str:
 def release_lock(run_dir, token: str) -> None:
     """Remove the lock if this process (its `token`) still holds it."""
     path = Path(run_dir) / LOCK_FILE
-    h = _holder(path)
+    h = read_json_or_none(path)
     if h and h.get("token") == token:
         path.unlink(missing_ok=True)
 
@@ -246,7 +239,7 @@ def check_not_locked(run_dir) -> None:
     """Refuse (RunLocked) when another live process holds the run folder; the kernels of the run that holds it
     carry its token (LOCK_ENV) and pass."""
     path = Path(run_dir) / LOCK_FILE
-    h = _holder(path) if path.exists() else None
+    h = read_json_or_none(path) if path.exists() else None
     if not h or h.get("token") == os.environ.get(LOCK_ENV):
         return
     if _stale(h):
