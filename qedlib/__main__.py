@@ -2,10 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from .layout import PIPELINE
+from .layout import TRAINED, TRAINED_STAGES, OUTPUTS
+from .run_state import check_record
+from .training import finish_training
+from .config import ConfigError, parse_override, load_config
+from .problem_sets import DataError
+from .models import build_tiny, prepare_embedded
+from .runner import run_pipeline
+from .tools.plan import PROMPT_TOKENS, PlanError, main as plan_main
+from .tools.bench import BENCHMARKS, run_benchmark
+from .launch import keep_fsdp_on_cpu
+from .tools.export import default_out, export_official
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("name", help="benchmark name (see --list)", nargs="?")
     b.add_argument("--list", action="store_true", help="list benchmarks")
     t = sub.add_parser("train", help="run a training stage in this process (what accelerate launch calls)")
-    t.add_argument("stage", choices=PIPELINE)
+    t.add_argument("stage", choices=TRAINED_STAGES)
     t.add_argument("--params", required=True)
     t.add_argument("--run-dir", required=True)
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
@@ -43,48 +54,42 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--sections", nargs="+", choices=list("abcde"), help="run only these sections (default: all)")
     args = ap.parse_args(argv)
 
-    from .config import ConfigError, parse_override
-    from .data import DataError
     try:
         if args.cmd == "prepare":
-            from .models import build_tiny, prepare_embedded
             print(f"embedded model: {prepare_embedded()}")
             print(f"tiny test model: {build_tiny()}")
         elif args.cmd == "run":
-            from .layout import OUTPUTS
-            from .runner import run_pipeline
             overrides = dict(parse_override(s) for s in args.sets)
             run_dir = run_pipeline(args.params, args.run_name, args.stages, overrides, args.outputs or OUTPUTS)
             print(f"[qedlib] done: {run_dir}")
         elif args.cmd == "plan":
-            from .plan import PROMPT_TOKENS, PlanError, main as plan_main
             try:
                 return plan_main(args.params, args.sets, args.prompt_tokens or PROMPT_TOKENS)
             except PlanError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
         elif args.cmd == "bench":
-            from .bench import BENCHMARKS, run_benchmark
             if args.list or not args.name:
                 for k, (_, desc) in BENCHMARKS.items():
                     print(f"{k:20s} {desc}")
                 return 0
             run_benchmark(args.name)
         elif args.cmd == "gpu-check":
-            from .gpu_check import main as gpu_check
+            from .tools.gpu_check import main as gpu_check  # heavy: loads TRL and torch; only this subcommand needs them
             return gpu_check(args.out, args.cpu, args.sections)
         elif args.cmd == "train":
-            import importlib
-            from .config import load_config
             overrides = dict(parse_override(s) for s in args.sets)
             cfg = load_config(args.params, overrides)
-            from .launch import keep_fsdp_on_cpu
             keep_fsdp_on_cpu()  # an FSDP config stays FSDP on a CPU-only machine (tests; see its docstring)
-            from .training import train_recorded
-            # each trained stage has a module of its name; a batch job with a matching completion record skips
-            train_recorded(args.stage, cfg, args.run_dir, importlib.import_module(f"qedlib.{args.stage}").train)
+            # each rank of `accelerate launch` (or of a batch job) runs the stage's `train` step; a job whose model
+            # was already trained with these settings skips
+            done, why = check_record(cfg, args.run_dir, TRAINED[args.stage], need="training")
+            if done:
+                print(f"[qedlib] {args.stage}: not training again ({why})", flush=True)
+            else:
+                importlib.import_module(f"qedlib.stages.{args.stage}").train(cfg, args.run_dir)
+                finish_training(args.stage, cfg, args.run_dir)
         elif args.cmd == "export-official":
-            from .export import default_out, export_official
             files = export_official(args.run_dir, args.out)
             groups = sorted({f.parent for f in files})
             print(f"[export] {len(files)} run files in {len(groups)} checkpoint/benchmark/scaffold folders under "

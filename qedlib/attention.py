@@ -6,7 +6,7 @@ T tokens, although only the sum of L_i^2 over its examples is needed. flash-attn
 avoid that on GPUs; on CPUs (and GPUs without flash-attn) this module gives the same behaviour with
 PyTorch's own kernels: one causal `scaled_dot_product_attention` call per example in the row.
 
-Register it once (importing `qedlib.sft` does) and load models with
+Register it once (importing `qedlib.stages.sft` does) and load models with
 `attn_implementation="qed_varlen_sdpa"`. Batches with an ordinary padding mask, or decoding with a
 KV cache, fall back to plain masked sdpa, so a model loaded this way stays correct for any input.
 """
@@ -42,9 +42,9 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     query: (batch, heads, q_len, dim); key/value: (batch, kv_heads, kv_len, dim).
     Returns (batch, q_len, heads, dim) like transformers' own sdpa function.
     """
-    import torch
-    import torch.nn.functional as F
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    import torch  # heavy: torch loads only when a model runs
+    import torch.nn.functional as F  # heavy: torch loads only when a model runs
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # heavy: transformers loads torch
 
     batch, _, q_len, _ = query.shape
     simple = attention_mask is None and batch == 1 and key.shape[2] == q_len
@@ -68,8 +68,8 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
 
 def register() -> str:
     """Make NAME a valid `attn_implementation` (idempotent); returns NAME."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers import AttentionInterface  # heavy: transformers loads torch
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask  # heavy: transformers loads torch
     AttentionInterface.register(NAME, varlen_sdpa_forward)
     # like flash attention: no 4D mask is built; a 2D padding mask (if any) is passed through as is
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)

@@ -16,7 +16,8 @@ import itertools
 import statistics
 from collections import defaultdict
 
-from .data import DataError, Problem, load_problems, read_records, shipped_path
+from .problem_sets import DataError, Problem, load_problems, read_records, shipped_path
+from .verdicts import invalid_table
 
 BUCKETS = ("0", "1-3", "4-6", "7")
 # lm-provers/matharena-gradingbench (human points on MathArena proofs): the columns the official
@@ -200,7 +201,6 @@ def calibrate(grader, rows: list[dict]) -> dict:
     valid = [t for t in table if t["valid"]]
     n = len(table)
     agreement, pairs = pairwise_agreement(valid)
-    from .verdicts import invalid_table
     result = {
         "judge": grader.settings(),
         "rows": n,
@@ -235,7 +235,7 @@ def bucket_confusion(result: dict) -> list[list[int]]:
 
 def calibration_figures(result: dict) -> dict:
     """Plotly figures: "confusion" (reference vs judge buckets) and "scatter" (judge score vs reference grade)."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # heavy: loads only when a figure is drawn
     m = bucket_confusion(result)
     confusion = go.Figure(go.Heatmap(z=m, x=[f"judge {b}" for b in BUCKETS], y=[f"reference {b}" for b in BUCKETS],
                                      text=m, texttemplate="%{text}", colorscale="Blues", showscale=False))
@@ -294,7 +294,7 @@ def beats_constant(result: dict) -> bool | None:
 
 def judge_vs_baselines(result: dict):
     """MAE, pairwise agreement and bucket accuracy of the judge next to a constant judge and chance (a DataFrame)."""
-    import pandas as pd
+    import pandas as pd  # heavy: loads only when a table is built
     base, chance = constant_baseline(result), chance_levels()
     return pd.DataFrame([
         {"measure": "mean absolute error (points, lower is better)", "judge": result.get("mae"),
@@ -308,7 +308,7 @@ def judge_vs_baselines(result: dict):
 
 def proofs_table(rows: list[dict], result: dict | None = None):
     """Every calibration proof (problem, kind, reference grade, note, proof) with the judge's score where it graded it."""
-    import pandas as pd
+    import pandas as pd  # heavy: loads only when a table is built
     graded = (result or {}).get("table", [])
     out = []
     for k, r in enumerate(rows):
@@ -372,7 +372,7 @@ def comparison_records(results: dict) -> list[dict]:
 
 def comparison_table(results: dict):
     """The judges side by side (a DataFrame, one row per judge), to pick a judge as the paper did."""
-    import pandas as pd
+    import pandas as pd  # heavy: loads only when a table is built
     if not results:
         return None
     table = pd.DataFrame(comparison_records(results)).set_index("judge")
@@ -382,8 +382,8 @@ def comparison_table(results: dict):
 
 def comparison_figure(results: dict):
     """The four official metrics per judge as grouped bars (one panel per metric: their scales differ)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go  # heavy: loads only when a figure is drawn
+    from plotly.subplots import make_subplots  # heavy: as above
     recs = comparison_records(results)
     fig = make_subplots(rows=1, cols=len(OFFICIAL_NAMES), subplot_titles=list(OFFICIAL_NAMES.values()))
     for k, key in enumerate(OFFICIAL_NAMES, 1):

@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .paper import RECIPE
+
 
 class ConfigError(ValueError):
     """A params file or override is wrong; the message names the file, key and fix."""
@@ -152,7 +154,7 @@ class SFTConfig:
     packing: bool = False  # pack examples into max_length rows (padding-free when supported)
     padding_free: bool = False  # flatten batches without padding (flash-attention style)
     lora: Lora = field(default_factory=Lora)
-    lr: float = 3.0e-5  # peak learning rate (paper: 3e-5)
+    lr: float = RECIPE["sft.lr"]  # peak learning rate (the paper's)
     lr_scheduler: str = "cosine"  # workbook default, not from the paper
     warmup_ratio: float = 0.03  # workbook default, not from the paper
     weight_decay: float = 0.0  # workbook default, not from the paper
@@ -187,31 +189,31 @@ class RLConfig:
     problems: ProblemSource = field(default_factory=lambda: ProblemSource(split="train"))
     min_reward_mean: Optional[float] = None  # drop hopeless problems (needs a reward_mean column)
     max_reward_mean: Optional[float] = None  # drop too-easy problems (paper: 0.7)
-    reward: Literal["judge", "format", "answer"] = "judge"  # judge score/7, or verifiable rewards
+    reward: Literal["judge", "format", "opening", "answer"] = "judge"  # judge score/7, or verifiable rewards (opening: a cheap grader of the proof's first words)
     judge: Judge = field(default_factory=Judge)
     num_generations: int = 4  # rollouts per problem (group size; paper 16)
     prompts_per_step: int = 2  # problems per optimizer step (paper 64)
     max_steps: int = 4  # optimizer steps (paper 150)
-    temperature: float = 0.8  # rollout temperature
+    temperature: float = RECIPE["rubric_rl.temperature"]  # rollout temperature (the paper's)
     top_p: float = 1.0  # rollout nucleus sampling
     max_completion_length: int = 128  # new tokens per rollout (paper 49,152)
-    lr: float = 1.0e-6  # constant AdamW learning rate
+    lr: float = RECIPE["rubric_rl.lr"]  # constant AdamW learning rate (the paper's)
     weight_decay: float = 0.01  # AdamW weight decay
     adam_beta1: float = 0.9  # AdamW beta1 (workbook default = torch's; the paper does not say)
     adam_beta2: float = 0.999  # AdamW beta2 (workbook default = torch's; the paper does not say)
-    max_grad_norm: float = 0.3  # gradient clipping
+    max_grad_norm: float = RECIPE["rubric_rl.max_grad_norm"]  # gradient clipping (the paper's)
     weights_dtype: Literal["float32", "bfloat16"] = "float32"  # trained weights: fp32 master weights + bf16 autocast; bfloat16 only under DeepSpeed, whose optimizer keeps fp32 masters
     loss_type: str = "luspo"  # TRL loss aggregation: luspo = token sum / number of sequences (the paper's; with our token-level ratios this is QED-Nano's PPO-clip, not LUSPO's sequence-level objective)
     loss_divisor: Optional[int] = None  # official gradient scale (loss_type luspo): the token-sum / sequences-per-step loss is divided by this, as the paper's DeepSpeed divided by its accumulation steps and averaged over ranks (paper 64 rubric RL, 256 RC RL); None: this run's processes x accumulation steps; 1: TRL's luspo unscaled
-    scale_rewards: Literal["none", "group", "batch"] = "none"  # paper: no std normalisation
-    epsilon: float = 4.0  # PPO clip (paper: very loose, 4)
+    scale_rewards: Literal["none", "group", "batch"] = RECIPE["rubric_rl.scale_rewards"]  # paper: no std normalisation
+    epsilon: float = RECIPE["rubric_rl.epsilon"]  # PPO clip (paper: very loose, 4)
     epsilon_high: Optional[float] = None  # asymmetric upper clip (DAPO)
     beta: float = 0.0  # KL coefficient (paper: no KL)
-    entropy_coef: float = 1.0e-4  # entropy bonus (paper: 1e-4)
+    entropy_coef: float = RECIPE["rubric_rl.entropy_coef"]  # entropy bonus (the paper's)
     entropy_weighting: Literal["policy", "token_mean"] = "policy"  # bonus aggregated like the policy term (paper) or TRL's per-token mean
     ratio_logprobs: Literal["sampler", "trainer"] = "sampler"  # PPO ratio = policy / sampler's logprobs (paper) or / the trainer's recomputed ones (TRL)
-    is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "none"  # TRL's vLLM importance-sampling correction (paper: none; the ratio already uses the sampler)
-    is_cap: float = 3.0  # upper bound of the IS ratio when is_correction is on (TRL's default 3)
+    sampling_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "none"  # TRL's vLLM importance-sampling correction (paper: none; the ratio already uses the sampler)
+    sampling_correction_cap: float = 3.0  # upper bound of the IS ratio when sampling_correction is on (TRL's default 3)
     steps_per_generation: int = 1  # optimizer steps per generated batch (paper: 1; >1 = off-policy lag, what epsilon bounds)
     mask_truncated_completions: bool = False  # DAPO-style: no loss on truncated rollouts
     overlong_penalty: Optional[int] = None  # soft penalty over the last N tokens of the budget

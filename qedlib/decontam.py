@@ -13,6 +13,8 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from .problem_sets import DataError, load_problems, load_source, problem_source
+
 _LATEX_CMD = re.compile(r"\\[a-zA-Z]+")
 _NON_WORD = re.compile(r"[^a-z0-9]+")
 
@@ -97,7 +99,6 @@ def load_benchmarks(specs: list, missing: str = "skip") -> tuple[dict[str, list]
     A benchmark that cannot be loaded is an error with `missing: error` (a publishable run must
     not train on what it evaluates), or skipped with a note with `missing: skip`.
     """
-    from .data import DataError, load_problems, load_source, problem_source
     out, notes = {}, []
     for spec in specs:
         if isinstance(spec, dict):

@@ -8,6 +8,8 @@ finish reason and cost. vLLM is imported only when that backend is used (it has 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import gc
 import os
 import random
 import re
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .config import SECRET_ENVS
+from .models import load_model, resolve_model
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -105,7 +108,7 @@ def sampling_settings(sampling, generation_config) -> dict:
 
 def model_generation_config(path: str):
     """The model folder's (or hub id's) transformers GenerationConfig; the one built from its config when it has none."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig  # heavy: transformers loads torch
     try:
         return GenerationConfig.from_pretrained(path)
     except OSError:  # no generation_config.json: transformers derives one from config.json the same way
@@ -114,7 +117,6 @@ def model_generation_config(path: str):
 
 def free_accelerator_memory() -> None:
     """Collect garbage and hand cached CUDA memory back (after an engine, trainer or model is dropped)."""
-    import gc
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():  # never start CUDA just to free nothing
@@ -163,7 +165,7 @@ class SampledLogprobs:
         self.steps: list = []
 
     def __call__(self, input_ids, scores):
-        import torch
+        import torch  # heavy: torch loads only when a model runs
         if self.prev is not None:  # input_ids now ends with the token sampled from self.prev
             self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
         self.prev = torch.log_softmax(scores.float() / self.t, dim=-1)
@@ -171,7 +173,7 @@ class SampledLogprobs:
 
     def result(self, sequences):
         """(batch, generated tokens) logprobs, once generate has returned its sequences."""
-        import torch
+        import torch  # heavy: torch loads only when a model runs
         steps = self.steps + ([self.prev.gather(-1, sequences[:, -1:]).squeeze(-1)] if self.prev is not None else [])
         return torch.stack(steps, dim=1)
 
@@ -180,7 +182,6 @@ class TransformersGenerator:
     """Batched in-process generation with left padding; stops at EOS."""
 
     def __init__(self, endpoint, model=None, tokenizer=None):
-        from .models import load_model
         self.endpoint = endpoint
         self._owns_model = model is None  # a model passed in (e.g. the one being trained) is not ours to drop
         if model is None:
@@ -202,7 +203,7 @@ class TransformersGenerator:
                       logprobs: bool = False) -> list[list[Completion]]:
         """n completions for each already-templated prompt string; `logprobs`: also each sampled token's
         logprob under the model's logits / temperature (what an RL trainer's ratio compares against)."""
-        import torch
+        import torch  # heavy: torch loads only when a model runs
         flat = [t for t in texts for _ in range(sampling.n)]
         out: list[Completion] = []
         bs = max(1, self.endpoint.batch_size)
@@ -257,7 +258,7 @@ class TransformersGenerator:
         Returns, per prompt, {"probs": {candidate: p renormalised over candidates}, "mass": total
         raw probability on the candidates}.
         """
-        import torch
+        import torch  # heavy: torch loads only when a model runs
         cand_ids = []
         for c in candidates:
             ids = self.tokenizer.encode(c, add_special_tokens=False)
@@ -352,7 +353,7 @@ class OpenAIGenerator:
         for old in [lp for lp in list(self._pools) if lp.is_closed()]:  # a finished asyncio.run's client: drop it
             self._pools.pop(old, None)
         if loop not in self._pools:
-            import httpx
+            import httpx  # heavy: httpx (~0.1 s) loads only to call a server
             n = self.endpoint.max_concurrency
             self._pools[loop] = (httpx.AsyncClient(limits=httpx.Limits(max_connections=n)), asyncio.Semaphore(n))
             self.stats["clients"] += 1
@@ -499,7 +500,6 @@ def run_sync(coro):
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    import concurrent.futures
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
 
@@ -520,11 +520,10 @@ class VLLMGenerator:
         path = None
         if llm is None:
             try:
-                from vllm import LLM
+                from vllm import LLM  # optional: vLLM, the [gpu] extra
             except ImportError as e:
                 raise ImportError("backend 'vllm' needs vLLM on a GPU machine: install the `gpu` extra "
                                   "(see environment.yml) or use backend 'transformers'") from e
-            from .models import resolve_model
             path = resolve_model(endpoint.model)
             llm = LLM(model=path, **endpoint.vllm)
         self.llm = llm
@@ -534,7 +533,7 @@ class VLLMGenerator:
             if path:
                 generation_config = model_generation_config(path)
             else:
-                from transformers import GenerationConfig
+                from transformers import GenerationConfig  # heavy: transformers loads torch
                 generation_config = GenerationConfig()  # unknown model: transformers' defaults, as generate() uses
         self.generation_config = generation_config
         self.eos = eos_token_ids(self.tokenizer, generation_config)
@@ -547,7 +546,7 @@ class VLLMGenerator:
     def sampling_params(self, sampling, logprobs: bool = False):
         """vLLM SamplingParams for one call: `sampling_settings` plus a seed from Python's `random`;
         `logprobs`: also each sampled token's logprob (logprobs=0)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional: vLLM, the [gpu] extra
         settings = sampling_settings(sampling, self.generation_config)
         if sampling.temperature <= 0:  # greedy, as the transformers backend (top_k/top_p unused)
             settings.update(temperature=0.0, top_p=1.0, top_k=0)
@@ -587,7 +586,7 @@ def shutdown_vllm(llm) -> None:
     if core is not None:
         core.shutdown()  # stops the engine-core process that holds the weights and the KV cache
     try:
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # optional: vLLM, the [gpu] extra
     except ImportError:
         return
     cleanup_dist_env_and_memory()

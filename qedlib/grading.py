@@ -33,18 +33,18 @@ from pathlib import Path
 from typing import Optional
 
 from . import prompts as P
-from .data import Problem
+from .problem_sets import Problem
 from .generation import Completion, OpenAIGenerator, make_generator, render_prompt, run_sync
-from .io import JsonlLog
+from .files import JsonlLog
 from .verdicts import (INVALID_REASONS, PARSER_VERSION, RETRYABLE, SCALE, Grade, binary_answer_grade, check_answer,
                        combine_points, extract_boxed, invalid_grade, no_proof_grade, no_proof_reason, parse_score,
-                       tag_conflict)
+                       conflicting_tag_values)
+from .config import Endpoint, build
 
 log = logging.getLogger(__name__)
 
 def _endpoint_of(e):
     """An Endpoint from a panel entry (a dict of Endpoint fields, validated, or an Endpoint)."""
-    from .config import Endpoint, build
     return e if isinstance(e, Endpoint) else build(Endpoint, e, "judge.panel")
 
 
@@ -209,7 +209,7 @@ class Grader:
             detail = "the judge's thinking never closed" if not c.think_closed else f"could not read a {gp.tag} tag"
             return invalid_grade(reason, detail, judge_text=c.text, method="judge-text", **usage)
         detail = ""
-        conflict = tag_conflict(answer, gp.tag, gp.text)
+        conflict = conflicting_tag_values(answer, gp.tag, gp.text)
         if conflict:  # the last tag is the verdict; earlier ones are quotes or second thoughts
             with self._lock:
                 self.stats["conflicting_tags"] += 1
@@ -433,7 +433,7 @@ def _chunk_size(gen) -> int:
 
 def _vllm_next_token_probs(gen, texts: list[str], candidates: list[str]) -> list[dict]:
     """Next-token probabilities of single-token candidates from an in-process vLLM engine (top-20 logprobs)."""
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # optional: vLLM, the [gpu] extra
     outs = gen.llm.generate(texts, SamplingParams(max_tokens=1, temperature=1.0, logprobs=20))
     res = []
     for o in outs:

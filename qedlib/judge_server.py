@@ -80,7 +80,7 @@ class JudgeServer:
             return ""
 
     def _healthy(self) -> bool:
-        import httpx
+        import httpx  # heavy: httpx (~0.1 s) loads only to call a server
         headers = {}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:

@@ -21,14 +21,17 @@ model are written by the main process).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shlex
 import subprocess
 import sys
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
-from .config import Launch
+from .config import Launch, load_config, parse_override
 from .judge_server import free_port
 from .layout import TRAINED
 
@@ -53,7 +56,6 @@ def accelerate_config_path(name_or_path: str) -> Path:
 
 def _format_value(v) -> str:
     """A --set value as YAML reads it back: JSON, with floats like 1e-06 written 1.0e-06 (YAML 1.1 needs the dot)."""
-    import json
     if isinstance(v, str):
         return v
     if isinstance(v, float) and "e" in repr(v) and "." not in repr(v).split("e")[0]:
@@ -67,7 +69,7 @@ def launch_command(stage: str, params_file: str | Path, run_dir: str | Path, ove
     """The `accelerate launch ... -m qedlib train STAGE ...` command as a list (print it with shlex.join)."""
     if stage not in TRAINED:
         raise ValueError(f"stage {stage!r}: expected one of {', '.join(TRAINED)}")
-    import torch
+    import torch  # heavy: torch loads only when a model runs
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     extra = [str(a) for a in launch.extra_args]
     config = launch.accelerate_config
@@ -146,7 +148,6 @@ def slurm_launch(launch: Launch, env: dict | None = None) -> Launch:
     The job must have the processes the params name: SFT's global batch is processes x batch_size x grad_accum,
     so a job with more nodes than the params would silently train with a larger batch at the same lr and steps.
     """
-    from dataclasses import replace
     env = os.environ if env is None else env
     nodes = int(env.get("SLURM_NNODES", launch.num_machines))
     per_node = int(env.get("SLURM_GPUS_ON_NODE") or max(1, launch.num_processes // max(1, launch.num_machines)))
@@ -199,11 +200,11 @@ def keep_fsdp_on_cpu() -> bool:
     marking the already-initialised process state as multi-device lets the same config, wrapping, mixed
     precision and optimizer run here as on the GPU. Nothing changes where a GPU is present.
     """
-    import torch
+    import torch  # heavy: torch loads only when a model runs
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or torch.cuda.is_available():
         return False
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
+    from accelerate.state import PartialState  # heavy: accelerate loads torch
+    from accelerate.utils import DistributedType  # heavy: accelerate loads torch
     if getattr(PartialState.__init__, "qed_keeps_fsdp", False):
         return True
     original = PartialState.__init__
@@ -222,8 +223,8 @@ def keep_fsdp_on_cpu() -> bool:
 def _unpinned_cpu_offload() -> None:
     """On a CPU-only machine, FSDP2's CPUOffloadPolicy without pinned memory (pinning needs a GPU driver; it only
     speeds host-device copies, which do not exist here): the same offload layout and optimizer otherwise."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import CPUOffloadPolicy
+    from accelerate.utils import FullyShardedDataParallelPlugin  # heavy: accelerate loads torch
+    from torch.distributed.fsdp import CPUOffloadPolicy  # heavy: torch loads only when a model runs
     original = FullyShardedDataParallelPlugin.__post_init__
 
     def post_init(self):
@@ -236,8 +237,6 @@ def _unpinned_cpu_offload() -> None:
 def node_main(argv: list[str] | None = None) -> int:
     """`python -m qedlib.launch STAGE --params P --run-dir D [--set k=v ...]`: on one node of a SLURM job
     (scripts/slurm_train.sbatch), start this node's part of the stage's multi-node `accelerate launch`."""
-    import argparse
-    from .config import load_config, parse_override
     parser = argparse.ArgumentParser(prog="python -m qedlib.launch", description=node_main.__doc__)
     parser.add_argument("stage", choices=list(TRAINED))
     parser.add_argument("--params", required=True)

@@ -23,7 +23,8 @@ OUTPUTS = REPO / "outputs"  # where `python -m qedlib run` puts run folders unle
 DISTILL, SFT, RUBRIC_RL, RC_RL, EVAL = "01_distill", "02_sft", "03_rubric_rl", "04_reasoning_cache_rl", "05_eval"
 STAGES = [DISTILL, SFT, RUBRIC_RL, RC_RL, EVAL]  # pipeline order
 TRAINED = {"sft": SFT, "rubric_rl": RUBRIC_RL, "rc_rl": RC_RL}  # model name of a trained stage -> its folder
-PIPELINE = tuple(TRAINED)  # the trained stages, in pipeline order
+TRAINED_STAGES = tuple(TRAINED)  # the trained stages, in pipeline order
+CHECKPOINT_ORDER = ("base", *TRAINED_STAGES)  # the models eval can compare, in the order the stages make them
 MODEL = "model"  # the subfolder where a trained stage leaves the model the next stage starts from
 MODEL_DIRS = {name: f"{folder}/{MODEL}" for name, folder in TRAINED.items()}  # relative to the run folder
 
@@ -45,7 +46,7 @@ def _is_model(path: Path) -> bool:
     return (path / "config.json").exists() or (path / "adapter_config.json").exists()
 
 
-def checkpoint(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = None) -> str:
+def named_model(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = None) -> str:
     """Resolve a model reference that may name a stage of this run.
 
     "base" -> cfg.base_model; "sft" / "rubric_rl" / "rc_rl" -> that stage's saved model;
@@ -64,10 +65,10 @@ def checkpoint(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = N
                                     f"(python -m qedlib run PARAMS --stages ...)")
         return str(path)
     if ref == "previous":
-        if stage not in PIPELINE:
-            raise ValueError(f"model 'previous' is relative to a training stage ({', '.join(PIPELINE)}), "
+        if stage not in TRAINED_STAGES:
+            raise ValueError(f"model 'previous' is relative to a training stage ({', '.join(TRAINED_STAGES)}), "
                              f"got stage={stage!r}")
-        before = PIPELINE[:PIPELINE.index(stage)]
+        before = TRAINED_STAGES[:TRAINED_STAGES.index(stage)]
         for name in reversed(before):
             path = Path(run_dir) / MODEL_DIRS[name]
             if _is_model(path):
@@ -92,6 +93,6 @@ def git_commit() -> str:
 
 def hardware() -> str:
     """A one-line description of the machine, as RUN_FILE records it."""
-    import torch
+    import torch  # heavy: torch loads only when a model runs
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}"

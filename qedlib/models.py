@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import read_json, replace_folder, write_json
+from .files import read_json, replace_folder, write_json
 
 EMBEDDED = "smollm2-135m"  # the embedded default model
 TINY = "tiny-qwen3"  # random 2-layer Qwen3 with SmolLM2's tokenizer, for smoke tests
@@ -58,8 +58,8 @@ def prepare_embedded(force: bool = False) -> Path:
     out = cache_dir() / EMBEDDED
     if (out / "config.json").exists() and not force:
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers loads torch
+    import torch  # heavy: torch loads only when a model runs
 
     src = gguf_path()
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
@@ -79,7 +79,7 @@ def build_tiny(force: bool = False) -> Path:
     out = cache_dir() / TINY
     if (out / "config.json").exists() and not force:
         return out
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers loads torch
 
     tok = AutoTokenizer.from_pretrained(prepare_embedded())
     return _save_tiny_qwen3(tok, out)
@@ -87,8 +87,8 @@ def build_tiny(force: bool = False) -> Path:
 
 def _save_tiny_qwen3(tok, out: Path) -> Path:
     """A random 2-layer, 64-wide Qwen3 (seed 0) for `tok`, saved with it atomically into `out`."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    import torch  # heavy: torch loads only when a model runs
+    from transformers import Qwen3Config, Qwen3ForCausalLM  # heavy: transformers loads torch
     cfg = Qwen3Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
@@ -116,9 +116,8 @@ def build_tiny_1k(force: bool = False) -> Path:
     out = cache_dir() / TINY_1K
     if (out / "config.json").exists() and not force:
         return out
-    import json
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers  # heavy: comes with transformers, loads only to build a tokenizer
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers loads torch
     text = [json.loads(line).get(k) or "" for line in (Path(__file__).parent / "data" / "problems.jsonl").open()
             for k in ("problem", "reference_solution", "rubric")]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -165,7 +164,6 @@ def merged_adapter(adapter: Path) -> Path:
     Generation (transformers or vLLM) and full-parameter RL need whole weights, so the adapter is
     merged into its base once, into `<adapter>-merged/` next to it (written atomically), and reused.
     """
-    import json
     out = adapter.with_name(adapter.name + "-merged")
     newest = max(f.stat().st_mtime for f in adapter.iterdir())
     if (out / "config.json").exists():
@@ -179,8 +177,8 @@ def merged_adapter(adapter: Path) -> Path:
     except (KeyError, ValueError) as e:
         raise ValueError(f"{cfg_file}: cannot read base_model_name_or_path ({e}); fix the file or point the "
                          "params at a full model folder") from e
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import PeftModel  # heavy: PEFT loads torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers loads torch
     print(f"[qedlib] {adapter} is a LoRA adapter on {base}: merging it once into {out}")
     model = AutoModelForCausalLM.from_pretrained(resolve_model(base), dtype="auto")
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
@@ -199,7 +197,7 @@ class DeviceChoice:
     dtype: str  # "bfloat16" | "float16" | "float32"
 
     def torch_dtype(self):
-        import torch
+        import torch  # heavy: torch loads only when a model runs
         return getattr(torch, self.dtype)
 
 
@@ -215,7 +213,7 @@ def cpu_has_bf16() -> bool:
 def pick_device(device: str = "auto", dtype: str = "auto", training: bool = False,
                 verbose: bool = True) -> DeviceChoice:
     """Pick device (cuda > mps > cpu unless given) and dtype (bf16 where supported); print it."""
-    import torch
+    import torch  # heavy: torch loads only when a model runs
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else (
@@ -236,7 +234,7 @@ def pick_device(device: str = "auto", dtype: str = "auto", training: bool = Fals
 
 def load_model(ref: str, device: str = "auto", dtype: str = "auto", training: bool = False):
     """Load (tokenizer, model) for a model reference on the picked device; left padding for generation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers loads torch
 
     path = resolve_model(ref)
     choice = pick_device(device, dtype, training=training)
@@ -254,7 +252,7 @@ class SavedWeights:
     """A saved model folder's safetensors weights, read one tensor at a time (no full copy in memory)."""
 
     def __init__(self, folder: str | Path):
-        from safetensors import safe_open
+        from safetensors import safe_open  # heavy: comes with transformers, loads only to read weights
         files = sorted(Path(folder).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{folder}: no *.safetensors files (a saved model folder was expected)")

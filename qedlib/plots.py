@@ -1,4 +1,5 @@
-"""Small plotly helpers shared by the stage notebooks (training curves, bars, histograms).
+"""Plotly figures shared by the notebooks and the run report: training curves, bars, and the eval figures
+(score by checkpoint, pass@k, score vs tokens).
 
 Every helper returns a plotly figure, or a `Note` (one Markdown sentence with the same `.show()`)
 when there is nothing to draw, so a notebook cell `curves(...).show()` never shows an empty frame.
@@ -6,7 +7,10 @@ when there is nothing to draw, so a notebook cell `curves(...).show()` never sho
 """
 from __future__ import annotations
 
+import html
 import math
+import re
+from typing import Iterable
 
 SCALE_RATIO = 10.0  # series whose largest values differ by more than this share no y axis
 
@@ -20,7 +24,7 @@ class Note:
     def show(self) -> None:
         """Display the sentence as Markdown (plain text outside IPython)."""
         try:
-            from IPython.display import Markdown, display
+            from IPython.display import Markdown, display  # optional: only inside a notebook
         except ImportError:
             print(self.text)
             return
@@ -31,8 +35,6 @@ class Note:
 
     def to_html(self, **_) -> str:
         """The sentence as an HTML paragraph (where a figure's to_html would go, e.g. the report)."""
-        import html
-        import re
         text = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", html.escape(self.text))
         text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
         return f"<p class='note'>{text}</p>"
@@ -85,15 +87,18 @@ def _by_magnitude(names: list[str], top: dict) -> list[list[str]]:
     return groups
 
 
-def curves(rows: list[dict], x: str, ys: list[str], title: str, yaxis: str = ""):
-    """One line per metric in `ys` against `x`, one panel per scale (missing values skipped; a Note when none)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+def curves(rows: list[dict], x: str, ys: list[str], title: str, yaxis: str = "", log: Iterable[str] = ()):
+    """One line per metric in `ys` against `x`, one panel per scale (missing values skipped; a Note when none). A metric
+    named in `log` (e.g. a gradient norm, whose spikes hide every other step on a linear axis) gets its own panel on
+    a log axis."""
+    import plotly.graph_objects as go  # heavy: loads only when a figure is drawn
+    from plotly.subplots import make_subplots  # heavy: as above
     pts = {y: _series(rows, x, y) for y in ys}
     missing = [y for y in ys if not pts[y]]
     if len(missing) == len(ys):
         return Note(f"**{title}**: nothing to plot, no step logged a value for {', '.join(ys)}.")
-    groups = scale_groups({y: [p[1] for p in v] for y, v in pts.items() if v})
+    log = [y for y in log if y in pts and pts[y]]
+    groups = scale_groups({y: [p[1] for p in v] for y, v in pts.items() if v and y not in log}) + [[y] for y in log]
     note = f" (no values: {', '.join(missing)})" if missing else ""
     fig = make_subplots(rows=len(groups), cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for row, group in enumerate(groups, 1):
@@ -101,7 +106,8 @@ def curves(rows: list[dict], x: str, ys: list[str], title: str, yaxis: str = "")
             fig.add_trace(go.Scatter(x=[p[0] for p in pts[y]], y=[p[1] for p in pts[y]], mode="lines+markers", name=y),
                           row=row, col=1)
         label = yaxis if len(groups) == 1 and yaxis else ", ".join(group)
-        fig.update_yaxes(title_text=label, row=row, col=1)
+        fig.update_yaxes(title_text=label + (" (log)" if group[0] in log else ""), row=row, col=1,
+                         type="log" if group[0] in log else None)
     fig.update_xaxes(title_text=x, row=len(groups), col=1)
     xs = [p[0] for v in pts.values() for p in v]
     if all(isinstance(v, int) for v in xs) and max(xs) - min(xs) <= 12:
@@ -112,7 +118,7 @@ def curves(rows: list[dict], x: str, ys: list[str], title: str, yaxis: str = "")
 
 def stacked_time(rows: list[dict], x: str, parts: list[str], title: str):
     """Stacked bars of where each step's time went (a Note when no part was timed)."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # heavy: loads only when a figure is drawn
     timed = [p for p in parts if any(_number(r.get(p)) and r.get(p) > 0 for r in rows)]
     if not timed:
         return Note(f"**{title}**: nothing to plot, no step recorded a time for {', '.join(parts)}.")
@@ -124,7 +130,7 @@ def stacked_time(rows: list[dict], x: str, parts: list[str], title: str):
 
 def bars(labels: list, values: list, title: str, yaxis: str = ""):
     """A simple bar chart (a Note when no value is a number)."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # heavy: loads only when a figure is drawn
     if not any(_number(v) for v in values):
         return Note(f"**{title}**: nothing to plot, no bar has a value.")
     fig = go.Figure(go.Bar(x=labels, y=[v if _number(v) else None for v in values]))
@@ -132,16 +138,78 @@ def bars(labels: list, values: list, title: str, yaxis: str = ""):
     return fig
 
 
+# ---------------------------------------------------------------- eval figures (notebook 05 and the run report)
+def score_figure(summary):
+    """Bar chart: mean score % of 7 by checkpoint, one bar per scaffold, 95% bootstrap intervals (notebook 05
+    "Comparison across checkpoints and scaffolds", and the run report)."""
+    import plotly.graph_objects as go  # heavy: loads only when a figure is drawn
+    fig = go.Figure()
+    for (bench, sc), grp in summary.groupby(["benchmark", "scaffold"], sort=False):
+        # the value written on each bar: a score of 0 is a result, not a missing bar
+        # inside the bar at its foot, clear of the error bar's whisker; a bar too short to hold it gets it above
+        fig.add_bar(x=list(grp["checkpoint"]), y=list(grp["mean_score_pct"]), name=f"{bench} / {sc}",
+                    text=[f"{v:.1f}" for v in grp["mean_score_pct"]], insidetextanchor="start",
+                    textposition=["inside" if v >= 8 else "outside" for v in grp["mean_score_pct"]],
+                    error_y=dict(type="data", symmetric=False, array=list(grp["ci_high"] - grp["mean_score_pct"]),
+                                 arrayminus=list(grp["mean_score_pct"] - grp["ci_low"])))
+    fig.update_layout(barmode="group", title="Score by checkpoint and scaffold (95% bootstrap CI over problems)",
+                      yaxis_title="mean score (% of 7)", yaxis_range=[0, 100], xaxis_title="checkpoint", template="plotly_white")
+    return fig
+
+
+def pass_at_k_figure(curve):
+    """pass@k against k per checkpoint and scaffold, with bootstrap intervals (a Note when there is only k = 1);
+    notebook 05 "pass@k" and the run report."""
+    import plotly.graph_objects as go  # heavy: loads only when a figure is drawn
+    if curve is None or not len(curve) or curve["k"].max() < 2:
+        return Note("**pass@k**: nothing to plot, a curve needs at least two samples per problem (`eval.samples`); "
+                    "with one, pass@1 is the success rate in the scores table.")
+    fig = go.Figure()
+    for key, grp in curve.groupby(["benchmark", "checkpoint", "scaffold"], sort=False):
+        fig.add_scatter(x=list(grp["k"]), y=list(grp["pass_at_k"]), mode="lines+markers", name=" / ".join(map(str, key)),
+                        error_y=dict(type="data", symmetric=False, array=list(grp["ci_high"] - grp["pass_at_k"]),
+                                     arrayminus=list(grp["pass_at_k"] - grp["ci_low"])))
+    fig.update_layout(title="pass@k (unbiased estimator; success = score >= threshold)", xaxis_title="k",
+                      xaxis_dtick=1, yaxis_title="pass@k", yaxis_range=[0, 1.02], template="plotly_white")
+    return fig
+
+
+def tokens_figure(summary):
+    """Score against generated tokens per problem (cost-effectiveness of scaffolds); notebook 05 and the run report.
+    One marker per checkpoint and scaffold, named in the legend (colour: checkpoint, symbol: scaffold) and on hover,
+    with its 95% interval: no text beside the markers, which overprint where checkpoints score alike."""
+    import plotly.graph_objects as go  # heavy: loads only when a figure is drawn
+    import plotly.colors as pc  # heavy: loads only when a figure is drawn
+    fig = go.Figure()
+    palette = pc.qualitative.Plotly
+    symbols = ["circle", "diamond", "square", "triangle-up", "x", "star"]
+    cks = list(dict.fromkeys(summary["checkpoint"]))
+    scs = list(dict.fromkeys(summary["scaffold"]))
+    several = summary["benchmark"].nunique() > 1
+    for _, r in summary.iterrows():
+        name = f"{r['checkpoint']} / {r['scaffold']}" + (f" ({r['benchmark']})" if several else "")
+        fig.add_scatter(x=[r["tokens_per_problem"]], y=[r["mean_score_pct"]], mode="markers", name=name,
+                        marker=dict(size=12, color=palette[cks.index(r["checkpoint"]) % len(palette)],
+                                    symbol=symbols[scs.index(r["scaffold"]) % len(symbols)]),
+                        error_y=dict(type="data", symmetric=False, array=[r["ci_high"] - r["mean_score_pct"]],
+                                     arrayminus=[r["mean_score_pct"] - r["ci_low"]]),
+                        hovertemplate=f"{name}<br>%{{x:.0f}} tokens, %{{y:.1f}}%<extra></extra>")
+    fig.update_layout(title="Score vs tokens per problem (95% bootstrap CI over problems)",
+                      xaxis_title="generated tokens per problem (all calls)", yaxis_title="mean score (% of 7)",
+                      yaxis_range=[0, 100], legend_title_text="checkpoint / scaffold", template="plotly_white")
+    return fig
+
+
 def setup_notebook_rendering() -> None:
     """In a Jupyter kernel: figures carry plotly's mime type (JupyterLab) and an HTML rendering with plotly.js
     embedded once, at the first figure (nbconvert HTML and other viewers that run the page's scripts)."""
     try:
-        from IPython import get_ipython
+        from IPython import get_ipython  # optional: only inside a notebook
     except ImportError:
         return
     shell = get_ipython()
     if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
         return
-    import plotly.io as pio
+    import plotly.io as pio  # heavy: loads only in a notebook kernel
     if pio.renderers.default != "plotly_mimetype+notebook":  # set once: setting it again re-embeds plotly.js
         pio.renderers.default = "plotly_mimetype+notebook"

@@ -1,4 +1,4 @@
-"""Prompt templates (package data in qedlib/prompts/*.md) and the parsers of their answers.
+"""Prompt templates (package data in qedlib/prompt_templates/*.md) and the parsers of their answers.
 
 Used by notebooks 01_distill (rubric writing, problem screening, teacher-proof grading),
 03_rubric_rl / 04_reasoning_cache_rl (the RL judge) and 05_eval (ProofBench and answer grading)
@@ -20,22 +20,22 @@ class PromptError(ValueError):
     """A template is unknown or was filled wrongly; the message names the template and field."""
 
 
-def prompts_dir() -> Path:
+def templates_dir() -> Path:
     """Folder of the shipped templates."""
-    return Path(str(resources.files("qedlib") / "prompts"))
+    return Path(str(resources.files("qedlib") / "prompt_templates"))
 
 
-def available() -> list[str]:
+def template_names() -> list[str]:
     """Names of the shipped templates (without .md)."""
-    return sorted(p.stem for p in prompts_dir().glob("*.md") if p.stem != "response_formats")
+    return sorted(p.stem for p in templates_dir().glob("*.md") if p.stem != "response_formats")
 
 
 @lru_cache(maxsize=None)
 def load_prompt(name: str) -> str:
-    """The raw text of template `name` (qedlib/prompts/<name>.md)."""
-    path = prompts_dir() / f"{name}.md"
+    """The raw text of template `name` (qedlib/prompt_templates/<name>.md)."""
+    path = templates_dir() / f"{name}.md"
     if not path.exists():
-        raise PromptError(f"unknown prompt template {name!r} ({path} not found); available: {', '.join(available())}")
+        raise PromptError(f"unknown prompt template {name!r} ({path} not found); available: {', '.join(template_names())}")
     return path.read_text()
 
 

@@ -38,6 +38,7 @@ class CacheState:
     completion_tokens: int = 0
     summary_tokens: int = 0
     summary_status: str = ""  # ok | unclosed | empty (not used: the previous summary is kept) | "" no summary made
+    summary_finish: str = ""  # the summariser's finish reason: stop (ended on its own) | length (cut at its budget)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,8 +57,9 @@ def summary_messages(problem: str, previous_summary: str, attempt: str) -> list[
         "rc_summarise", problem=problem, previous_summary=previous_summary or "(none)", attempt=attempt or "(empty)").strip()}]
 
 
-def _attempt_text(c) -> str:
-    # A turn cut off mid-thought still has its raw reasoning: hand that over, never "".
+def attempt_text(c) -> str:
+    """The attempt a summariser reads: reasoning and proof of a closed turn; of a turn cut off mid-thought, its raw
+    reasoning (never ""). Used by rc_rollout and by notebook 04's "The summary and the summariser's prompt"."""
     if c.think_closed:
         return (c.reasoning + "\n\n" + c.final).strip()
     return (c.reasoning or c.text).strip()
@@ -96,6 +98,13 @@ def template_opens_think(tokenizer) -> bool:
     return text.rstrip().endswith("<think>")
 
 
+def summary_cut_rate(finishes) -> float | None:
+    """Share of written summaries cut at the summariser's token budget (finish "length"; "" = no summary made, not
+    counted); None if none. A cut summary is still used when it closed: it ends mid-sentence."""
+    made = [f for f in finishes if f]
+    return sum(f == "length" for f in made) / len(made) if made else None
+
+
 def summary_unclosed_rate(statuses) -> float | None:
     """Share of written summaries whose thinking never closed ("" = no summary made, not counted); None if none."""
     made = [s for s in statuses if s]
@@ -105,7 +114,7 @@ def summary_unclosed_rate(statuses) -> float | None:
 def _seed(seed: int | None, turn: int, role: int) -> None:
     """Seed every generator for one turn's reasoning (role 0) or summary (role 1): a fixed derivation, so reruns match."""
     if seed is not None:
-        from transformers import set_seed
+        from transformers import set_seed  # heavy: transformers loads only when a seeded rollout runs
         set_seed(seed * 1000 + turn * 10 + role)
 
 
@@ -129,11 +138,13 @@ def rc_rollout(problems, policy, summariser, rc, sampling, thinking: bool = True
         outs = policy.generate(prompts, reason_sampling, thinking=thinking)
         for i, (msgs, group) in enumerate(zip(prompts, outs)):
             c = group[0]
-            trajs[i].append(CacheState(turn, msgs, summaries[i], c.reasoning if c.reasoning else c.text, c.final,
+            # a closed turn's reasoning is what came before </think> (often nothing); only an unclosed turn's is all text
+            reasoning = c.reasoning if c.think_closed else (c.reasoning or c.text)
+            trajs[i].append(CacheState(turn, msgs, summaries[i], reasoning, c.final,
                                        c.think_closed, c.finish_reason, "", c.prompt_tokens, c.completion_tokens))
         if turn == rc.turns - 1 and not final_summary:
             break
-        sprompts = [summary_messages(p.problem, summaries[i], _attempt_text(outs[i][0])) for i, p in enumerate(problems)]
+        sprompts = [summary_messages(p.problem, summaries[i], attempt_text(outs[i][0])) for i, p in enumerate(problems)]
         _seed(seed, turn, 1)
         souts = summariser.generate(sprompts, summ_sampling, thinking=summ_thinking)
         for i, group in enumerate(souts):
@@ -143,7 +154,7 @@ def rc_rollout(problems, policy, summariser, rc, sampling, thinking: bool = True
             if new:  # an unclosed or empty summary is never used: the previous summary stays the cache
                 summaries[i] = (summaries[i] + "\n\n" + new).strip() if rc.accumulate else new
             trajs[i][-1].summary_out, trajs[i][-1].summary_tokens = summaries[i], c.completion_tokens
-            trajs[i][-1].summary_status = status
+            trajs[i][-1].summary_status, trajs[i][-1].summary_finish = status, c.finish_reason
     return trajs
 
 

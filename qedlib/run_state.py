@@ -1,7 +1,7 @@
 """What a run folder says about itself: the lock of its one writer, and each stage's completion record.
 
 A building block under the runner (`python -m qedlib run`), the notebooks' `start_stage` and the training
-stages' `training.train_or_launch`. A stage that finishes writes `<stage>/stage.json` (RECORD_FILE) as its last
+stages' `training.saved_result`. A stage that finishes writes `<stage>/stage.json` (RECORD_FILE) as its last
 act: the hash of the settings that produce its results (runner's STAGE_KEYS sections) chained with the record of
 the stage before it, and the files it left. A rerun whose record matches skips the stage; a training stage whose
 record matches (written when training ended, `complete: training`) returns its saved result instead of training
@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from .io import atomic_write, read_json_or_none, settings_hash, write_json
+from .files import atomic_write, read_json_or_none, settings_hash, write_json
 from .layout import DISTILL, EVAL, MODEL, RC_RL, RUBRIC_RL, SFT, STAGES
 
 RECORD_FILE = "stage.json"  # a stage's completion record, in its folder
@@ -154,7 +154,7 @@ def check_record(cfg, run_dir, stage: str, need: str = "stage") -> tuple[bool, s
         f = folder / rel
         if not f.is_file() or f.stat().st_size != size:
             return False, f"{f} is missing or changed since the stage finished"
-    work = open_work(run_dir, stage) if need == "stage" else None
+    work = work_left_to_redo(run_dir, stage) if need == "stage" else None
     if work:  # below max_invalid_rate the stage ended, but what failed is still to be done
         return False, f"its last run left failed calls to redo: {work}"
     return True, f"finished with these settings ({where})"
@@ -176,7 +176,7 @@ def note_open_work(stage_folder, part: str, what: Optional[str]) -> None:
         path.unlink(missing_ok=True)
 
 
-def open_work(run_dir, stage: str) -> Optional[str]:
+def work_left_to_redo(run_dir, stage: str) -> Optional[str]:
     """What `stage`'s last run left to redo (note_open_work), or None."""
     notes = read_json_or_none(Path(run_dir) / stage / OPEN_FILE)
     return "; ".join(notes.values()) if notes else None

@@ -14,17 +14,23 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
+import yaml
+
 from .config import Config, ConfigError, load_config
-from .data import load_source
-from .io import read_json, folder_size
-from .layout import (CONFIG_FILE, DISTILL, EVAL, MODEL_DIRS, OUTPUTS, PIPELINE, RC_RL, REPO, RUBRIC_RL, RUN_FILE,
+from .problem_sets import load_source
+from .files import read_json, folder_size
+from .layout import (CONFIG_FILE, DISTILL, EVAL, MODEL_DIRS, OUTPUTS, TRAINED_STAGES, RC_RL, REPO, RUBRIC_RL, RUN_FILE,
                      SFT, STAGES, TIMINGS_FILE, TRAINED, git_commit, hardware, stage_dir)
-from .plan import endpoints
-from .run_state import (BOOKKEEPING, HOW_IT_RUNS, KERNEL_LOG, LOCK_ENV, STAGE_KEYS, RunLocked, acquire_lock, check_not_locked, check_record,
-                        open_work, read_record, release_lock, remove_record, stage_hash, write_json_if_changed, write_record,
+from .tools.plan import endpoints
+from .run_state import (BOOKKEEPING, HOW_IT_RUNS, KERNEL_LOG, LOCK_ENV, STAGE_KEYS, acquire_lock, check_not_locked, check_record,
+                        work_left_to_redo, read_record, release_lock, remove_record, stage_hash, write_json_if_changed, write_record,
                         write_text_if_changed)
+from .display import tidy_outputs, trust_notebook, write_html
+from .plots import setup_notebook_rendering
+from .tools import report
 
 NOTEBOOKS = REPO / "notebooks"
 KERNEL = "qed"
@@ -63,7 +69,6 @@ def stages_to_redo(changed: list[str], stages: list[str] | None = None) -> dict[
 
 def say_config_changes(saved: Path, cfg: Config, stages: list[str] | None = None) -> dict[str, str]:
     """Compare `cfg` with the config.yaml a previous run saved at `saved`; print which stages recompute and why."""
-    import yaml
     if not saved.exists():
         return {}
     old = yaml.safe_load(saved.read_text()) or {}
@@ -78,7 +83,6 @@ def say_config_changes(saved: Path, cfg: Config, stages: list[str] | None = None
 
 def config_text(cfg: Config) -> str:
     """The resolved config as the YAML that CONFIG_FILE holds."""
-    import yaml
     return yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)
 
 
@@ -93,7 +97,7 @@ def start_stage(params_file: str, run_dir: str, overrides: dict, stage: str) -> 
     if record and record.get("hash") != stage_hash(cfg, run_dir, stage):
         remove_record(run_dir, stage)  # its outputs are about to change: the record must not vouch for them
     write_text_if_changed(folder / CONFIG_FILE, config_text(cfg))
-    from transformers import set_seed
+    from transformers import set_seed  # heavy: transformers loads torch
     set_seed(cfg.seed)  # python, numpy, torch (and CUDA when present)
     quiet_outputs()
     print(f"[qedlib] stage {stage}: run folder {Path(run_dir).resolve()}  params {params_file}")
@@ -111,13 +115,11 @@ def quiet_outputs() -> None:
     """Clean notebook outputs: figures viewable everywhere, no library progress bars that a saved notebook
     shows stuck at 0% (transformers' weight loading / shard writing, datasets' map and save), no library
     FutureWarnings we cannot fix at their source. Our own warnings still show."""
-    import warnings
-    from .plots import setup_notebook_rendering
     setup_notebook_rendering()
     for message in LIBRARY_FUTURE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-    import datasets
-    import transformers
+    import datasets  # heavy: datasets loads pyarrow
+    import transformers  # heavy: transformers loads torch
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
@@ -179,10 +181,9 @@ def _run_stages(cfg: Config, params_file: str, run_dir: Path, wanted: list[str],
         write_json_if_changed(run_dir / RUN_FILE, {**info, "timings_s": timings})
         write_record(cfg, run_dir, stage, "stage")  # the stage's last act: a rerun with these settings skips it
         print(f"[qedlib] {stage} done in {timings[stage]:.0f} s", flush=True)
-        if open_work(run_dir, stage):  # its record will not count: the next run redoes exactly what failed
-            print(f"[qedlib] {stage} left failed calls to redo ({open_work(run_dir, stage)}): rerun the same command "
+        if work_left_to_redo(run_dir, stage):  # its record will not count: the next run redoes exactly what failed
+            print(f"[qedlib] {stage} left failed calls to redo ({work_left_to_redo(run_dir, stage)}): rerun the same command "
                   "when the endpoint is back", flush=True)
-    from . import report  # here, not at the top: a notebook's start_stage need not import the eval stack
     written = report.refresh(run_dir, cfg)  # now with every finished stage's metrics and wall time
     print(f"[qedlib] report: {written['md']} and {written['html']}{'' if written.get('changed', True) else ' (unchanged)'}",
           flush=True)
@@ -239,7 +240,7 @@ def _missing_models(cfg: Config, run_dir: Path, wanted: list[str]) -> list[str]:
             continue
         ref = getattr(cfg, name).model
         if ref == "previous":
-            earlier = PIPELINE[:PIPELINE.index(name)]
+            earlier = TRAINED_STAGES[:TRAINED_STAGES.index(name)]
             if not any(TRAINED[e] in wanted or (run_dir / MODEL_DIRS[e] / "config.json").exists()
                        or (run_dir / MODEL_DIRS[e] / "adapter_config.json").exists() for e in earlier):
                 out.append(f"{name}.model is 'previous' but no earlier stage ({', '.join(earlier) or 'none'}) has a "
@@ -307,7 +308,7 @@ def _missing_inputs(cfg: Config, run_dir: Path, wanted: list[str]) -> list[str]:
 def _execute_stage(cfg: Config, params_file: str, run_dir: Path, stage: str, overrides: dict, token: str, why: str,
                    last_s: float | None) -> float:
     """Run one stage's notebook with papermill into its folder; return its wall time in seconds."""
-    import papermill as pm
+    import papermill as pm  # heavy: the notebook runner loads only to run notebooks
     src = NOTEBOOKS / f"{stage}.ipynb"
     out = stage_dir(run_dir, stage) / f"{stage}.ipynb"
     record = read_record(run_dir, stage)
@@ -343,11 +344,18 @@ def _execute_stage(cfg: Config, params_file: str, run_dir: Path, stage: str, ove
             raise
         # Ctrl-C (papermill may report the kernel it killed as a dead kernel: still an interruption)
         mark_interrupted(out)
+        tidy_outputs(out)
+        trust_notebook(out)
         raise Interrupted(f"interrupted in stage {stage} (its notebook so far: {out}); rerun the same command to "
                           "resume: finished stages are skipped, this one resumes from its checkpoints and logs") from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    # the user's own output, saved as a front end shows it (no progress residue), trusted in JupyterLab (widgets
+    # render), and an HTML page with math typeset offline; signing comes last (any later change unsigns it)
+    tidy_outputs(out)
+    trust_notebook(out)
+    write_html(out, run_dir)
     return round(time.perf_counter() - t0, 1)
 
 
@@ -363,7 +371,7 @@ def local_kernel_manager(kernel_log: Path | None = None):
     With `kernel_log`, the kernel process's own stderr (ipykernel's log, not the cells' output, which goes to the
     notebook) is appended there, so a Ctrl-C of the runner prints one line, not the kernel's interrupted handler.
     """
-    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_client.manager import AsyncKernelManager  # heavy: loads only to run notebooks
 
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):

@@ -1,23 +1,23 @@
 """Test-time scaffolds: single pass, reasoning cache, self-check, RSA, DeepSeek-Math-style refinement, Nomos.
 
-Used by notebooks/05_eval.ipynb through qedlib.evaluation. Every scaffold takes a batch of
+Used by notebooks/05_eval.ipynb through qedlib.stages.evaluation. Every scaffold takes a batch of
 problems and a policy generator (generation.make_generator) and returns one `ScaffoldResult` per
 problem: the final proof, whether it exists (thinking closed), and the calls, tokens and cost it
 took. Each step is batched over all problems still running. Defaults are the paper's (RECIPE,
 stage 5); a per-problem budget (`max_calls`, `max_tokens`) stops a scaffold early, keeping its
-best proof so far. The prompts are qedlib/prompts/scaffold_*.md (our wording); the proof prompt
-is the one RL trained on (qedlib.policy), and "rc" calls reasoning_cache.rc_rollout, the same
+best proof so far. The prompts are qedlib/prompt_templates/scaffold_*.md (our wording); the proof prompt
+is the one RL trained on (qedlib.proof_chat), and "rc" calls reasoning_cache.rc_rollout, the same
 loop RC-RL trains with.
 """
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 
 from .generation import Completion, cost_of
-from .policy import proof_messages
+from .proof_chat import proof_messages
 from .prompts import fill
 from .reasoning_cache import rc_rollout
 from .verdicts import SCALE, parse_score
@@ -74,7 +74,6 @@ class ScaffoldResult:
 
     def to_dict(self) -> dict:
         """Plain dict of every field (what generations.jsonl stores)."""
-        from dataclasses import asdict
         return asdict(self)
 
 
@@ -125,7 +124,7 @@ def _answer_text(c) -> str:
 def _seed(seed: Optional[int], step: int) -> None:
     """Seed every generator for scaffold step `step` (a fixed derivation, so a rerun samples the same)."""
     if seed is not None:
-        from transformers import set_seed
+        from transformers import set_seed  # heavy: only an in-process model needs its seed set
         set_seed(seed * 7919 + step)
 
 

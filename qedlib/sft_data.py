@@ -1,24 +1,28 @@
 """SFT data: rows in the FineProofs-SFT schema -> chat-template tokens -> loss masks (notebook 02_sft).
 
 `load_sft_data` reads the distilled set, FineProofs-SFT from the hub or a local file into one
-schema (`qedlib.policy.SFT_COLUMNS`); `split_by_problem` holds out whole problems;
+schema (`qedlib.proof_chat.SFT_COLUMNS`); `split_by_problem` holds out whole problems;
 `training_chat_template` finds a template with `{% generation %}` markers that renders like the
 tokenizer's own; `build_tokenized` turns rows into (input_ids, labels) with -100 outside the
 assistant turn, dropping or truncating overlong rows and counting them. A building block of
-qedlib.sft (and its benchmark); it imports no stage.
+qedlib.stages.sft (and its benchmark); it imports no stage.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from .config import Config
 from .generation import THINK_CLOSE
 from .layout import DISTILL
 from .models import CHATML_TRAINING_TEMPLATE
-from .policy import SFT_COLUMNS, sft_messages
+from .problem_sets import DataError, read_records
+from .proof_chat import SFT_COLUMNS, sft_messages
 
 # Column names used by the public FineProofs-SFT release for our fields (its 0-7 grade column).
 FINEPROOFS_ALIASES = {"gemini-3-pro-grade": "grade"}
@@ -26,7 +30,7 @@ FINEPROOFS_ALIASES = {"gemini-3-pro-grade": "grade"}
 
 def sft_features():
     """The datasets.Features of the SFT schema shared with FineProofs-SFT (grade as float 0-7)."""
-    from datasets import Features, List, Value
+    from datasets import Features, List, Value  # heavy: loads pyarrow, only when the schema is needed
     return Features({"problem": Value("string"), "reasoning_content": Value("string"), "proof": Value("string"),
                      "category": Value("string"), "competition": Value("string"), "grade": Value("float64"),
                      "source": Value("string"),
@@ -72,7 +76,6 @@ class SFTDataError(ValueError):
 
 
 def _read_rows(source: str, cfg_sft, run_dir: str | Path) -> tuple[list[dict], str]:
-    from .data import DataError, read_records
     if source == "distill":
         path = Path(run_dir) / DISTILL / "dataset"
         if not path.exists():
@@ -92,7 +95,6 @@ def _read_rows(source: str, cfg_sft, run_dir: str | Path) -> tuple[list[dict], s
 
 def _saved_rows(folder: Path) -> int | None:
     """Rows of a `save_to_disk` dataset folder from its metadata (None when it does not say)."""
-    import json
     state = folder / "state.json"
     if not state.exists():
         return None
@@ -126,7 +128,7 @@ def normalise_row(row: dict, i: int, where: str) -> dict:
 
 def load_sft_data(cfg: Config, run_dir: str | Path) -> tuple[Any, dict]:
     """Load cfg.sft.dataset as a `datasets.Dataset` in the SFT schema; return (dataset, counts)."""
-    import datasets
+    import datasets  # heavy: loads pyarrow, only when data is loaded
     raw, where = _read_rows(cfg.sft.dataset, cfg.sft, run_dir)
     if not raw:
         raise SFTDataError(f"{where}: the dataset is empty")
@@ -191,7 +193,7 @@ def training_chat_template(tokenizer, override_file: Optional[str] = None) -> st
         return own
     candidates = [CHATML_TRAINING_TEMPLATE, QWEN3_THINKING_TRAINING_TEMPLATE]
     try:
-        from trl.chat_template_utils import get_training_chat_template
+        from trl.chat_template_utils import get_training_chat_template  # heavy: TRL loads only to find a template
         candidates.append(get_training_chat_template(tokenizer))
     except Exception:  # TRL does not know this template
         pass
@@ -214,8 +216,7 @@ def tokenize_example(tokenizer, messages: list[dict], template: str) -> tuple[li
 
 def build_tokenized(ds, tokenizer, max_length: int, overlong: str = "drop", template: Optional[str] = None):
     """Tokenize the SFT rows; drop or truncate rows over max_length; return (dataset, stats)."""
-    import datasets
-    import numpy as np
+    import datasets  # heavy: loads pyarrow, only when rows are tokenized
     template = template or training_chat_template(tokenizer)
     out, lengths, loss_tokens = [], [], []
     dropped = truncated = no_loss = 0

@@ -1,6 +1,6 @@
 """Evaluation statistics: score as % of 7, spread over runs, pass@k, bootstrap intervals, costs.
 
-Used by notebooks/05_eval.ipynb and the run report (qedlib.report). Everything takes plain
+Used by notebooks/05_eval.ipynb and the run report (qedlib.tools.report). Everything takes plain
 result rows (dicts with `problem_id`, `sample`, `score` 0-7 or None, `truncated`, `tokens`, ...)
 so it works the same on a fresh eval, a resumed one, or a results.jsonl read back from disk.
 """
@@ -70,6 +70,26 @@ def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, seed: int = 0, lev
     stats = np.array([statistic(vals[i]) for i in idx]) if statistic is not np.mean else vals[idx].mean(axis=1)
     lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def learning_gain(first: Iterable[float], last: Iterable[float], n_boot: int = 2000, seed: int = 0,
+                  level: float = 0.95) -> dict:
+    """Did a reward rise? Mean of `last` minus mean of `first` (e.g. the group-mean rewards of a run's first and last
+    steps) with a percentile bootstrap interval that resamples each side independently. The gain is "beyond noise"
+    when the interval excludes 0 (`ci_low > 0`). NaN for an empty side; the interval is the point when a side has one
+    value (no spread to resample: say so rather than read it as certain)."""
+    a, b = np.asarray(list(first), dtype=float), np.asarray(list(last), dtype=float)
+    out = {"first": float(a.mean()) if a.size else float("nan"), "last": float(b.mean()) if b.size else float("nan"),
+           "n_first": int(a.size), "n_last": int(b.size)}
+    out["gain"] = out["last"] - out["first"]
+    if a.size < 2 or b.size < 2 or n_boot <= 0:
+        out["ci_low"] = out["ci_high"] = out["gain"]
+        return out
+    rng = np.random.default_rng(seed)
+    diffs = b[rng.integers(0, b.size, (n_boot, b.size))].mean(1) - a[rng.integers(0, a.size, (n_boot, a.size))].mean(1)
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
+    out["ci_low"], out["ci_high"] = float(lo), float(hi)
+    return out
 
 
 def score_with_ci(rows: list[dict], n_boot: int = 1000, seed: int = 0, invalid: str = "drop") -> dict:
@@ -143,7 +163,7 @@ def total_cost(rows: list[dict]) -> dict:
 def summarise(rows: list[dict], by: tuple = ("checkpoint", "benchmark", "scaffold"), ks: Iterable[int] = (1,),
               threshold: float = 6, n_boot: int = 1000, seed: int = 0, invalid: str = "drop"):
     """One row per group: score % with CI, per-split %, mean/std over runs, pass@k, truncation, tokens, cost."""
-    import pandas as pd
+    import pandas as pd  # heavy: loads only when a table is built
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[tuple(r.get(b) for b in by)].append(r)
@@ -169,7 +189,7 @@ def summarise(rows: list[dict], by: tuple = ("checkpoint", "benchmark", "scaffol
 def pass_at_k_curve(rows: list[dict], by: tuple = ("checkpoint", "scaffold"), threshold: float = 6,
                     n_boot: int = 1000, seed: int = 0, invalid: str = "drop"):
     """pass@k for k = 1..(samples per problem) per group, with bootstrap intervals (a long table)."""
-    import pandas as pd
+    import pandas as pd  # heavy: loads only when a table is built
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[tuple(r.get(b) for b in by)].append(r)

@@ -1,11 +1,14 @@
 """Pieces every training stage shares (SFT and both RL stages): LoRA settings, run here or under accelerate,
 checkpoints, saving, did the weights move.
 
-A building block below the stage modules (qedlib.sft, qedlib.rubric_rl, qedlib.rc_rl): it imports
+A building block below the stage modules (qedlib.stages.sft, qedlib.stages.rubric_rl, qedlib.stages.rc_rl): it imports
 no stage.
 """
 from __future__ import annotations
 
+import dataclasses
+import filecmp
+import json
 import os
 import shlex
 import shutil
@@ -13,10 +16,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .io import read_json, replace_folder
+import yaml
+
+from .files import read_json, replace_folder, folder_size
 from .launch import accelerate_config_path, accelerate_train, launch_command
 from .layout import MODEL, TRAINED
 from .run_state import check_record, remove_record, write_record
+from .models import resolve_model, weights_changed_frac
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense bf16 FLOP/s, datasheets
 
@@ -43,31 +49,55 @@ def lora_config(lora):
     """A peft LoraConfig from a stage's `lora` settings (config.Lora), or None when disabled."""
     if not lora.enabled:
         return None
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy: PEFT loads torch
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
-def train_or_launch(stage: str, launch, train, cfg, run_dir, params_file: str, overrides: dict, result_file) -> dict:
-    """The stage's training result: the saved one when its model was trained with these settings (by an earlier
-    run or a batch job), else train with `train(cfg, run_dir)` here or under `accelerate launch` (num_processes > 1
-    or a config); with `launch.mode: external`, wait for a batch job instead (`launch.wait_s`)."""
-    folder = TRAINED[stage]
-    done, why = check_record(cfg, run_dir, folder, need="training")
+def saved_result(stage: str, cfg, run_dir, result_file) -> Optional[dict]:
+    """The stage's saved training result when its model was trained with these settings (by an earlier run or a
+    batch job), else None; a stage's `run_stage` calls this first and trains only on None."""
+    done, why = check_record(cfg, run_dir, TRAINED[stage], need="training")
     if done and Path(result_file).exists():
-        print(f"[qedlib] {stage}: not training again, {Path(run_dir) / folder / MODEL} was trained with these "
+        print(f"[qedlib] {stage}: not training again, {Path(run_dir) / TRAINED[stage] / MODEL} was trained with these "
               f"settings ({why}); showing its saved results", flush=True)
         return read_json(result_file)
+    return None
+
+
+def launched_by_accelerate(launch) -> bool:
+    """Whether a stage with this Launch trains under `accelerate launch` (num_processes > 1 or an accelerate config)."""
+    return launch.num_processes > 1 or bool(launch.accelerate_config)
+
+
+def trains_elsewhere(launch) -> bool:
+    """Whether a stage with this Launch trains outside the notebook's process: under `accelerate launch` or as a batch
+    job (`mode: external`). A side run (notebooks 03/04) trains in the kernel unless `launched_by_accelerate`."""
+    return launch.mode == "external" or launched_by_accelerate(launch)
+
+
+def train_elsewhere(stage: str, launch, cfg, run_dir, params_file: str, overrides: dict, result_file) -> dict:
+    """Train the stage under `accelerate launch` and read its result; with `launch.mode: external`, wait for a
+    batch job instead (`launch.wait_s`). Each rank runs `python -m qedlib train STAGE` (the stage's `train`)."""
     if launch.mode == "external":
+        done, why = check_record(cfg, run_dir, TRAINED[stage], need="training")
         return wait_for_batch_job(stage, launch, cfg, run_dir, params_file, overrides, result_file, why)
-    remove_record(run_dir, folder)  # the model is about to change
-    if launch.num_processes > 1 or launch.accelerate_config:
-        accelerate_train(stage, params_file, run_dir, overrides, launch)
-        result = read_json(result_file)
-    else:
-        result = train(cfg, run_dir)
-    write_record(cfg, run_dir, folder, "training")  # training's last act: a rerun with these settings reuses it
-    return result
+    accelerate_train(stage, params_file, run_dir, overrides, launch)
+    return read_json(result_file)
+
+
+def start_training(stage: str, run_dir, launch) -> None:
+    """Remove the stage's completion record: its model is about to change. Not with `launch.mode: external`, where a
+    batch job trains and writes the record itself (the notebook only waits for it)."""
+    if launch.mode != "external":
+        remove_record(run_dir, TRAINED[stage])
+
+
+def finish_training(stage: str, cfg, run_dir) -> None:
+    """Write the stage's completion record, training's last act (on the main process only), so that a rerun with
+    these settings reuses the model."""
+    if os.environ.get("RANK", "0") == "0":  # accelerate sets RANK on every process; rank 0 saved the model
+        write_record(cfg, run_dir, TRAINED[stage], "training")
 
 
 def wait_for_batch_job(stage: str, launch, cfg, run_dir, params_file: str, overrides: dict, result_file,
@@ -93,27 +123,12 @@ def wait_for_batch_job(stage: str, launch, cfg, run_dir, params_file: str, overr
 WAIT_POLL_S = 2.0  # how often an external-mode notebook looks for the batch job's record
 
 
-def train_recorded(stage: str, cfg, run_dir, train) -> Optional[dict]:
-    """What `python -m qedlib train STAGE` runs (each rank of a batch job): skip when the stage's model was trained
-    with these settings, else `train(cfg, run_dir)` and, on the main process, write the completion record."""
-    folder = TRAINED[stage]
-    done, why = check_record(cfg, run_dir, folder, need="training")
-    if done:
-        print(f"[qedlib] {stage}: not training again ({why})", flush=True)
-        return None
-    result = train(cfg, run_dir)
-    if os.environ.get("RANK", "0") == "0":  # accelerate sets RANK on every process; rank 0 saved the model
-        write_record(cfg, run_dir, folder, "training")
-    return result
-
-
 def checkpointing_args(args_cls, on: bool) -> dict:
     """The activation-checkpointing switch under the name this transformers' TrainingArguments (`args_cls`) knows.
 
     transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old
     name, which TRL's configs set by default (True); the GPU set (5.17, held by vLLM) knows only the old name.
     """
-    import dataclasses
     if "activation_checkpointing" in {f.name for f in dataclasses.fields(args_cls)}:
         return {"activation_checkpointing": on}
     return {"gradient_checkpointing": on}
@@ -134,7 +149,6 @@ def accumulation_args() -> dict:
 
 def launch_layout(launch) -> dict:
     """What a Launch's accelerate config says about precision: distributed_type, mixed_precision, FSDP offload."""
-    import yaml
     if not launch.accelerate_config:
         return {"distributed_type": "NO", "mixed_precision": "no", "offload": False}
     acc = yaml.safe_load(accelerate_config_path(launch.accelerate_config).read_text()) or {}
@@ -199,7 +213,7 @@ class MasterWeightsCheck:
     (their lr-1e-6 updates round away). `holds` keeps {dtype: elements} for the stage's metrics."""
 
     def __init__(self, trainer, where: str):
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # heavy: transformers loads torch
         outer = self
         self.holds: dict = {}
         self.fsdp: Optional[dict] = None  # fsdp_layout of the prepared model
@@ -227,12 +241,12 @@ class MasterWeightsCheck:
 def reduce_gradients_in_fp32(trainer) -> None:
     """Under FSDP with bf16 compute, reduce gradients in fp32 (MixedPrecisionPolicy reduce_dtype): accelerate sets
     reduce_dtype to the compute dtype and its config file has no key for it, so it is set here before prepare."""
-    import torch
+    import torch  # heavy: torch loads only when a model runs
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     policy = getattr(plugin, "mixed_precision_policy", None)
     if plugin is None or policy is None or plugin.fsdp_version != 2 or policy.param_dtype != torch.bfloat16:
         return
-    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # heavy: torch loads only when a model runs
     plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                                          output_dtype=policy.output_dtype,
                                                          cast_forward_inputs=policy.cast_forward_inputs)
@@ -255,7 +269,7 @@ def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_
     adapter is saved to `adapter_dir` (default `<out_dir>-adapter`) and, with `merge`, merged in
     fp32 on the main process, so updates far below bf16's spacing survive the merge.
     """
-    import torch
+    import torch  # heavy: torch loads only when a model runs
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     adapter = Path(adapter_dir) if adapter_dir else out.with_name(out.name + "-adapter")
@@ -267,7 +281,7 @@ def save_trained(trainer, out_dir: str | Path, lora: bool, merge: bool, adapter_
     acc.wait_for_everyone()
     if acc.is_main_process:
         if lora and merge:
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM  # heavy: PEFT loads torch
             merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32).merge_and_unload()
             merged.save_pretrained(str(tmp))
         elif lora:
@@ -284,10 +298,8 @@ def cast_saved_weights(model_dir: str | Path, dtype: str) -> None:
     Each file is written beside the old one and swapped in with os.replace: a new file, so a checkpoint
     hard-linked to the old weights (`keep_checkpoints: last`) keeps them.
     """
-    import json
-    import os
-    import torch
-    from safetensors.torch import load_file, save_file
+    import torch  # heavy: torch loads only when a model runs
+    from safetensors.torch import load_file, save_file  # heavy: comes with transformers, loads only to read weights
     target = getattr(torch, dtype)
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
@@ -323,9 +335,6 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: str, model_dir: str | Path | N
     With "last", a file identical to the saved model's (weights, tokenizer: the final checkpoint is the
     final model) becomes a hard link to it, so the run folder holds it once. Main process only.
     """
-    import filecmp
-    import os
-    from .io import folder_size
     ckpt_dir = Path(ckpt_dir)
     if keep == "all" or not ckpt_dir.is_dir():
         return 0
@@ -356,9 +365,8 @@ def finish_checkpoints(ckpt_dir: str | Path, keep: str, model_dir: str | Path, i
             print(f"[qedlib] keep_checkpoints: {keep}: freed {freed / 2**20:.0f} MiB in {ckpt_dir}")
 
 
-def weights_moved(model_dir: str | Path, init_ref: str) -> Optional[float]:
+def changed_frac_since(model_dir: str | Path, init_ref: str) -> Optional[float]:
     """`weights_changed_frac` of a saved stage model vs the model it started from (adapters merged first)."""
-    from .models import resolve_model, weights_changed_frac
     return round(weights_changed_frac(resolve_model(str(model_dir)), resolve_model(init_ref)), 6)
 
 
@@ -371,7 +379,7 @@ class StepTimer:
     """Trainer callback: wall time and real (non-padding) tokens at each optimizer step's end."""
 
     def __init__(self):
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # heavy: transformers loads torch
         outer = self
         self.marks: list[tuple[float, int]] = []
         self.step_seconds: list[float] = []

@@ -8,7 +8,7 @@ with `reward_from_grade(grade, judge.invalid)`.
 Only the judge's own text decides: the verdict is the LAST numeric score tag of its answer
 (after its thinking); a verbatim echo of the whole prompt is ignored, placeholder tags such as
 `<score>N</score>` never count, and several different numeric tags are counted by the Grader
-(`tag_conflict`), not made invalid. No proof (`no_proof_reason`) is a VALID 0 with no judge
+(`conflicting_tag_values`), not made invalid. No proof (`no_proof_reason`) is a VALID 0 with no judge
 call. Short answers go through `check_answer`: exact match and math-verify decide where they are
 reliable, otherwise a judge (or nobody: undecided).
 """
@@ -20,6 +20,8 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Optional
+
+from .files import settings_hash
 
 INVALID_REASONS = ("no_tag", "out_of_range", "judge_error", "answer_undecided")
 RETRYABLE = ("no_tag", "out_of_range", "judge_error")  # a new judge call may fix these
@@ -117,7 +119,7 @@ def parse_score(text: str, scale: int = SCALE, allowed: tuple | None = None, tag
     echoed format example such as `<score>N</score>`) are ignored; a verbatim echo of the whole
     `prompt` is not the judge's text (`judge_own_text`). The LAST numeric tag is the verdict: the
     instructions ask for it once, at the end, so an earlier tag is the judge quoting the proof or
-    changing its mind (the Grader counts such conflicts and logs a warning; see `tag_conflict`).
+    changing its mind (the Grader counts such conflicts and logs a warning; see `conflicting_tag_values`).
     A verdict that is not an allowed integer (0..scale, or `allowed`) or has a denominator other
     than `scale` -> "out_of_range"; no numeric tag -> "no_tag".
     """
@@ -131,7 +133,7 @@ def parse_score(text: str, scale: int = SCALE, allowed: tuple | None = None, tag
     return float(int(v)), None
 
 
-def tag_conflict(text: str, tag: str | None = None, prompt: str = "") -> list[float]:
+def conflicting_tag_values(text: str, tag: str | None = None, prompt: str = "") -> list[float]:
     """The distinct numeric tag values of the judge's answer when there is more than one ([] otherwise)."""
     values = list(dict.fromkeys(v for v, _ in numeric_tags(judge_own_text(text or "", prompt), tag)))
     return values if len(values) > 1 else []
@@ -208,7 +210,7 @@ def is_simple_answer(s: str) -> bool:
 
 
 def _math_verify(reference: str, answer: str) -> bool | None:
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # heavy: math-verify loads sympy
     try:
         gold = parse(f"${_bare_answer(reference)}$", parsing_timeout=None)
         pred = parse(f"${_bare_answer(answer)}$", parsing_timeout=None)
@@ -291,5 +293,4 @@ def judge_hash(judge) -> str:
     Distillation (grades.jsonl) and evaluation (results.jsonl) key their grades with it, so a grade
     written under other judge settings or older parsing rules is never read back as current.
     """
-    from .io import settings_hash
     return settings_hash({"judge": judge, "parser": PARSER_VERSION})

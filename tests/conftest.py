@@ -150,7 +150,7 @@ def fake_openai():
 
 @pytest.fixture(scope="session")
 def shipped_problems():
-    from qedlib.data import load_problems
+    from qedlib.problem_sets import load_problems
     return load_problems("shipped")
 
 
@@ -161,7 +161,7 @@ def trl_advantages(tiny_model_path, shipped_problems, tmp_path):
     `groups` flattened (one list of rewards per problem, None for an invalid grade)."""
     from transformers import AutoTokenizer
     from qedlib.config import RLConfig
-    from qedlib.rl import SingleTurnRollout, grpo_args, make_trainer, problem_prompts
+    from qedlib.grpo import SingleTurnRollout, grpo_args, make_trainer, problem_prompts
 
     def run(groups: list[list], scale_rewards: str = "none") -> list[list[float]]:
         size, flat = len(groups[0]), [r for g in groups for r in g]

@@ -1,12 +1,12 @@
-"""Crash-safe writes (qedlib.io): one atomic file write, one atomic folder swap, used by every writer; a JSONL log
+"""Crash-safe writes (qedlib.files): one atomic file write, one atomic folder swap, used by every writer; a JSONL log
 that survives a torn last line."""
 import json
 from pathlib import Path
 
 import pytest
 
-from qedlib import io
-from qedlib.io import JsonlLog
+from qedlib import files as io
+from qedlib.files import JsonlLog
 
 
 def test_atomic_write_replaces_whole_or_keeps_the_old_file(tmp_path):

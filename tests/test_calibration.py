@@ -8,7 +8,7 @@ from conftest import chat_reply
 
 from qedlib import calibration as C
 from qedlib.config import Endpoint, Judge, Sampling
-from qedlib.data import DataError, Problem
+from qedlib.problem_sets import DataError, Problem
 from qedlib.grading import Grader
 from qedlib.verdicts import Grade
 
@@ -176,7 +176,7 @@ def calibration_config(tmp_path, url_a, url_b):
 
 
 def test_two_judges_side_by_side_and_a_failed_call_is_no_grade(tmp_path, fake_openai):
-    from qedlib import evaluation
+    from qedlib.stages import evaluation
     server_a, server_b = fake_openai(scripted_judge(JUDGE_A)), fake_openai(scripted_judge(JUDGE_B))
     cfg = calibration_config(tmp_path, server_a.url, server_b.url)
     run = evaluation.Evaluation(cfg, tmp_path / "05_eval")

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from qedlib.io import folder_size
+from qedlib.files import folder_size
 from qedlib.training import prune_checkpoints
 
 

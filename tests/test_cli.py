@@ -17,3 +17,14 @@ def test_cli_reports_a_bad_params_file(tmp_path, capsys):
     bad.write_text("sft:\n  lrr: 1\n")
     assert main(["run", str(bad)]) == 2
     assert "unknown key 'sft.lrr'" in capsys.readouterr().err
+
+
+def test_the_command_line_starts_without_loading_trl_or_torch():
+    """`python -m qedlib --help`, `plan` and `run` import the CLI and the runner; TRL and torch load only in the
+    subcommands and notebook cells that train or generate (qedlib.rl_settings keeps plan's checks TRL-free)."""
+    import subprocess
+    import sys
+    code = ("import sys, qedlib.__main__, qedlib.runner, qedlib.tools.plan; "
+            "print(sorted(m for m in ('trl', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

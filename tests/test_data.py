@@ -1,4 +1,4 @@
-"""Problem loading (qedlib.data): CSV cells as text, bad rows named or skipped, ProofBench's schema,
+"""Problem loading (qedlib.problem_sets): CSV cells as text, bad rows named or skipped, ProofBench's schema,
 and the built-in IMO-Bench names downloaded once from a loopback server with a sha256 check."""
 import contextlib
 import functools
@@ -10,9 +10,9 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from qedlib import data
+from qedlib import problem_sets as data
 from qedlib.config import ProblemSource, load_config
-from qedlib.data import DataError, load_problems, load_source, records_to_problems, skipped_metrics
+from qedlib.problem_sets import DataError, load_problems, load_source, records_to_problems, skipped_metrics
 
 
 def test_csv_cells_stay_text(tmp_path):
@@ -69,7 +69,7 @@ def _proofbench_rows():
 def test_proofbench_mapping_of_the_paper_recipe_loads_a_file_in_proofbench_schema(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from qedlib.evaluation import load_benchmark
+    from qedlib.stages.evaluation import load_benchmark
     f = tmp_path / "proofbench.parquet"
     pq.write_table(pa.Table.from_pylist(_proofbench_rows()), f)
     params = yaml.safe_load(open("params/qed-nano.yaml"))
@@ -165,7 +165,7 @@ def test_qed_imobench_overrides(fresh_machine, tmp_path, monkeypatch):
 def test_hub_revision_reaches_load_dataset(monkeypatch):
     import datasets
     from qedlib.config import ProblemSource
-    from qedlib.data import load_source
+    from qedlib.problem_sets import load_source
     seen = {}
 
     def fake_load_dataset(name, config=None, split=None, revision=None):
@@ -200,7 +200,7 @@ def test_read_records_from_parquet_folder_and_bad_paths(tmp_path):
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from qedlib.data import read_records
+    from qedlib.problem_sets import read_records
     rows = [{"problem": "P1", "messages": [{"role": "user", "content": "P1"}, {"role": "assistant", "content": "A"}]}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
     got, where = read_records(tmp_path / "t.parquet")

@@ -1,5 +1,5 @@
 """Decontamination on literal strings, plus the params-facing benchmark loader."""
-from qedlib.data import Problem, load_problems
+from qedlib.problem_sets import Problem, load_problems
 from qedlib.decontam import build_index, find_contaminated, load_benchmarks, ngrams, normalise, overlap_rows
 
 BENCH = ["Let $n$ be a positive integer. Prove that $n^5 - n$ is divisible by $30$.",
@@ -57,7 +57,7 @@ def test_shipped_train_is_clean_against_shipped_eval():
 def test_a_missing_benchmark_fails_when_asked(tmp_path):
     """distill.decontaminate_missing: error stops instead of noting (the paper recipe's setting)."""
     import pytest
-    from qedlib.data import DataError
+    from qedlib.problem_sets import DataError
     with pytest.raises(DataError, match=r"benchmark '.*nope.jsonl' could not be loaded.*does not exist"):
         load_benchmarks(["shipped:eval", str(tmp_path / "nope.jsonl")], missing="error")
     # a mapping entry (like eval.benchmarks) with ProblemSource keys; prompt/task are ignored here

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 from conftest import chat_reply
 
-from qedlib import distill, distill_view
+from qedlib.stages import distill
+
+from qedlib.views import distill as distill_view
 from qedlib.config import load_config
-from qedlib.data import Problem
+from qedlib.problem_sets import Problem
 from qedlib.generation import Completion, split_thinking
-from qedlib.io import read_jsonl
+from qedlib.files import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,9 +94,9 @@ def test_generate_tiny_thinking_without_close_is_truncated(tmp_path, tiny_teache
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
-    from qedlib import distill
+    from qedlib.stages import distill
     from qedlib.config import load_config
-    from qedlib.data import Problem
+    from qedlib.problem_sets import Problem
     cfg = load_config(None, {"distill.teacher.model": "tiny-qwen3", "distill.sampling.max_new_tokens": 16,
                              "distill.sampling.n": 2, "distill.thinking": False, "distill.teacher.batch_size": 1})
     problems = [Problem(f"k{i}", f"Prove that {i} + {i} = {2 * i}.") for i in range(6)]
@@ -310,13 +312,15 @@ def test_gradable_needs_the_judge_prompt_fields():
 
 
 def run_steps(cfg, folder) -> dict:
-    """The stage's steps in notebook 01's order (test_notebook_calls_the_steps_in_order checks the order)."""
+    """The stage's steps called as notebook 01's cells call them (test_notebook_calls_the_steps_in_order checks the
+    order), without run_stage."""
     dc = cfg.distill
     teacher = distill.make_teacher(dc)
     prep = distill.prepare_problems(cfg, folder, teacher)
-    distill.generate_samples(prep["problems"], dc, folder, teacher, progress=False)
-    samples = distill.read_samples(folder, prep["problems"], dc.sampling.n, dc)
-    distill.grade_samples(prep["problems"], samples, distill.make_grader(dc, folder, teacher), folder, progress=False)
+    distill.generate_samples(prep["problems"], dc, folder, teacher, progress=False, seed=cfg.seed)
+    samples = distill.read_samples(folder, prep["problems"], dc.sampling.n, dc, seed=cfg.seed)
+    distill.grade_samples(prep["problems"], samples, distill.stage_grader(dc, folder, teacher), folder, progress=False,
+                          max_invalid_rate=dc.max_invalid_rate)
     grades = distill.read_grades(folder)
     rows, _ = distill.select(cfg, folder, prep, samples, grades)
     out = distill.save_dataset(distill.build_dataset(rows), folder)
@@ -324,7 +328,7 @@ def run_steps(cfg, folder) -> dict:
 
 
 # the step functions that write the stage's artifacts, in the order the notebook must call them
-NOTEBOOK_STEPS = ["make_teacher", "prepare_problems", "generate_samples", "read_samples", "make_grader",
+NOTEBOOK_STEPS = ["make_teacher", "prepare_problems", "generate_samples", "read_samples", "stage_grader",
                   "grade_samples", "read_grades", "select", "build_dataset", "save_dataset", "stage_metrics"]
 
 
@@ -338,13 +342,25 @@ def test_notebook_calls_the_steps_in_order():
     assert "write_metrics(stage_dir, metrics)" in code and not hasattr(distill, "run")  # one way through the stage
 
 
-def test_steps_end_to_end_tiny_and_rerun_is_free(tmp_path):
+def test_run_stage_calls_the_notebook_steps_in_order():
+    import inspect
+    import re
+    source = inspect.getsource(distill.run_stage)
+    calls = [m for m in re.findall(r"\b(\w+)\(", source) if m in NOTEBOOK_STEPS]
+    assert calls == NOTEBOOK_STEPS and "write_metrics(folder, metrics)" in source
+
+
+def tiny_stage_cfg():
     ep = {"model": "tiny-qwen3", "batch_size": 8}
-    cfg = load_config(None, {"base_model": "tiny-qwen3", "distill.teacher": ep, "distill.judge.endpoint": ep,
-                             "distill.judge.mode": "score_prob", "distill.thinking": False,
-                             "distill.problems": {"path": "shipped", "split": None, "limit": 4}, "distill.sampling.n": 2,
-                             "distill.sampling.max_new_tokens": 8, "distill.drop_truncated": False,
-                             "distill.max_sft_tokens": 4096, "distill.decontaminate": ["shipped:eval", "imo-nope"]})
+    return load_config(None, {"base_model": "tiny-qwen3", "distill.teacher": ep, "distill.judge.endpoint": ep,
+                              "distill.judge.mode": "score_prob", "distill.thinking": False,
+                              "distill.problems": {"path": "shipped", "split": None, "limit": 4}, "distill.sampling.n": 2,
+                              "distill.sampling.max_new_tokens": 8, "distill.drop_truncated": False,
+                              "distill.max_sft_tokens": 4096, "distill.decontaminate": ["shipped:eval", "imo-nope"]})
+
+
+def test_steps_end_to_end_tiny_and_rerun_is_free(tmp_path):
+    cfg = tiny_stage_cfg()
     folder = tmp_path / "01_distill"
     folder.mkdir()
     m = run_steps(cfg, folder)
@@ -363,6 +379,25 @@ def test_steps_end_to_end_tiny_and_rerun_is_free(tmp_path):
     again = run_steps(cfg, folder)
     assert {f: (folder / f).read_bytes() for f in lines} == lines  # nothing regenerated or regraded
     assert {k: again[k] for k in ("samples", "kept", "mean_grade")} == {k: m[k] for k in ("samples", "kept", "mean_grade")}
+
+
+def test_run_stage_gives_the_notebook_steps_metrics_and_files(tmp_path):
+    """distill.run_stage (what a script or the CLI calls) and the notebook's cell-by-cell steps write the same."""
+    cfg = tiny_stage_cfg()
+    by_steps = tmp_path / "steps" / "01_distill"
+    by_steps.mkdir(parents=True)
+    m = run_steps(cfg, by_steps)
+    got = distill.run_stage(cfg, tmp_path / "stage")
+    by_stage = tmp_path / "stage" / "01_distill"
+    assert json.loads((by_stage / "metrics.json").read_text()) == json.loads(json.dumps(got))
+    timing = ("seconds", "dataset_dir")
+    assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in m.items() if k not in timing}
+    assert got["dataset_dir"] == str(by_stage / "dataset") and got["kept"] == 3
+    strip = lambda f: [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(f)]  # noqa: E731
+    for name in ("samples.jsonl", "grades.jsonl"):
+        assert strip(by_stage / name) == strip(by_steps / name)
+    for name in (distill.FUNNEL_FILE, "decontamination.json"):
+        assert (by_stage / name).read_text() == (by_steps / name).read_text()
 
 
 def test_screen_and_write_rubrics_with_tiny_model_log_and_drop_unparseable(tmp_path, tiny_teacher):
@@ -387,7 +422,7 @@ def test_grade_samples_http_judge_logs_grades_and_retries_judge_errors(tmp_path,
     probs = [Problem("p1", "Prove A.", rubric="- [7 pts] all"), Problem("p2", "Prove B.", rubric="- [7 pts] all")]
     samples = [_sample("p1", 0, proof="Proof. Good."), _sample("p1", 1, proof="Proof. NO-TAG."),
                _sample("p2", 0, proof="Proof. JUDGE-DOWN."), _sample("p2", 1, proof="")]
-    grader = distill.make_grader(cfg.distill, tmp_path)
+    grader = distill.stage_grader(cfg.distill, tmp_path)
     stats = distill.grade_samples(probs, samples, grader, tmp_path, progress=False)
     assert stats["graded"] == 3 and stats["judge_errors"] == 1
     got = {g["sample_key"]: g for g in distill.read_grades(tmp_path)}
@@ -401,3 +436,35 @@ def test_grade_samples_http_judge_logs_grades_and_retries_judge_errors(tmp_path,
     assert rows == {"p1#0": "kept", "p1#1": "invalid:no_tag", "p2#0": "ungraded", "p2#1": "no_proof"}
     again = distill.grade_samples(probs, samples, grader, tmp_path, progress=False)
     assert again["skipped"] == 3 and again["judge_errors"] == 1  # only the failed call is retried
+
+
+# ---------------------------------------------------------------- readable saved outputs (issue #24)
+class _Handle:
+    def __init__(self, shown):
+        self.shown = shown
+
+    def update(self, obj, raw=False):
+        self.shown.append(obj["text/plain"])
+
+
+def test_progress_in_a_notebook_updates_one_line_and_keeps_the_final_one():
+    shown = []
+    line = distill.NotebookLine(display=lambda obj, raw, display_id: _Handle(shown))
+    from tqdm import tqdm
+    bar = tqdm(total=3, desc="judge", unit="sample", file=line, mininterval=0, ncols=100)
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    assert shown and all("\r" not in s and "\n" not in s for s in shown)  # one line each time, replaced in place
+    assert line.last.startswith("judge: 100%") and "3/3" in line.last
+    assert not distill._in_kernel()  # plain pytest: tqdm writes to stderr as usual
+
+
+def test_rubric_headings_stay_headings_above_their_lists():
+    text = ("Checkpoints (7 points total):\n- [2 pts] Writes m.\n- [3 pts] Adds.\nZero-credit items:\n"
+            "- Examples only.\nDeductions:\n- [-1] Slip <x>.")
+    out = distill_view.rubric_html(text)
+    assert out.count("<ul>") == 3 and out.count("<li>") == 4
+    assert "<b>Zero-credit items:</b></p><ul><li>Examples only.</li></ul>" in out
+    assert "<b>Deductions:</b>" in out and "Slip &lt;x&gt;." in out
+    assert "Zero-credit" not in out.split("</ul>")[0]  # the heading does not run into the list above it

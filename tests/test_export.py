@@ -8,12 +8,14 @@ import math
 import pandas as pd
 import pytest
 
-from qedlib import evaluation, export
+from qedlib.stages import evaluation
+
+from qedlib.tools import export
 from qedlib.config import load_config, save_config
-from qedlib.data import imobench_dir
+from qedlib.problem_sets import imobench_dir
 from qedlib.grading import Grader, build_prompt
 from qedlib.verdicts import Grade, invalid_grade, no_proof_grade
-from qedlib.io import JsonlLog
+from qedlib.files import JsonlLog
 
 RUBRIC = ("Checkpoints (7 points total):\n- [2 pts] Writes n = 2k.\n- [5 pts] Concludes n + n = 2(2k).\n"
           "Zero-credit items:\n- Examples only.")

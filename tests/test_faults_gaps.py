@@ -18,14 +18,16 @@ import pytest
 from conftest import chat_reply, fail_then
 from test_calibration import JUDGE_A, JUDGE_B, calibration_config, scripted_judge
 from test_faults_stages import PROBLEMS, Policy, _sample, closed_port_url, distill_cfg, eval_cfg, http_judge
-from qedlib import distill, evaluation, runner
+from qedlib.stages import distill
+from qedlib.stages import evaluation
+from qedlib import runner
 from qedlib.__main__ import main
 from qedlib.config import RLConfig, load_config
 from qedlib.grading import Grader
-from qedlib.io import read_jsonl
+from qedlib.files import read_jsonl
 from qedlib.layout import REPO, STAGES
-from qedlib.rl import train_on_problems
-from qedlib.run_state import (LOCK_FILE, RunLocked, acquire_lock, check_record, open_work, release_lock,
+from qedlib.grpo import train_on_problems
+from qedlib.run_state import (LOCK_FILE, RunLocked, acquire_lock, check_record, work_left_to_redo, release_lock,
                               write_record)
 
 SMOKE = str(REPO / "params" / "smoke.yaml")
@@ -63,16 +65,16 @@ def test_a_changed_global_setting_reruns_every_stage_that_uses_it_even_when_run_
 def test_eval_with_a_new_seed_generates_new_rows_and_keeps_the_old_ones_apart(tmp_path, tiny_generator):
     folder = tmp_path / "05_eval"
     policy = Policy(tiny_generator)
-    first = evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, policy_factory=lambda ep: policy)
+    first = evaluation.run_stage(eval_cfg(tmp_path), tmp_path, stage_folder=folder, policy_factory=lambda ep: policy)
     assert policy.prompts == 6
-    again = evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, policy_factory=lambda ep: policy)
+    again = evaluation.run_stage(eval_cfg(tmp_path), tmp_path, stage_folder=folder, policy_factory=lambda ep: policy)
     assert policy.prompts == 6 and {r["key"] for r in again} == {r["key"] for r in first}  # same seed: resumed
-    seeded = evaluation.evaluate(eval_cfg(tmp_path, seed=1), tmp_path, folder, policy_factory=lambda ep: policy)
+    seeded = evaluation.run_stage(eval_cfg(tmp_path, seed=1), tmp_path, stage_folder=folder, policy_factory=lambda ep: policy)
     assert policy.prompts == 12  # every row generated again under seed 1
     assert len(seeded) == 6 and {r["key"] for r in seeded}.isdisjoint(r["key"] for r in first)
     assert {r["model_solution"] for r in seeded} != {r["model_solution"] for r in first}
     assert len(list(read_jsonl(folder / "results.jsonl"))) == 12
-    back = evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, policy_factory=lambda ep: policy)
+    back = evaluation.run_stage(eval_cfg(tmp_path), tmp_path, stage_folder=folder, policy_factory=lambda ep: policy)
     assert policy.prompts == 12 and {r["key"] for r in back} == {r["key"] for r in first}  # seed 0's rows are kept
 
 
@@ -158,13 +160,13 @@ def test_eval_finished_with_failed_judge_calls_is_not_skipped_by_the_next_run(tm
     monkeypatch.setenv("QED_T_JUDGE_URL", closed_port_url())
     cfg = eval_cfg(tmp_path, **{"eval.judge": http_judge("QED_T_JUDGE_URL"), "eval.max_invalid_rate": 1.0})
     policy = Policy(tiny_generator)
-    evaluation.evaluate(cfg, tmp_path, policy_factory=lambda ep: policy)
+    evaluation.run_stage(cfg, tmp_path, policy_factory=lambda ep: policy)
     write_record(cfg, tmp_path, "05_eval", "stage")  # what the runner does when the notebook ends
     done, why = check_record(cfg, tmp_path, "05_eval")
     assert not done and "failed calls" in why and evaluation.FAILURES_FILE in why, why
     judge = fake_openai(lambda body: chat_reply("Fine. <score>6</score>"))
     monkeypatch.setenv("QED_T_JUDGE_URL", judge.url)
-    rows = evaluation.evaluate(cfg, tmp_path, policy_factory=lambda ep: policy)
+    rows = evaluation.run_stage(cfg, tmp_path, policy_factory=lambda ep: policy)
     assert len(rows) == 6 and judge.calls >= 1
     write_record(cfg, tmp_path, "05_eval", "stage")
     assert check_record(cfg, tmp_path, "05_eval")[0]  # complete now: the next run skips it
@@ -197,10 +199,10 @@ def test_calibration_with_a_failed_judge_call_leaves_open_work_until_redone(tmp_
     cfg = calibration_config(tmp_path, server_a.url, server_b.url)
     run = evaluation.Evaluation(cfg, tmp_path / "05_eval")
     evaluation.judge_comparison(run, [], cfg, evaluation.judge_calibration(run, [], cfg))  # judge B fails on P2-C
-    assert "1 calibration judge call failed" in open_work(tmp_path, "05_eval")
+    assert "1 calibration judge call failed" in work_left_to_redo(tmp_path, "05_eval")
     JUDGE_B["P2-C"] = 2
     try:
         evaluation.judge_comparison(run, [], cfg, evaluation.judge_calibration(run, [], cfg))
     finally:
         JUDGE_B["P2-C"] = None
-    assert open_work(tmp_path, "05_eval") is None
+    assert work_left_to_redo(tmp_path, "05_eval") is None

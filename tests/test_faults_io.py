@@ -12,9 +12,9 @@ from test_export import build_run, make_cfg
 from qedlib import grading as G
 from qedlib.__main__ import main
 from qedlib.config import ConfigError, Endpoint, Judge, Sampling, load_config, parse_override
-from qedlib.data import DataError, Problem, load_problems
+from qedlib.problem_sets import DataError, Problem, load_problems
 from qedlib.generation import OpenAIGenerator, call_deadline, make_generator
-from qedlib.io import CorruptLineWarning, JsonlLog, read_jsonl
+from qedlib.files import CorruptLineWarning, JsonlLog, read_jsonl
 
 MSG = [[{"role": "user", "content": "Prove that 1 + 1 = 2."}]]
 SAMPLING = Sampling(temperature=0.0, max_new_tokens=16)

@@ -7,11 +7,15 @@ import socket
 import pytest
 
 from conftest import chat_reply
-from qedlib import distill, evaluation, rc_rl, rl, rubric_rl
+from qedlib.stages import distill
+from qedlib.stages import evaluation
+from qedlib.stages import rc_rl
+from qedlib import grpo, rl_findings
+from qedlib.stages import rubric_rl
 from qedlib.config import load_config
-from qedlib.data import Problem
+from qedlib.problem_sets import Problem
 from qedlib.grading import Grader, InvalidRateError
-from qedlib.io import read_jsonl
+from qedlib.files import read_jsonl
 from qedlib.layout import stage_dir
 from qedlib.models import content_fingerprint
 from qedlib.sft_data import SFTDataError, load_sft_data
@@ -79,7 +83,7 @@ def test_eval_judge_outage_is_no_result_and_the_rerun_completes_exactly_the_miss
     cfg = eval_cfg(tmp_path, **{"eval.judge": http_judge("QED_T_JUDGE_URL"), "eval.max_invalid_rate": 1.0})
     folder = tmp_path / "05_eval"
     policy = Policy(tiny_generator)
-    evaluation.evaluate(cfg, tmp_path, folder, policy_factory=lambda ep: policy)
+    evaluation.run_stage(cfg, tmp_path, stage_folder=folder, policy_factory=lambda ep: policy)
     stored = list(read_jsonl(folder / "results.jsonl")) if (folder / "results.jsonl").exists() else []
     assert all(r["valid"] and r["invalid_reason"] != "judge_error" for r in stored)  # only rows with no proof (valid 0s)
     failed = {r["key"] for r in read_jsonl(folder / evaluation.FAILURES_FILE)}
@@ -87,7 +91,7 @@ def test_eval_judge_outage_is_no_result_and_the_rerun_completes_exactly_the_miss
     judge = fake_openai(lambda body: chat_reply("The proof is fine. <score>5</score>"))
     monkeypatch.setenv("QED_T_JUDGE_URL", judge.url)
     prompts_before = policy.prompts
-    rows = evaluation.evaluate(cfg, tmp_path, folder, policy_factory=lambda ep: policy)
+    rows = evaluation.run_stage(cfg, tmp_path, stage_folder=folder, policy_factory=lambda ep: policy)
     assert policy.prompts == prompts_before  # generations were logged: nothing regenerated
     assert judge.calls == len(failed)  # exactly the missing rows were graded
     assert len(rows) == 6 and {r["key"] for r in rows} >= failed
@@ -100,7 +104,7 @@ def test_eval_judge_down_stops_at_the_threshold_naming_the_endpoint(tmp_path, mo
     cfg = eval_cfg(tmp_path, **{"eval.judge": http_judge("QED_T_JUDGE_URL"), "thinking": False})
     policy = Policy(tiny_generator)
     with pytest.raises(InvalidRateError, match=r"\$QED_T_JUDGE_URL.*eval\.max_invalid_rate = 0\.5"):
-        evaluation.evaluate(cfg, tmp_path, tmp_path / "05_eval", policy_factory=lambda ep: policy)
+        evaluation.run_stage(cfg, tmp_path, stage_folder=tmp_path / "05_eval", policy_factory=lambda ep: policy)
     assert policy.calls == 1  # stopped after the first chunk, not after generating everything
 
 
@@ -109,7 +113,7 @@ def test_eval_policy_endpoint_down_logs_no_generation(tmp_path, monkeypatch):
     cfg = eval_cfg(tmp_path, **{"eval.endpoint": {"backend": "openai", "model": "policy", "max_retries": 0,
                                                   "base_url_env": "QED_T_POLICY_URL"}})
     with pytest.raises(InvalidRateError, match=r"policy.*\$QED_T_POLICY_URL"):
-        evaluation.evaluate(cfg, tmp_path, tmp_path / "05_eval")
+        evaluation.run_stage(cfg, tmp_path, stage_folder=tmp_path / "05_eval")
     gens = tmp_path / "05_eval" / "generations.jsonl"
     assert not gens.exists() or not gens.read_text().strip()
     assert [r["role"] for r in read_jsonl(tmp_path / "05_eval" / evaluation.FAILURES_FILE)] == ["policy"]
@@ -139,18 +143,18 @@ def test_moved_run_folder_keeps_its_eval_rows(tmp_path, tiny_model_path, tiny_ge
     shutil.copytree(tiny_model_path, run1 / "02_sft" / "model")
     cfg = eval_cfg(tmp_path, **{"eval.checkpoints": ["sft"]})
     policy = Policy(tiny_generator)
-    first = evaluation.evaluate(cfg, run1, policy_factory=lambda ep: policy)
+    first = evaluation.run_stage(cfg, run1, policy_factory=lambda ep: policy)
     shutil.move(str(run1), str(tmp_path / "run2"))
-    again = evaluation.evaluate(cfg, tmp_path / "run2", policy_factory=lambda ep: policy)
+    again = evaluation.run_stage(cfg, tmp_path / "run2", policy_factory=lambda ep: policy)
     assert policy.calls == 6 and {r["key"] for r in again} == {r["key"] for r in first}  # nothing regenerated
 
 
 def test_resumed_eval_equals_an_uninterrupted_one(tmp_path, tiny_generator):
     cfg = eval_cfg(tmp_path)
-    whole = evaluation.evaluate(cfg, tmp_path, tmp_path / "whole", policy_factory=lambda ep: Policy(tiny_generator))
+    whole = evaluation.run_stage(cfg, tmp_path, stage_folder=tmp_path / "whole", policy_factory=lambda ep: Policy(tiny_generator))
     with pytest.raises(KeyboardInterrupt):  # killed at the fourth generation call (three of six chunks done)
-        evaluation.evaluate(cfg, tmp_path, tmp_path / "killed", policy_factory=lambda ep: Policy(tiny_generator, kill_at=4))
-    resumed = evaluation.evaluate(cfg, tmp_path, tmp_path / "killed", policy_factory=lambda ep: Policy(tiny_generator))
+        evaluation.run_stage(cfg, tmp_path, stage_folder=tmp_path / "killed", policy_factory=lambda ep: Policy(tiny_generator, kill_at=4))
+    resumed = evaluation.run_stage(cfg, tmp_path, stage_folder=tmp_path / "killed", policy_factory=lambda ep: Policy(tiny_generator))
     texts = lambda rows: {r["key"]: r["model_solution"] for r in rows}  # noqa: E731
     assert texts(resumed) == texts(whole) and len(set(texts(whole).values())) > 1
 
@@ -257,10 +261,11 @@ def test_rl_findings_read_an_all_invalid_run():
     steps = [{"step": s, "reward": float("nan"), "reward_std": float("nan"), "frac_zero_std": 1.0, "loss": 0.0,
               "grad_norm": 0.0, "truncation_rate": 0.0, "invalid_rate": 1.0, "clip_ratio": 0.0, "group": group}
              for s in (1, 2)]
-    text = rl.findings(steps, {"weights_changed_frac": 0.0, **rl.summarise_steps(steps)}, load_config(None, {}).rubric_rl)
+    text = rl_findings.findings(steps, {"weights_changed_frac": 0.0, **grpo.summarise_steps(steps)},
+                                load_config(None, {}).rubric_rl)
     assert "**No reward.**" in text and "nan" not in text
-    table, info = rl.worked_group(steps)
-    assert "no rollout got a valid reward" in rl.group_caption(info)
+    table, info = rl_findings.worked_group(steps)
+    assert "no rollout got a valid reward" in rl_findings.group_caption(info)
 
 
 # ---------------------------------------------------------------- failure 8 (stage part): a missing rubric

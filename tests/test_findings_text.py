@@ -1,6 +1,6 @@
 """The 'what we see' sentences of stages 01 and 02, on literal metrics in the shape the stages write."""
-from qedlib import distill_view
-from qedlib.sft_view import think_findings
+from qedlib.views import distill as distill_view
+from qedlib.views.sft import think_findings
 
 
 def _row(points, status="kept", truncated=True):

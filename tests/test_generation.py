@@ -171,42 +171,40 @@ def test_release_trainer_shuts_the_colocated_engine_and_drops_the_model(fake_vll
     assert trainer.model is None and trainer.optimizer is None and trainer.vllm_generation is None
 
 
-def test_eval_closes_each_engine_before_starting_the_next(monkeypatch, tmp_path, fake_openai, shipped_problems):
-    """The real Evaluation against one fake OpenAI server serving two checkpoints and the judge: each checkpoint's
-    generator is closed after its requests and before the next checkpoint's generator starts."""
+def test_eval_closes_each_engine_before_starting_the_next(tmp_path, fake_openai, shipped_problems, tiny_model_path):
+    """The real Evaluation, two checkpoints on the transformers backend (tiny-qwen3) and a fake judge server: while
+    any checkpoint's answers are graded, at most one policy model is loaded, and none is left loaded at the end, even
+    though the test keeps every generator referenced. It reads the real generators' state (their loaded model), not
+    events a test double records."""
+    import gc
     from conftest import chat_reply
     from qedlib.config import load_config
-    from qedlib.evaluation import Benchmark, Evaluation
-    from qedlib.generation import OpenAIGenerator
-    events = []
+    from qedlib.stages.evaluation import Benchmark, Evaluation
+    from qedlib.generation import TransformersGenerator
 
-    def reply(body):
-        events.append(f"request {body['model']}")
-        if body["model"] == "judge":
-            return chat_reply("Complete and rigorous. <score>7</score>")
-        return chat_reply("Proof. The claim holds.")
+    held = []  # every policy generator seen, kept referenced (as a notebook variable would): only close() frees it
+    earlier = [o for o in gc.get_objects() if type(o) is TransformersGenerator]  # other tests' generators: not ours
+
+    def loaded_policies() -> int:
+        held.extend(o for o in gc.get_objects() if type(o) is TransformersGenerator
+                    and all(o is not h for h in held + earlier))
+        return sum(1 for g in held if g.model is not None)
+    loaded_at_grading = []
+
+    def reply(body):  # the judge: called while a checkpoint's proofs are graded
+        loaded_at_grading.append(loaded_policies())
+        return chat_reply("Complete and rigorous. <score>7</score>")
     server = fake_openai(reply)
-    real_init, real_close = OpenAIGenerator.__init__, OpenAIGenerator.close
-
-    def init(self, endpoint):  # records, then builds the real generator
-        events.append(f"start {endpoint.model}")
-        real_init(self, endpoint)
-
-    def close(self):  # records, then closes the real generator
-        events.append(f"close {self.endpoint.model}")
-        real_close(self)
-    monkeypatch.setattr(OpenAIGenerator, "__init__", init)
-    monkeypatch.setattr(OpenAIGenerator, "close", close)
-    served = {"backend": "openai", "base_url": server.url, "max_retries": 0}
-    cfg = load_config(None, {"thinking": False, "eval.samples": 1, "eval.judge.cache": False,
-                             "eval.judge.endpoint": {"model": "judge", **served}})
-    models = [(m, Endpoint(model=m, **served)) for m in ("base", "sft")]
+    judge = {"model": "judge", "backend": "openai", "base_url": server.url, "max_retries": 0}
+    cfg = load_config(None, {"thinking": False, "eval.samples": 1, "eval.judge.cache": False, "eval.judge.endpoint": judge,
+                             "eval.sampling.max_new_tokens": 4})
+    models = [(m, Endpoint(model=tiny_model_path, dtype="float32")) for m in ("base", "sft")]
     problems = [p for p in shipped_problems if p.rubric][:2]
+    assert loaded_policies() == 0
     rows = Evaluation(cfg, tmp_path).run([Benchmark("b", problems, "rubric")], models, ["single"])
     assert [(r["checkpoint"], r["score"]) for r in rows] == [("base", 7.0)] * 2 + [("sft", 7.0)] * 2
-    policy = [e for e in events if e.split()[1] in ("base", "sft")]
-    assert policy == ["start base", "request base", "request base", "close base",
-                      "start sft", "request sft", "request sft", "close sft"]
+    assert len(loaded_at_grading) == 4 and max(loaded_at_grading) == 1 and len(held) == 2
+    assert loaded_policies() == 0  # the last checkpoint's engine is closed too
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.5])

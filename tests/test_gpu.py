@@ -28,7 +28,8 @@ def test_varlen_attention_on_cuda_in_bf16_matches_each_example_alone():
 
 def test_padding_free_sft_trains_on_cuda(tmp_path):
     import datasets
-    from qedlib import policy, sft
+    from qedlib import proof_chat as policy
+    from qedlib.stages import sft
     from qedlib.config import load_config
     from qedlib.models import TINY
     run = tmp_path / "run"
@@ -44,7 +45,7 @@ def test_padding_free_sft_trains_on_cuda(tmp_path):
 
 
 def test_sft_packing_bench_reports_mfu():
-    from qedlib.bench_sft import gpu_row
+    from qedlib.tools.bench_sft import gpu_row
     row = gpu_row(steps=3, seq=2048)
     assert row[4] > 0 and (row[5].endswith("%") or row[5] == "peak unknown")
 

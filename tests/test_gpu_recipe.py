@@ -50,7 +50,7 @@ def test_gpu1_stages_use_the_fsdp_offload_config():
 
 def test_gpu1_sft_keeps_fp32_masters_under_fsdp_offload(tmp_path):
     import datasets
-    from qedlib import policy
+    from qedlib import proof_chat as policy
     run = tmp_path / "run"
     rows = [policy.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"{i} + {i} = {2 * i}.") for i in range(8)]
     datasets.Dataset.from_list(rows).save_to_disk(str(run / "01_distill" / "dataset"))
@@ -78,21 +78,22 @@ def test_gpu1_rl_keeps_fp32_masters_under_fsdp_offload(tmp_path, stage, folder):
     assert "rl: the optimizer steps 3,219,840 float32 values" in log  # every tiny-qwen3 weight, fp32
 
 
-def test_format_side_run_trains_under_the_stages_own_launch(capsys):
-    """gpu-1's format run beside the judge run goes through the stage's fsdp-offload launch, not the kernel."""
-    from qedlib import format_run
-    overrides = _rl_overrides("rubric_rl")
+def test_side_run_trains_under_the_stages_own_launch(capsys, monkeypatch):
+    """gpu-1's opening-reward run beside the judge run goes through the stage's fsdp-offload launch, not the kernel."""
+    from qedlib.stages import rubric_rl
+    from qedlib.views.rubric_rl import side_run_result
+    overrides = {**_rl_overrides("rubric_rl"), "rubric_rl.reward": "judge"}  # gpu-1's reward: its side run is `opening`
     cfg = load_config(PARAMS, overrides)
 
     def in_kernel(*_):
         raise AssertionError("a launched stage's side run must not train in the kernel")
-    steps, _, _ = format_run.beside_judge(in_kernel, cfg, "rubric_rl", "tiny-qwen3", [{"step": 1, "reward": 0.0}], 2,
-                                          PARAMS, overrides)
+    monkeypatch.setattr(rubric_rl, "train", in_kernel)
+    steps, _, _ = side_run_result(cfg, "tiny-qwen3", [{"step": 1, "reward": 0.0}], 2, PARAMS, overrides)
     assert [r["step"] for r in steps] == [1, 2]
     out = capsys.readouterr().out
-    assert "fsdp-offload.yaml" in out and "rubric_rl.reward=format" in out and FSDP_LINE in out
+    assert "fsdp-offload.yaml" in out and "rubric_rl.reward=opening" in out and FSDP_LINE in out
     with pytest.raises(ValueError, match="pass params_file and overrides"):
-        format_run.beside_judge(in_kernel, cfg, "rubric_rl", "tiny-qwen3", [], 2)
+        side_run_result(cfg, "tiny-qwen3", [], 2)
 
 
 def test_master_weight_guard_reads_the_config_contents_not_its_name(tmp_path):

@@ -19,7 +19,7 @@ import torch
 from qedlib.config import RCSettings, RLConfig, Sampling, load_config
 from qedlib.launch import accelerate_config_path, free_port
 from qedlib.reasoning_cache import check_summariser
-from qedlib.rl import (clipped, grpo_args, probe_vllm_server, summarise_steps, train_on_problems,
+from qedlib.grpo import (clipped, grpo_args, probe_vllm_server, summarise_steps, train_on_problems,
                        vllm_server_address)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,8 +32,8 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback
 from qedlib import models
 from qedlib.config import RLConfig
-from qedlib.data import load_problems
-from qedlib.rl import RewardFunction, SingleTurnRollout, grpo_args, make_trainer, problem_prompts, step_metrics
+from qedlib.problem_sets import load_problems
+from qedlib.grpo import RewardFunction, SingleTurnRollout, grpo_args, make_trainer, problem_prompts, step_metrics
 
 model_path, out = sys.argv[1], Path(sys.argv[2])
 rl = RLConfig(num_generations=2, prompts_per_step=2, micro_batch_size=1, max_steps=1, max_completion_length=6,
@@ -221,7 +221,7 @@ def test_server_address_comes_from_the_named_environment_variables(tmp_path, mon
 def test_make_trainer_probes_the_server_before_training(tiny_model_path, shipped_problems, tmp_path, monkeypatch):
     """Server mode with ratio_logprobs: sampler stops at start with the probe's message, before TRL waits on it."""
     from transformers import AutoTokenizer
-    from qedlib.rl import RewardFunction, make_trainer, problem_prompts
+    from qedlib.grpo import RewardFunction, make_trainer, problem_prompts
     server = FakeVLLMServer(logprobs=False)
     monkeypatch.setenv("QED_TEST_VLLM_PORT", str(server.port))
     rl = RLConfig(use_vllm=True, vllm_mode="server", vllm_server_port_env="QED_TEST_VLLM_PORT", reward="format")
@@ -249,7 +249,7 @@ def test_a_thinking_summariser_needs_a_thinking_budget():
 
 
 def test_plan_refuses_gpu1_with_no_summary_thinking_budget(monkeypatch):
-    from qedlib.plan import make_plan
+    from qedlib.tools.plan import make_plan
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     plan = make_plan(REPO / "params" / "gpu-1.yaml", {"rc_rl.rc.summary_thinking_budget": 0})
     assert any(r.startswith("rc_rl.rc: the policy summariser reasons in <think>") for r in plan.reasons)
@@ -278,8 +278,9 @@ class FakeEngine:
 
 
 def test_notebook_04_closes_the_inspection_engine_before_training_starts(tiny_model_path, shipped_problems,
-                                                                         monkeypatch):
-    from qedlib import generation, rc_rl, training
+                                                                         monkeypatch, tmp_path):
+    from qedlib import generation
+    from qedlib.stages import rc_rl
     cfg = load_config(REPO / "params" / "smoke.yaml")
     closed = []
     monkeypatch.setattr(rc_rl, "close_generator",
@@ -288,10 +289,10 @@ def test_notebook_04_closes_the_inspection_engine_before_training_starts(tiny_mo
     assert len(real) == cfg.rc_rl.rc.turns and closed == ["TransformersGenerator"]
     events = []
     monkeypatch.setattr(rc_rl, "make_generator", lambda endpoint: FakeEngine(events))
-    monkeypatch.setattr(training, "train_or_launch", lambda *a, **kw: events.append("launch") or {})
+    monkeypatch.setattr(rc_rl, "train", lambda *a, **kw: events.append("train") or {})
     rows = rc_rl.inspect_trajectories(cfg, tiny_model_path, shipped_problems[:1])
-    rc_rl.run(cfg, "unused-run-dir", "params/smoke.yaml", {})
-    assert len(rows) == cfg.rc_rl.rc.turns and events[-2:] == ["close", "launch"] and events.count("close") == 1
+    rc_rl.run_stage(cfg, tmp_path, "params/smoke.yaml", {})  # smoke.yaml trains in this process: the stage's train
+    assert len(rows) == cfg.rc_rl.rc.turns and events[-2:] == ["close", "train"] and events.count("close") == 1
     # closed on an error too, and the notebook inspects before it trains
     events.clear()
     monkeypatch.setattr(rc_rl, "make_generator", lambda endpoint: FakeEngine(events, fail=True))
@@ -301,7 +302,7 @@ def test_notebook_04_closes_the_inspection_engine_before_training_starts(tiny_mo
     cells = ["".join(c["source"]) for c in json.loads((REPO / "notebooks" / "04_reasoning_cache_rl.ipynb").read_text())
              ["cells"] if c["cell_type"] == "code"]
     first_inspect = next(i for i, c in enumerate(cells) if "rc_rl.inspect_trajectories(" in c)
-    assert first_inspect < next(i for i, c in enumerate(cells) if "rc_rl.run(" in c)
+    assert first_inspect < next(i for i, c in enumerate(cells) if "rc_rl.run_stage(" in c)
 
 
 # ---------------------------------------------------------------- paper values from the official configs

@@ -61,3 +61,30 @@ def test_nbconvert_html_draws_every_figure_in_chromium(executed, tmp_path, chrom
     assert len(re.findall(r'class="[^"]*\bjs-plotly-plot\b', dom)) == n_figs
     assert len(re.findall(r'class="[^"]*\bmain-svg\b', dom)) >= n_figs
     assert len(re.findall(r'class="[^"]*\b(trace bars|funnellayer|barlayer)\b', dom)) >= n_figs
+
+
+def test_the_runner_signs_the_notebook_and_writes_its_html(executed):
+    import nbformat
+    from nbformat.sign import NotebookNotary
+    assert NotebookNotary().check_signature(nbformat.read(str(executed), as_version=4))  # widgets render in Lab
+    page = executed.with_suffix(".html")
+    src = re.findall(r'<script[^>]*src="([^"]*mathjax[^"]*)"', page.read_text(), re.I)  # how the page loads MathJax
+    if _has_server_mathjax():  # the run folder's copy, by a relative link; else nbconvert's CDN link stays
+        # (plotly.js, embedded once, carries a MathJax 3 CDN URL as a string it would inject only for LaTeX in a figure)
+        assert src[0] == "../.mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe", src
+        assert not [s for s in src if "mathjax/2" in s.lower() and s.startswith("http")], src  # nbconvert's CDN link
+
+
+def _has_server_mathjax() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("jupyter_server_mathjax") is not None
+
+
+def test_progress_bars_are_one_line_each(executed):
+    nb = json.loads(executed.read_text())
+    for c in nb["cells"]:
+        outs = c.get("outputs", [])
+        streams = [o for o in outs if o["output_type"] == "stream"]
+        assert not any(a["output_type"] == b["output_type"] == "stream" and a["name"] == b["name"]
+                       for a, b in zip(outs, outs[1:]))  # consecutive writes merged, as Lab shows them
+        assert not any("\r" in "".join(o["text"]) for o in streams)  # only each bar's last state is kept

@@ -52,7 +52,7 @@ def test_failure_raises_with_the_log_tail(tmp_path):
 
 def test_two_cpu_processes_train_with_gloo(tmp_path, capsys):
     import datasets
-    from qedlib import policy
+    from qedlib import proof_chat as policy
     from qedlib.models import TINY
     run = tmp_path / "run"
     rows = [policy.sft_row(f"Prove that {i} + {i} = {2 * i}.", "Add.", f"{i} + {i} = {2 * i}.") for i in range(8)]
@@ -86,7 +86,7 @@ def test_shipped_fsdp2_config_trains_saves_and_resumes_on_two_cpu_processes(tmp_
     import datasets
     import torch
     from transformers import AutoModelForCausalLM
-    from qedlib import policy
+    from qedlib import proof_chat as policy
     from qedlib.launch import accelerate_config_path
     from qedlib.models import TINY, resolve_model
     shipped = yaml.safe_load(accelerate_config_path("fsdp").read_text())
@@ -117,8 +117,8 @@ def test_fsdp_offload_reduces_every_micro_batch_to_the_host(monkeypatch, tmp_pat
     """Under fsdp-offload (accelerate exports FSDP_OFFLOAD_PARAMS=true) SFT and RL sync gradients at every micro-batch,
     so FSDP2 never holds an unsharded fp32 gradient on the GPU across an accumulation; elsewhere the default no_sync."""
     from qedlib.config import load_config
-    from qedlib.rl import grpo_args
-    from qedlib.sft import trl_args
+    from qedlib.grpo import grpo_args
+    from qedlib.stages.sft import trl_args
     assert yaml.safe_load(accelerate_config_path("fsdp-offload").read_text())["fsdp_config"]["fsdp_offload_params"]
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true" if offload else "false")
     cfg = load_config(Path(__file__).resolve().parent.parent / "params" / "smoke.yaml")

@@ -39,10 +39,20 @@ def test_contracts_hold():
     assert "0 broken" in out.stdout
 
 
+def independence(contract_id: str) -> set[str]:
+    contracts = tomllib.loads(PYPROJECT.read_text())["tool"]["importlinter"]["contracts"]
+    return set(next(c for c in contracts if c["id"] == contract_id)["modules"])
+
+
 def test_every_module_is_in_a_layer():
-    """A new module must be placed (the contract is exhaustive), and a layer must not name a module that is gone."""
+    """A new module must be placed (the contract is exhaustive), and a layer must not name a module that is gone;
+    every stage and every view module is in its package's independence contract."""
     assert layer_contract()["exhaustive"] is True and layer_contract()["containers"] == ["qedlib"]
-    modules = {p.stem for p in (REPO / "qedlib").glob("*.py")} - {"__init__"}
+    packages = {p.parent.name for p in (REPO / "qedlib").glob("*/__init__.py")}
+    modules = ({p.stem for p in (REPO / "qedlib").glob("*.py")} - {"__init__"}) | packages
+    for pkg in ("stages", "views"):
+        found = {f"qedlib.{pkg}.{p.stem}" for p in (REPO / "qedlib" / pkg).glob("*.py")} - {f"qedlib.{pkg}.__init__"}
+        assert found == independence(pkg), f"qedlib/{pkg}/ modules vs the {pkg!r} independence contract: {sorted(found ^ independence(pkg))}"
     assert not modules - placed_modules(), (f"qedlib modules in no layer of pyproject.toml [tool.importlinter]: "
                                             f"{sorted(modules - placed_modules())}; add each to the layer it belongs to")
     assert not placed_modules() - modules, f"layers name modules that do not exist: {sorted(placed_modules() - modules)}"
@@ -61,22 +71,23 @@ def append(path: Path, text: str) -> None:
 
 def test_a_stage_importing_the_runner_inside_a_function_is_reported(tmp_path):
     pkg = package_copy(tmp_path)
-    append(pkg / "sft.py", "\n\ndef _reach_up():\n    from .runner import start_stage\n    return start_stage\n")
+    append(pkg / "stages" / "sft.py", "\n\ndef _reach_up():\n    from ..runner import start_stage\n    return start_stage\n")
     out = lint_imports(tmp_path)
-    assert out.returncode == 1 and "qedlib.sft is not allowed to import qedlib.runner" in out.stdout, out.stdout
+    assert out.returncode == 1 and "qedlib.stages is not allowed to import qedlib.runner" in out.stdout \
+        and "qedlib.stages.sft -> qedlib.runner" in out.stdout, out.stdout
 
 
 def test_a_stage_importing_another_stage_is_reported(tmp_path):
     pkg = package_copy(tmp_path)
-    append(pkg / "evaluation.py", "\n\ndef _sideways():\n    from . import distill\n    return distill\n")
+    append(pkg / "stages" / "evaluation.py", "\n\ndef _sideways():\n    from . import distill\n    return distill\n")
     out = lint_imports(tmp_path)
-    assert out.returncode == 1 and "qedlib.evaluation is not allowed to import qedlib.distill" in out.stdout, out.stdout
+    assert out.returncode == 1 and "qedlib.stages.evaluation is not allowed to import qedlib.stages.distill" in out.stdout, out.stdout
 
 
 def test_a_cycle_between_building_blocks_is_reported(tmp_path):
-    pkg = package_copy(tmp_path)  # io -> tables -> io, both building blocks: only the acyclic contract sees it
-    append(pkg / "io.py", "\n\ndef _around():\n    from .tables import markdown_table\n    return markdown_table\n")
-    append(pkg / "tables.py", "\n\ndef _back():\n    from .io import read_json\n    return read_json\n")
+    pkg = package_copy(tmp_path)  # files -> tables -> files, both building blocks: only the acyclic contract sees it
+    append(pkg / "files.py", "\n\ndef _around():\n    from .tables import markdown_table\n    return markdown_table\n")
+    append(pkg / "tables.py", "\n\ndef _back():\n    from .files import read_json\n    return read_json\n")
     out = lint_imports(tmp_path)
     assert out.returncode == 1 and "No cycles are allowed in qedlib" in out.stdout, out.stdout
 
@@ -88,13 +99,36 @@ def test_a_module_in_no_layer_is_reported(tmp_path):
     assert out.returncode == 1 and "not listed as layers" in out.stdout and "qedlib.unplaced_helper" in out.stdout, out.stdout
 
 
+def test_a_view_importing_another_view_is_reported(tmp_path):
+    pkg = package_copy(tmp_path)
+    append(pkg / "views" / "rc_rl.py", "\n\ndef _sideways():\n    from . import rubric_rl\n    return rubric_rl\n")
+    out = lint_imports(tmp_path)
+    assert out.returncode == 1 and "qedlib.views.rc_rl is not allowed to import qedlib.views.rubric_rl" in out.stdout, out.stdout
+
+
+def test_a_stage_importing_its_view_is_reported(tmp_path):
+    pkg = package_copy(tmp_path)
+    append(pkg / "stages" / "sft.py", "\n\ndef _up():\n    from ..views import sft\n    return sft\n")
+    out = lint_imports(tmp_path)
+    assert out.returncode == 1 and "qedlib.stages is not allowed to import qedlib.views" in out.stdout \
+        and "qedlib.stages.sft -> qedlib.views.sft" in out.stdout, out.stdout
+
+
+def test_a_view_importing_a_tool_is_reported(tmp_path):
+    pkg = package_copy(tmp_path)
+    append(pkg / "views" / "evaluation.py", "\n\ndef _up():\n    from ..tools import report\n    return report\n")
+    out = lint_imports(tmp_path)
+    assert out.returncode == 1 and "qedlib.views is not allowed to import qedlib.tools" in out.stdout \
+        and "qedlib.views.evaluation -> qedlib.tools.report" in out.stdout, out.stdout
+
+
 def test_stage_folder_names_are_written_only_in_layout():
     """Code names a stage folder through qedlib.layout; a literal "05_eval" elsewhere is a second definition (messages
     and docstrings may mention one)."""
     import ast
     from qedlib.layout import STAGES
     found = []
-    for path in sorted((REPO / "qedlib").glob("*.py")):
+    for path in sorted((REPO / "qedlib").rglob("*.py")):
         if path.name == "layout.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):

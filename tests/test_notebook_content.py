@@ -8,9 +8,19 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qedlib import distill, distill_view, policy, sft, sft_data, sft_view
+from qedlib.stages import distill
+
+from qedlib.views import distill as distill_view
+
+from qedlib import proof_chat as policy
+
+from qedlib.stages import sft
+
+from qedlib import sft_data
+
+from qedlib.views import sft as sft_view
 from qedlib.config import load_config, parse_override
-from qedlib.data import Problem
+from qedlib.problem_sets import Problem
 from qedlib.grading import build_prompt
 from qedlib.models import TINY, resolve_model
 
@@ -49,7 +59,7 @@ def _rows(points=(2.29, 2.88, 2.5, 2.6), dc=None):
 def test_worked_example_shows_the_exact_judge_prompt_and_the_whole_proof():
     dc = _dc()
     rows, grades = _rows(dc=dc)
-    ex = distill.worked_example(rows, PROBLEMS, dc, grades)
+    ex = distill_view.worked_example(rows, PROBLEMS, dc, grades)
     assert ex["row"]["key"] == "p1#1"  # the best-graded kept sample
     want = build_prompt(dc.judge.prompt, dc.judge.mode, PROBLEMS[0], LONG_PROOF + " QED.")
     assert ex["judge_prompt"] == want.text and RUBRIC in ex["judge_prompt"]
@@ -64,7 +74,7 @@ def test_worked_example_without_any_proof_says_so():
     dc = _dc()
     samples = [_sample("p1", 0, proof="")]
     rows = distill.select_samples(samples, [_grade("p1", 0, 0.0)], dc, PROBLEMS)
-    assert distill.worked_example(rows, PROBLEMS, dc, []) is None
+    assert distill_view.worked_example(rows, PROBLEMS, dc, []) is None
     assert "nothing to show" in distill_view.render_worked_example(None)
 
 
@@ -108,13 +118,16 @@ def test_think_block_length_and_empty_share():
     assert sft_view.empty_reasoning_share(datasets.Dataset.from_list(ds)) == 0.5
 
 
-def test_sft_findings_name_overfitting_unmoved_weights_and_empty_think_blocks():
-    m = {"train_loss_first": 3.0, "train_loss_last": 1.0, "steps": 20, "examples": 8, "weights_changed_frac": 0.004}
-    rising = [{"step": 10, "eval_loss": 2.0}, {"step": 20, "eval_loss": 2.4}]
+def test_sft_findings_trend_needs_three_evaluations_and_overfitting_the_gap():
+    m = {"train_loss_first": 3.0, "train_loss_last": 1.0, "steps": 20, "examples": 8}
+    logs = [{"step": s, "loss": 1.0, "epoch": s / 2} for s in range(1, 21)]
+    rising = logs + [{"step": 5, "eval_loss": 2.0}, {"step": 10, "eval_loss": 1.9}, {"step": 20, "eval_loss": 2.4}]
     text = sft_view.training_findings(m, rising)
-    assert "overfitting" in text and "2.000 (step 10) to 2.400" in text and "barely touched" in text
-    falling = [{"step": 10, "eval_loss": 2.4}, {"step": 20, "eval_loss": 2.0}]
-    assert "no sign of overfitting" in sft_view.training_findings({**m, "weights_changed_frac": 0.9}, falling)
+    assert "rose from its lowest 1.900 (step 10)" in text and "Overfitting by the train/eval gap" in text
+    assert "10.0 passes over the 8 training rows" in text and "weights" not in text
+    close = logs + [{"step": 10, "eval_loss": 1.05}, {"step": 20, "eval_loss": 1.02}, {"step": 20, "eval_loss": 1.02}]
+    text = sft_view.training_findings(m, close)
+    assert "its 2 evaluations" in text and "too few to call a trend" in text and "No overfitting" in text
     closing = {"think_closed_before": 0.0, "think_closed_after": 1.0, "think_tokens_before": None,
                "think_tokens_after": 0.25, "empty_think_after": 0.75, "targets_empty_think": 1.0}
     text = sft_view.think_findings(closing)
@@ -186,7 +199,7 @@ def test_settings_tables_fit_and_name_real_keys():
 
 # ---------------------------------------------------------------- the notebooks call all this
 @pytest.mark.parametrize("name,calls", [
-    ("01_distill", ["settings_table(cfg, distill_view.SETTINGS)", "distill.worked_example(", "distill_view.findings(",
+    ("01_distill", ["settings_table(cfg, distill_view.SETTINGS)", "distill_view.worked_example(", "distill_view.findings(",
                     "metrics_table(metrics, distill_view.METRICS)"]),
     ("02_sft", ["settings_table(cfg, sft_view.SETTINGS)", "sft_data.loss_segments(", "sft_view.training_findings(",
                 "sft_view.think_block_stats(", "sft_view.think_findings(", "metrics_table(metrics, sft_view.METRICS)"]),

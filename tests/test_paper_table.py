@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import chat_reply
-from qedlib import evaluation, paper
+from qedlib.stages import evaluation
+from qedlib import paper
 from qedlib.config import load_config
 from qedlib.layout import EVAL, STAGES
 
@@ -45,7 +46,7 @@ def test_paper_table_params_are_eval_only_with_the_released_models():
 
 
 def test_plan_prints_gpu_hours_judge_tokens_and_dollars(capsys):
-    from qedlib.plan import main
+    from qedlib.tools.plan import main
     main(str(PAPER_TABLE), [])
     out = capsys.readouterr().out
     assert "== eval cost (before anything runs) ==" in out and "== sft ==" not in out  # only the stage it runs
@@ -61,8 +62,8 @@ def test_plan_prints_gpu_hours_judge_tokens_and_dollars(capsys):
 
 
 def test_verdict_in_words():
-    assert paper.reproduces(40.0, 38.0, 33.0, 43.0) == "reproduces: 40.0 is inside [33.0, 43.0]"
-    assert "2.5 points above the interval" in paper.reproduces(40.0, 30.0, 25.0, 37.5)
+    assert paper.reproduction_verdict(40.0, 38.0, 33.0, 43.0) == "reproduces: 40.0 is inside [33.0, 43.0]"
+    assert "2.5 points above the interval" in paper.reproduction_verdict(40.0, 30.0, 25.0, 37.5)
     with pytest.raises(ValueError, match="did you mean 'QED-Nano-SFT'"):
         paper.comparison({"by_benchmark": {}}, {"/m": "QED-Nano-SFTT"})
 
@@ -71,7 +72,7 @@ def test_verdict_in_words():
 def run_dir(tmp_path_factory, tiny_model_path):
     """`python -m qedlib run params/paper-table.yaml` with the hub ids replaced by the tiny model's folder."""
     from conftest import FakeOpenAI
-    from qedlib.data import DataError, load_problems
+    from qedlib.problem_sets import DataError, load_problems
     from qedlib.runner import run_pipeline
     try:  # the paper's benchmarks: ../shared/data/imobench, QED_IMOBENCH or the download cache
         for name in ("imo-proofbench", "imo-answerbench"):
@@ -110,7 +111,7 @@ def test_the_paper_beside_the_run_with_intervals_and_costs(run_dir):
     pb = comp["IMO-ProofBench"]
     assert pb["paper"] == 40.0 and pb["paper row"] == FULL
     assert pb["ci_low"] <= pb["measured"] <= pb["ci_high"]
-    assert pb["verdict"] == paper.reproduces(40.0, pb["measured"], pb["ci_low"], pb["ci_high"])
+    assert pb["verdict"] == paper.reproduction_verdict(40.0, pb["measured"], pb["ci_low"], pb["ci_high"])
     assert comp["IMO-AnswerBench"]["paper"] == 67.5
     # cost: 2 problems x 2 runs on IMO-ProofBench, every proof graded by judge A (300 + 40 tokens, $1 / $2 per M)
     assert pb["judge tokens per problem"] == 340 and pb["judge $"] == pytest.approx(4 * (300 + 80) / 1e6)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qedlib import plan as P
+from qedlib.tools import plan as P
 from qedlib.__main__ import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,8 +68,8 @@ def test_set_overrides_reach_the_plan(capsys):
 
 
 def test_inert_key_fails_the_plan(monkeypatch, capsys):
-    import qedlib.params_check
-    monkeypatch.setattr(qedlib.params_check, "inert_keys", lambda tree: ["rc_rl.not_read_anywhere"])
+    import qedlib.tools.params_check
+    monkeypatch.setattr(qedlib.tools.params_check, "inert_keys", lambda tree: ["rc_rl.not_read_anywhere"])
     assert main(["plan", str(REPO / "params" / "smoke.yaml")]) == 1
     assert "inert params key rc_rl.not_read_anywhere" in capsys.readouterr().out
 
@@ -177,7 +177,7 @@ def test_gpu_card_is_planned_in_the_gib_torch_reports(tmp_path):
 
 
 def test_keys_without_effect_in_the_mode_set_fail_the_plan(tmp_path, capsys):
-    from qedlib.params_check import no_effect_keys
+    from qedlib.tools.params_check import no_effect_keys
     params = tmp_path / "modes.yaml"
     params.write_text(yaml.safe_dump({
         "rubric_rl": {"use_vllm": True, "vllm_mode": "server", "vllm_max_model_length": 8192},

@@ -22,7 +22,7 @@ Deductions:
 
 
 def test_every_template_loads_and_declares_fields():
-    names = P.available()
+    names = P.template_names()
     for name in ("grade_rubric", "grade_rubric_reference", "grade_proofbench", "grade_answer", "write_rubric",
                  "screen_problem"):
         assert name in names

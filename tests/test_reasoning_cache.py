@@ -71,7 +71,7 @@ def test_eval_scaffold_and_rc_rl_build_identical_state_prompts(tiny_model_path, 
     from qedlib import generation
     from qedlib.config import Endpoint, RCRLConfig
     from qedlib.models import load_model
-    from qedlib.rc_rl import RCRollout, problem_slots
+    from qedlib.stages.rc_rl import RCRollout, problem_slots
     from qedlib.scaffolds import ScaffoldSettings, run_scaffold
 
     seen = []
@@ -113,7 +113,7 @@ def test_rc_rl_policy_generator_uses_trls_colocated_vllm_engine_or_explains():
     import pytest
     from qedlib.config import RCRLConfig
     from qedlib.generation import VLLMGenerator
-    from qedlib.rc_rl import RCRollout
+    from qedlib.stages.rc_rl import RCRollout
     rollout = RCRollout(RCRLConfig(), {}, thinking=True)
     engine, tok = object(), object()
     trainer = SimpleNamespace(use_vllm=True, processing_class=tok,
@@ -181,9 +181,9 @@ def test_thinking_summariser_unclosed_summary_is_never_used(tiny_model_path, shi
 
 
 def test_unclosed_summary_keeps_the_previous_one_and_is_counted_in_eval_rows(tiny_model_path, shipped_problems):
-    from qedlib import evaluation
+    from qedlib.stages import evaluation
     from qedlib.verdicts import Grade
-    from qedlib.rc_rl import score_by_turn
+    from qedlib.stages.rc_rl import score_by_turn
     from qedlib.scaffolds import ScaffoldSettings, run_scaffold
     tok = qwen3_style_tokenizer(tiny_model_path)
     p = shipped_problems[0]

@@ -156,37 +156,35 @@ def test_run_recomputes_a_changed_stage_and_says_which_keys_changed(finished_run
 
 
 @pytest.mark.smoke
-def test_notebook_training_reuses_a_model_trained_with_the_same_settings(finished_run, tmp_path, capsys):
-    from qedlib import rubric_rl
-    from qedlib.training import train_or_launch
+def test_notebook_training_reuses_a_model_trained_with_the_same_settings(finished_run, tmp_path, capsys, monkeypatch):
+    from qedlib.stages import rubric_rl
     run_dir = copy_run(finished_run, tmp_path)
     cfg = load_config(SMOKE)
     saved = json.loads((run_dir / "03_rubric_rl" / "train_result.json").read_text())
-    trained = []
-    result = train_or_launch("rubric_rl", cfg.rubric_rl.launch, lambda c, d: trained.append(1), cfg, run_dir,
-                             SMOKE, {}, run_dir / "03_rubric_rl" / "train_result.json")
-    assert result == saved and not trained
+    monkeypatch.setattr(rubric_rl, "train", lambda c, d: pytest.fail("a model trained with these settings must not "
+                                                                     "train again"))
+    # rubric_rl.run_stage is the notebook's entry point: the saved result, no training
+    assert rubric_rl.run_stage(cfg, run_dir, SMOKE, {}) == saved
     assert "not training again" in capsys.readouterr().out
-    # rubric_rl.run is the notebook's entry point: same answer, no training
-    assert rubric_rl.run(cfg, run_dir, SMOKE, {}) == saved
 
 
 @pytest.mark.smoke
-def test_external_mode_waits_for_the_batch_job_or_refuses_with_its_command(finished_run, tmp_path, capsys):
-    from qedlib.training import train_or_launch
+def test_external_mode_waits_for_the_batch_job_or_refuses_with_its_command(finished_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    from qedlib.stages import rubric_rl
     run_dir = copy_run(finished_run, tmp_path)
     changed = {"rubric_rl.lr": 2.0e-5, "rubric_rl.launch.mode": "external"}
     cfg = load_config(SMOKE, changed)
     result_file = run_dir / "03_rubric_rl" / "train_result.json"
-    never = lambda c, d: pytest.fail("external mode must not train in the notebook")
+    monkeypatch.setattr(rubric_rl, "train", lambda c, d: pytest.fail("external mode must not train in the notebook"))
     with pytest.raises(RuntimeError, match=r"(?s)launch.mode is external.*accelerate launch .* -m qedlib train rubric_rl"):
-        train_or_launch("rubric_rl", cfg.rubric_rl.launch, never, cfg, run_dir, SMOKE, changed, result_file)
+        rubric_rl.run_stage(cfg, run_dir, SMOKE, changed)
     # the batch job (what a cluster runs) trains with the same settings and writes the record the notebook waits for
     job = subprocess.Popen([sys.executable, "-m", "qedlib", "train", "rubric_rl", "--params", SMOKE, "--run-dir",
                             str(run_dir), "--set", "rubric_rl.lr=2.0e-5"], env=ENV, cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cfg = load_config(SMOKE, {**changed, "rubric_rl.launch.wait_s": 600.0})
-    result = train_or_launch("rubric_rl", cfg.rubric_rl.launch, never, cfg, run_dir, SMOKE, changed, result_file)
+    result = rubric_rl.run_stage(cfg, run_dir, SMOKE, changed)
     log, _ = job.communicate(timeout=600)
     assert job.returncode == 0, log[-3000:]
     assert result == json.loads(result_file.read_text()) and result["steps"] == 2

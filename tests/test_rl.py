@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from qedlib.config import RLConfig
-from qedlib.rl import RewardFunction, answer_reward_value, format_reward_value, grpo_args, summarise_steps, train_on_problems
+from qedlib.grpo import RewardFunction, answer_reward_value, format_reward_value, grpo_args, summarise_steps, train_on_problems
 
 
 def test_format_reward_on_literal_strings():
@@ -28,7 +28,7 @@ def test_answer_reward_uses_check_answer():
 
 
 def test_overlong_penalty_is_trls_soft_punishment_added_to_valid_rewards():
-    from qedlib.data import Problem
+    from qedlib.problem_sets import Problem
     p = Problem(id="p", problem="x")
     fn = RewardFunction("format", {"p": p}, thinking=False, max_tokens=100, overlong_window=20)
     texts = ["Proof. ok", "Proof. ok", "Proof. ok"]
@@ -101,7 +101,7 @@ def test_grpo_args_match_the_paper_switches(tmp_path):
 def test_grpo_args_vllm_knobs_reach_trl(tmp_path):
     rl = RLConfig(use_vllm=True, vllm_gpu_memory_utilization=0.45, vllm_enable_sleep_mode=True,
                   vllm_server_host="10.0.0.7", vllm_server_port=8123, ratio_logprobs="trainer",
-                  is_correction="token_truncate", is_cap=2.0)
+                  sampling_correction="token_truncate", sampling_correction_cap=2.0)
     a = grpo_args(rl, tmp_path, 0, 1, vllm_max_model_length=12288)
     assert (a.vllm_gpu_memory_utilization, a.vllm_max_model_length, a.vllm_enable_sleep_mode) == (0.45, 12288, True)
     assert (a.vllm_server_host, a.vllm_server_port) == ("10.0.0.7", 8123)
@@ -112,15 +112,15 @@ def test_grpo_args_vllm_knobs_reach_trl(tmp_path):
 def test_objective_refuses_mislabelled_settings(tmp_path):
     with pytest.raises(ValueError, match="entropy_weighting"):
         grpo_args(RLConfig(loss_type="grpo"), tmp_path, 0, 1)
-    with pytest.raises(ValueError, match="is_correction must be none"):
-        grpo_args(RLConfig(is_correction="sequence_mask"), tmp_path, 0, 1)
+    with pytest.raises(ValueError, match="sampling_correction must be none"):
+        grpo_args(RLConfig(sampling_correction="sequence_mask"), tmp_path, 0, 1)
     with pytest.raises(ValueError, match="fp32 master"):
         grpo_args(RLConfig(weights_dtype="bfloat16"), tmp_path, 0, 1)
 
 
 def test_vllm_context_is_prompt_plus_budget_never_the_models_own(tiny_model_path):
     from transformers import AutoTokenizer
-    from qedlib.rl import vllm_context
+    from qedlib.grpo import vllm_context
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     rl = RLConfig(max_completion_length=8192)
     n = len(tok("word " * 300, add_special_tokens=False)["input_ids"])
@@ -156,7 +156,7 @@ def test_grpo_learns_a_reward_the_tiny_model_can_move(shipped_problems, tmp_path
 
 
 def test_consecutive_runs():
-    from qedlib.rl import consecutive_runs
+    from qedlib.grpo import consecutive_runs
     assert consecutive_runs(["a", "a", "b", "b", "b", "a"]) == [("a", 2), ("b", 3), ("a", 1)]
 
 
@@ -195,7 +195,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_path, shipped_prob
 
 def test_lora_policy_is_merged_for_the_next_stage(tiny_model_path, shipped_problems, tmp_path):
     from qedlib.config import Lora
-    from qedlib.rl import save_policy
+    from qedlib.grpo import save_policy
     rl = RLConfig(num_generations=2, prompts_per_step=2, max_steps=1, max_completion_length=6, reward="format",
                   save_steps=100, lr=1e-2, lora=Lora(enabled=True, r=4, alpha=8))
     _, trainer = train_on_problems(rl, tiny_model_path, shipped_problems[:2], tmp_path / "ckpt", thinking=False)

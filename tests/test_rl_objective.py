@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from qedlib.config import RLConfig
-from qedlib.rl import RewardFunction, grpo_args, make_trainer, problem_prompts, train_on_problems
+from qedlib.grpo import RewardFunction, grpo_args, make_trainer, problem_prompts, train_on_problems
 
 
 def _trainer(tiny_model_path, problems, tmp_path, rl, rollout="single"):
     from transformers import AutoTokenizer
-    from qedlib.rl import SingleTurnRollout
+    from qedlib.grpo import SingleTurnRollout
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     ds = problem_prompts(tok, problems, thinking=False)
     fn = RewardFunction("format", {p.id: p for p in problems}, False, max_tokens=rl.max_completion_length)
@@ -100,7 +100,7 @@ def test_entropy_bonus_is_aggregated_like_the_policy_term(tiny_model_path, shipp
 
 
 def test_ppo_ratio_uses_the_samplers_logprobs(tiny_model_path, shipped_problems, tmp_path):
-    from qedlib.rl import SingleTurnRollout
+    from qedlib.grpo import SingleTurnRollout
     rl = RLConfig(num_generations=2, prompts_per_step=2, max_completion_length=6, max_steps=1, temperature=1.0)
     seen = {}
 
@@ -120,7 +120,7 @@ def test_ppo_ratio_uses_the_samplers_logprobs(tiny_model_path, shipped_problems,
     sampler = [x for lp in seen["logprobs"] for x in lp]
     assert sorted(old[mask].tolist()) == pytest.approx(sorted(sampler), abs=1e-5)
     # and the trainer's own logprobs are ~0.25 above them: the ratio the clip sees is exp(0.25), not 1
-    from qedlib.rl import SingleTurnRollout as _S  # noqa: F401
+    from qedlib.grpo import SingleTurnRollout as _S  # noqa: F401
     trainer.model.eval()
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
@@ -203,7 +203,7 @@ def test_rc_rl_on_a_fake_colocated_vllm_engine_runs_trls_loss_with_sampler_logpr
     """RC-RL with use_vllm/colocate: the RC turns and rollouts go to the engine, its per-token logprobs
     (vLLM's list-of-dicts shape) reach TRL's loss as the PPO ratio's denominator, one step trains."""
     from qedlib.config import RCSettings, Sampling
-    from qedlib.rc_rl import RCRollout, problem_slots
+    from qedlib.stages.rc_rl import RCRollout, problem_slots
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=_SamplingParams))
     rl = RLConfig(num_generations=2, prompts_per_step=2, max_steps=1, max_completion_length=6, temperature=1.0,
                   reward="format", save_steps=1000)

@@ -4,7 +4,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from qedlib.io import write_json
+from qedlib.files import write_json
 from qedlib.runner import KERNEL, local_kernel_manager
 
 

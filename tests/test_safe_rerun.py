@@ -2,9 +2,13 @@
 into a run folder with a changed config says which stages recompute and why."""
 import json
 
-from qedlib import distill, evaluation, runner
+from qedlib.stages import distill
+
+from qedlib.stages import evaluation
+
+from qedlib import runner
 from qedlib.config import load_config, save_config
-from qedlib.data import Problem
+from qedlib.problem_sets import Problem
 from qedlib.generation import Completion
 
 PROBLEMS = [Problem("p1", "Prove that 1 + 1 = 2.", rubric="- [7 pts] all"),
@@ -50,12 +54,12 @@ def test_grades_keyed_by_judge_settings(tmp_path):
     dc = distill_cfg()
     distill.generate_samples(PROBLEMS, dc, tmp_path, FakeTeacher(), progress=False)
     samples = distill.read_samples(tmp_path, PROBLEMS, 2, dc)
-    first = distill.grade_samples(PROBLEMS, samples, distill.make_grader(dc, tmp_path), tmp_path, progress=False)
+    first = distill.grade_samples(PROBLEMS, samples, distill.stage_grader(dc, tmp_path), tmp_path, progress=False)
     assert first["graded"] == 4
-    same = distill.grade_samples(PROBLEMS, samples, distill.make_grader(dc, tmp_path), tmp_path, progress=False)
+    same = distill.grade_samples(PROBLEMS, samples, distill.stage_grader(dc, tmp_path), tmp_path, progress=False)
     assert (same["graded"], same["skipped"]) == (0, 4)
     other = distill_cfg(**{"distill.judge.sampling.temperature": 0.3})
-    regraded = distill.grade_samples(PROBLEMS, samples, distill.make_grader(other, tmp_path), tmp_path, progress=False)
+    regraded = distill.grade_samples(PROBLEMS, samples, distill.stage_grader(other, tmp_path), tmp_path, progress=False)
     assert (regraded["graded"], regraded["set_aside"]) == (4, 4)
     # selection uses only the grades of its own judge settings
     assert all(r["status"] != "ungraded" for r in distill.select_samples(samples, distill.read_grades(tmp_path), other, PROBLEMS))
@@ -98,11 +102,11 @@ def eval_cfg(tmp_path, temperature=0.8):
 def test_eval_rows_resume_unchanged_and_recompute_on_new_temperature(tmp_path, tiny_generator, capsys):
     folder = tmp_path / "05_eval"
     policy = Counting(tiny_generator)
-    rows = evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, tiny_generator, lambda ep: policy)
+    rows = evaluation.run_stage(eval_cfg(tmp_path), tmp_path, stage_folder=folder, judge_generator=tiny_generator, policy_factory=lambda ep: policy)
     assert len(rows) == 2 and policy.prompts == 2
-    assert len(evaluation.evaluate(eval_cfg(tmp_path), tmp_path, folder, tiny_generator, lambda ep: policy)) == 2
+    assert len(evaluation.run_stage(eval_cfg(tmp_path), tmp_path, stage_folder=folder, judge_generator=tiny_generator, policy_factory=lambda ep: policy)) == 2
     assert policy.prompts == 2  # resumed: nothing generated
-    rows = evaluation.evaluate(eval_cfg(tmp_path, 0.3), tmp_path, folder, tiny_generator, lambda ep: policy)
+    rows = evaluation.run_stage(eval_cfg(tmp_path, 0.3), tmp_path, stage_folder=folder, judge_generator=tiny_generator, policy_factory=lambda ep: policy)
     assert len(rows) == 2 and policy.prompts == 4  # recomputed
     assert "2 rows of other settings" in capsys.readouterr().out
     assert len((folder / "results.jsonl").read_text().splitlines()) == 4  # old rows kept in the file ...

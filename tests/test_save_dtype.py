@@ -49,8 +49,8 @@ def test_cast_leaves_a_hard_linked_checkpoint_in_fp32(saved, tmp_path):
 
 def test_sft_measures_what_rounding_keeps(saved, tiny_model_path):
     from qedlib.config import load_config
-    from qedlib.sft import saved_dtype_moved
-    from qedlib.sft_view import training_findings
+    from qedlib.stages.sft import saved_dtype_moved
+    from qedlib.views.sft import training_findings
     _, out = saved
     m = saved_dtype_moved(load_config(None, {"sft.save_dtype": "bfloat16"}), out, tiny_model_path)
     assert m["weights_changed_frac"] > 0.99  # every weight got a random 1e-2 kick, in fp32

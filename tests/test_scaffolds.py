@@ -3,7 +3,7 @@ import pytest
 
 from qedlib import scaffolds
 from qedlib.config import RCSettings, Sampling
-from qedlib.data import Problem
+from qedlib.problem_sets import Problem
 from qedlib.generation import Completion
 
 PROBLEMS = [Problem(id="p1", problem="Prove that 1 + 1 = 2."), Problem(id="p2", problem="Prove that 2 + 2 = 4.")]

@@ -1,4 +1,4 @@
-"""Stage 2 (qedlib.sft): data loading, loss masks, overlong handling, padding-free, training, resume, LoRA."""
+"""Stage 2 (qedlib.stages.sft): data loading, loss masks, overlong handling, padding-free, training, resume, LoRA."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qedlib import policy, sft, sft_data, sft_view
+from qedlib import proof_chat as policy
+
+from qedlib.stages import sft
+
+from qedlib import sft_data
+
+from qedlib.views import sft as sft_view
 from qedlib.config import load_config
 from qedlib.models import TINY, resolve_model
 
@@ -268,14 +274,14 @@ def test_lora_adapter_without_merge_is_usable_by_later_stages(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from qedlib.models import load_model
-    from qedlib.layout import checkpoint
+    from qedlib.layout import named_model
     run, params = make_run(tmp_path, max_steps=2, lr=1.0e-2,
                            **{"lora": {"enabled": True, "r": 4, "alpha": 8, "merge": False}})
     cfg = load_config(params)
     m = sft.train(cfg, run)
     out = Path(m["model_dir"])
     assert (out / "adapter_config.json").exists() and not (out / "config.json").exists()
-    assert checkpoint(cfg, run, "previous", "rubric_rl") == str(out)
+    assert named_model(cfg, run, "previous", "rubric_rl") == str(out)
     tok, model = load_model(str(out), device="cpu", dtype="float32")
     assert (out.parent / "model-merged" / "config.json").exists()
     base = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
@@ -357,8 +363,8 @@ def test_distill_counts_the_tokens_sft_trains_on():
     """01_distill's token count of a sample equals the tokens 02_sft trains on, whether SFT reads the
     dataset's messages or builds them from reasoning_content + proof (whitespace included)."""
     import datasets
-    from qedlib import distill
-    from qedlib.data import Problem
+    from qedlib.stages import distill
+    from qedlib.problem_sets import Problem
     tok = tiny_tokenizer()
     problem = Problem(id="p1", problem="Prove that $n^2+n$ is even.")
     sample = {"key": "p1#0", "problem_id": "p1", "reasoning": "\n  n(n+1) has an even factor. \n",
@@ -381,25 +387,27 @@ def test_notebook_02_calls_the_stage_steps_in_short_cells_without_logic():
     nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / "02_sft.ipynb", 4)
     cells = [c.source for c in nb.cells if c.cell_type == "code"]
     code = "\n".join(cells)
-    for step in ("sft.prepare_data(cfg, run_dir)", "sft.train_or_launch(cfg, run_dir, params_file, overrides, data)",
+    for step in ("sft.prepare_data(cfg, run_dir)", "sft.run_stage(cfg, run_dir, params_file, overrides, data=data)",
                  "sft.sample_before_after(cfg, run_dir,"):
         assert step in code, step
     for src in cells:
         lines = [ln for ln in src.splitlines() if ln.strip() and not ln.strip().startswith("#")]
         assert len(lines) <= 10, src
         assert not any(ln.lstrip().startswith(("def ", "class ", "for ", "if ", "while ", "with ")) for ln in lines), src
-    # what the notebook no longer repeats: the data steps and the launch choice live in qedlib.sft
+    # what the notebook no longer repeats: the data steps and the launch choice live in qedlib.stages.sft
     assert "accelerate_train" not in code and "build_tokenized" not in code and "checkpoint(" not in code
 
 
-def test_train_or_launch_in_process_trains_on_the_prepared_data(tmp_path):
-    """The notebook's path: prepare_data once, then train on it (the dataset is not read again)."""
+def test_run_stage_in_process_trains_on_the_prepared_data_then_reuses_the_model(tmp_path):
+    """The notebook's path: prepare_data once, then run_stage trains on it (the dataset is not read again); a second
+    run_stage with the same settings returns the saved result without training (it could not: the data is gone)."""
     import shutil
     run, params = make_run(tmp_path, n=6, max_steps=2, eval_fraction=0.34)
     cfg = load_config(params)
     data = sft.prepare_data(cfg, run)
     assert len(data.eval_rows) == 2 and data.eval_stats["kept"] == 2 and data.train_stats["kept"] == 4
     shutil.rmtree(run / "01_distill" / "dataset")  # a second read would fail
-    m = sft.train_or_launch(cfg, run, str(params), {}, data)
+    m = sft.run_stage(cfg, run, str(params), {}, data=data)
     assert m["steps"] == 2 and m["examples"] == 4 and m["eval_examples"] == 2 and m["eval_loss"] is not None
     assert json.loads((run / "02_sft" / "train_metrics.json").read_text())["steps"] == 2
+    assert sft.run_stage(cfg, run, str(params), {}) == json.loads((run / "02_sft" / "train_metrics.json").read_text())

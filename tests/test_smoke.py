@@ -83,7 +83,7 @@ def test_eval_metrics_and_report(run_dir):
         for scaffold, row in by_scaffold.items():
             assert 0.0 <= row["mean_score_pct"] <= 100.0 and 0.0 <= row["truncation_rate"] <= 1.0, (ckpt, scaffold)
     assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
-    from qedlib.export import export_official  # the official-format export runs on the smoke run folder
+    from qedlib.tools.export import export_official  # the official-format export runs on the smoke run folder
     assert len(export_official(run_dir)) == n_ckpt * len(cfg.eval.benchmarks) * n_scaff * cfg.eval.samples
 
 
@@ -96,3 +96,42 @@ def test_report_lists_every_stage_with_wall_time_including_eval(run_dir):
         assert row is not None, stage
         assert float(row.split("|")[2]) > 0, row  # wall time from timings.json
     assert "mean_score_pct" in md or "Scores (mean" in md
+
+
+@pytest.mark.parametrize("stage,section", [("03_rubric_rl", "rubric_rl"), ("04_reasoning_cache_rl", "rc_rl")])
+def test_rl_stages_record_what_rose_and_how_far_the_policy_moved(run_dir, stage, section):
+    """metrics.json's `learning` (first vs last steps' group means with a bootstrap interval) and `probe` (the trained
+    policy vs its start on fixed completions): the numbers the notebook and the report show."""
+    m = metrics(run_dir, stage)
+    learning = m["learning"]
+    assert learning["reward"] == getattr(load_config(SMOKE), section).reward
+    assert {"first", "last", "gain", "ci_low", "ci_high"} <= set(learning)
+    if learning["gain"] is not None and math.isfinite(learning["gain"]):
+        assert learning["ci_low"] <= learning["gain"] <= learning["ci_high"]
+    assert m["probe"]["probe_items"] > 0 and m["probe"]["kl"] >= 0 and math.isfinite(m["probe"]["logprob_gain"])
+
+
+def test_sft_records_its_effect_and_the_held_out_probe(run_dir):
+    m = metrics(run_dir, "02_sft")
+    assert {"closes_think", "stops", "tokens"} <= set(m["effect"])
+    for v in m["effect"].values():
+        assert v["ci_low"] <= v["gain"] <= v["ci_high"]
+    assert m["probe"] is None or m["probe"]["probe_items"] > 0
+
+
+def test_eval_ranks_checkpoints_with_paired_intervals(run_dir):
+    comparisons = metrics(run_dir, "05_eval")["comparisons"]
+    assert comparisons
+    for c in comparisons:
+        assert {"diff_pct", "ci_low", "ci_high", "beyond_noise"} <= set(c)
+
+
+def test_executed_notebooks_are_trusted_and_have_their_html_page(run_dir):
+    import nbformat
+    from nbformat.sign import NotebookNotary
+    notary = NotebookNotary()
+    for stage in STAGES:
+        nb_path = run_dir / stage / f"{stage}.ipynb"
+        assert notary.check_signature(nbformat.read(nb_path, 4)), stage
+        assert (run_dir / stage / f"{stage}.html").exists(), stage
+    assert "## What each stage achieved" in (run_dir / "report.md").read_text()

@@ -101,3 +101,13 @@ def test_tokens_cost_and_summary():
     assert rec["score_pct_basic"] == pytest.approx(100.0) and rec["score_pct_advanced"] == 0.0
     assert rec["pass@1"] == pytest.approx(0.5)
     assert rec["tokens_per_problem"] == 200 and rec["cost_usd"] == 2.5
+
+
+def test_learning_gain_interval_excludes_zero_only_for_a_real_rise():
+    from qedlib.stats import learning_gain
+    rose = learning_gain([0.1, 0.2, 0.15, 0.1, 0.2, 0.15], [0.6, 0.7, 0.65, 0.6, 0.7, 0.65])
+    assert abs(rose["gain"] - 0.5) < 1e-9 and 0 < rose["ci_low"] <= 0.5 <= rose["ci_high"]
+    noise = learning_gain([0.0, 1.0, 0.0, 1.0, 0.5, 0.5], [1.0, 0.0, 1.0, 0.0, 0.5, 0.5])
+    assert noise["gain"] == 0 and noise["ci_low"] < 0 < noise["ci_high"]
+    one = learning_gain([0.2], [0.4])  # one value a side: no interval to resample, the point is reported as such
+    assert one["n_first"] == 1 and one["ci_low"] == one["ci_high"] == one["gain"]

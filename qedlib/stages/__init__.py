@@ -1,0 +1,1 @@
+"""The five stages, one module per notebook: what each stage computes and writes (`run_stage` and its steps)."""
