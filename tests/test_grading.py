@@ -125,6 +125,18 @@ def test_build_prompt_variants_and_errors():
         G.build_prompt("answer", "text", PROB, "x")
 
 
+@pytest.mark.parametrize("kind,problem", [("rubric", "PROB"), ("rubric", "PROB_REF"), ("proofbench", "PROB_PB")])
+def test_score_prob_prompts_ask_for_the_score_only_and_text_prompts_for_reasons_first(kind, problem):
+    """A score_prob judge is read from its next-token probabilities: its prompt must not also ask for an assessment."""
+    problem = globals()[problem]
+    prob = G.build_prompt(kind, "score_prob", problem, "x").text
+    text = G.build_prompt(kind, "text", problem, "x").text
+    answer = prob[prob.index("## Your answer"):]
+    assert "only" in answer and not re.search(r"assessment|explain your|list each", answer, re.I)
+    reasons = text[text.index("## Your answer"):]
+    assert re.search(r"assessment|explain your", reasons, re.I) and "Finish" in reasons
+
+
 def test_answer_math_verify_without_a_judge_call(tmp_path):
     grader = G.Grader(Judge(prompt="answer", endpoint=Endpoint(backend="openai", base_url="http://127.0.0.1:9/v1")))
     grades = grader.grade([PROB_ANS, PROB_ANS], ["so the answer is \\boxed{0.5}", "the answer is $\\boxed{3}$"])
