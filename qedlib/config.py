@@ -254,6 +254,7 @@ class RCSettings:
     accumulate: bool = False  # append summaries instead of replacing (paper: replace)
     summary_thinking: Optional[bool] = None  # summariser reasons in <think> first; None: when the policy summarises itself with thinking, or its template opens <think>
     summary_thinking_budget: int = 0  # extra summariser tokens for that thinking (added to summary.max_new_tokens; workbook default)
+    summary_length: str = RECIPE["rc_rl.rc.summary_length"]  # how long the summariser is asked to write, in the prompt's words (paper: at most two short paragraphs)
 
 
 @dataclass

@@ -27,7 +27,8 @@ RECIPE = {
     "rubric_rl.loss_type": "luspo",  # TRL's name for the paper's token sum / sequences, with token-level ratios
     # stage 4: RL with a reasoning cache (3 turns of 49k tokens joined by 2k-token summaries)
     "rc_rl.rc.turns": 3, "rc_rl.rc.reasoning_budget": 49152, "rc_rl.rc.summary.max_new_tokens": 2048,
-    "rc_rl.rc.summariser": "frozen", "rc_rl.rc.accumulate": False, "rc_rl.states_per_trajectory": 2,
+    "rc_rl.rc.summariser": "frozen",
+    "rc_rl.rc.summary_length": "at most two short paragraphs", "rc_rl.rc.accumulate": False, "rc_rl.states_per_trajectory": 2,
     "rc_rl.num_generations": 16, "rc_rl.prompts_per_step": 64, "rc_rl.max_completion_length": 49152,
     "rc_rl.temperature": 0.8, "rc_rl.lr": 1.0e-6, "rc_rl.epsilon": 4.0, "rc_rl.entropy_coef": 1.0e-4,
     "rc_rl.reward": "judge",
@@ -36,6 +37,7 @@ RECIPE = {
     "eval.benchmark_limit": "all: 60 / 145 / 400", "eval.samples": 3, "eval.sampling.temperature": 0.8,
     "eval.sampling.max_new_tokens": 49_152, "eval.scaffolds": "single, rc, dsm, rsa, ...", "eval.rc.turns": 3,
     "eval.rc.reasoning_budget": 49_152, "eval.rc.summary.max_new_tokens": 2_048, "eval.rc.summariser": "policy",
+    "eval.rc.summary_length": "at most two short paragraphs",
     "eval.judge.endpoint.model": "gpt-oss-20b", "eval.judge.prompt": "ProofBench-style", "eval.judge.mode": "text",
     "eval.success_threshold": 6,
 }

@@ -51,10 +51,11 @@ def reasoning_messages(problem: str, summary: str) -> list[dict]:
     return [{"role": "user", "content": fill("rc_reason", problem=problem, summary=summary).strip()}]
 
 
-def summary_messages(problem: str, previous_summary: str, attempt: str) -> list[dict]:
-    """The summariser's prompt: the latest attempt in light of the previous summary."""
+def summary_messages(problem: str, previous_summary: str, attempt: str, length: str) -> list[dict]:
+    """The summariser's prompt: the latest attempt in light of the previous summary, in `length` (rc.summary_length)."""
     return [{"role": "user", "content": fill(
-        "rc_summarise", problem=problem, previous_summary=previous_summary or "(none)", attempt=attempt or "(empty)").strip()}]
+        "rc_summarise", problem=problem, previous_summary=previous_summary or "(none)", attempt=attempt or "(empty)",
+        length=length).strip()}]
 
 
 def attempt_text(c) -> str:
@@ -144,7 +145,8 @@ def rc_rollout(problems, policy, summariser, rc, sampling, thinking: bool = True
                                        c.think_closed, c.finish_reason, "", c.prompt_tokens, c.completion_tokens))
         if turn == rc.turns - 1 and not final_summary:
             break
-        sprompts = [summary_messages(p.problem, summaries[i], attempt_text(outs[i][0])) for i, p in enumerate(problems)]
+        sprompts = [summary_messages(p.problem, summaries[i], attempt_text(outs[i][0]), rc.summary_length)
+                    for i, p in enumerate(problems)]
         _seed(seed, turn, 1)
         souts = summariser.generate(sprompts, summ_sampling, thinking=summ_thinking)
         for i, group in enumerate(souts):

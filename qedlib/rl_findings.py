@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from .grpo import finite_mean, group_advantages, learning_record
+from .stats import MIN_VERDICT_N, verdict
 
 
 def worked_group(steps: list[dict]):
@@ -56,15 +57,17 @@ def correlation(xs: list, ys: list, min_points: int = 5) -> dict | None:
 
 def learning_sentence(learning: dict | None) -> str | None:
     """The trained reward's first vs last steps in words, from metrics.json `learning` (grpo.learning_record): the
-    gain with its 95% bootstrap interval over groups, called beyond noise only when the interval excludes 0."""
+    gain with its 95% bootstrap interval over groups, called beyond noise only when the interval excludes 0 and each
+    side has at least stats.MIN_VERDICT_N groups."""
     if not learning or learning.get("gain") is None or learning.get("n_first", 0) == 0:
         return None
     k, lo, hi = learning["k"], learning["ci_low"], learning["ci_high"]
     head = (f"The {learning['reward']} reward went {learning['first']:.3f} (first {k} step{'s' * (k > 1)}, "
             f"{learning['n_first']} groups) -> {learning['last']:.3f} (last {k}, {learning['n_last']} groups): gain "
             f"{learning['gain']:+.3f}, 95% interval [{lo:+.3f}, {hi:+.3f}] (bootstrap over groups)")
-    if min(learning["n_first"], learning["n_last"]) < 2:
-        return head + "; one group on a side gives no interval, so this shows no learning either way."
+    if min(learning["n_first"], learning["n_last"]) < MIN_VERDICT_N:
+        return head + (f"; a verdict needs at least {MIN_VERDICT_N} groups on each side, so this shows no learning "
+                       "either way (more steps or prompts per step give more groups).")
     if lo > 0:
         return head + ": it rose beyond noise."
     if hi < 0:
@@ -76,7 +79,9 @@ def findings(steps: list[dict], metrics: dict, rl) -> str:
     """What a GRPO run's own numbers say, as Markdown bullets. Each bullet's test: **Learning** from metrics
     `learning` (rose/fell only when the bootstrap interval excludes 0); **Signal**: the reward std and all-equal
     share averaged over the steps that logged them, with their count and range; **Length**: completions that hit
-    the token cap and rollouts that never closed `</think>`, counted from the steps; **Gradient norm**: the largest
+    the token cap and rollouts that never closed `</think>`, counted from the steps; **Steps without signal**: steps
+    whose groups were all all-equal (frac_zero_std 1), and whether the first step was one (AdamW's first update is
+    lr x sign(gradient), whatever its size); **Gradient norm**: the largest
     norm beside its step's reward std and length; a correlation across steps only with >= 5 steps and its 95%
     interval, called a link only when the interval excludes 0; **Clip ratio**: TRL's count (tokens where the clip
     binds for the advantage's sign), with the bound that can bind at this epsilon; **Policy shift** from metrics
@@ -98,6 +103,15 @@ def findings(steps: list[dict], metrics: dict, rl) -> str:
         out.append(f"**Signal.** Rewards within a group differ by a std of {spread}; rewards are 0-1, and "
                    f"{zero:.0%} of groups gave all {rl.num_generations} rollouts the same reward: such a group has "
                    "advantage 0 everywhere and teaches nothing.")
+    flat = [r["step"] for r in steps if r.get("frac_zero_std") == 1]
+    if flat and getattr(rl, "entropy_coef", 0):
+        first = flat[0] == min(r["step"] for r in steps)
+        out.append(f"**Steps without signal.** In {len(flat)} of {len(steps)} steps (step{'s' * (len(flat) > 1)} "
+                   f"{', '.join(map(str, flat))}) every group was all-equal, so every advantage was 0 and the update "
+                   f"came from the entropy bonus alone (coefficient {rl.entropy_coef:g})."
+                   + (" The first step was one of them: AdamW's first update is about lr times the sign of each "
+                      "weight's gradient whatever its size (m / sqrt(v) = g / |g| at step 1), so that small gradient "
+                      f"still moved the weights by about {rl.lr:g} each." if first else ""))
     capped = finite_mean([r.get("clipped_ratio") for r in steps])
     trunc = finite_mean([r.get("truncation_rate") for r in steps])
     if capped is not None or trunc is not None:
@@ -123,9 +137,9 @@ def findings(steps: list[dict], metrics: dict, rl) -> str:
         if c is None:
             text += (f". With {len(norms)} steps no correlation across steps is computed (it needs at least 5)")
         else:
-            verdict = ("rises with" if c["ci_low"] > 0 else "falls with" if c["ci_high"] < 0 else
-                       "shows no clear link to")
-            text += (f". Across {c['n']} steps the gradient norm {verdict} the reward std (r = {c['r']:+.2f}, 95% "
+            link = ("rises with" if c["ci_low"] > 0 else "falls with" if c["ci_high"] < 0 else
+                    "shows no clear link to")
+            text += (f". Across {c['n']} steps the gradient norm {link} the reward std (r = {c['r']:+.2f}, 95% "
                      f"interval [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}])")
         out.append(text + ".")
     clip = finite_mean([r.get("clip_ratio") for r in steps])
@@ -142,7 +156,9 @@ def findings(steps: list[dict], metrics: dict, rl) -> str:
     probe = metrics.get("probe")
     if probe:
         lo, hi = probe["ci_low"], probe["ci_high"]
-        moved = ("more likely" if lo > 0 else "less likely" if hi < 0 else "neither more nor less likely beyond noise")
+        moved = {"up": "more likely", "down": "less likely", "none": "neither more nor less likely beyond noise",
+                 "few": f"more or less likely: {probe['probe_items']} items are too few for a verdict (at least "
+                        f"{MIN_VERDICT_N})"}[verdict(lo, hi, probe["probe_items"])]
         out.append(f"**Policy shift.** On {probe['probe_items']} fixed completions from the run's first steps, the "
                    f"trained policy's mean log-probability per token went {probe['logprob_start']:.3f} -> "
                    f"{probe['logprob_trained']:.3f} ({probe['logprob_gain']:+.3f}, 95% interval [{lo:+.3f}, "
@@ -172,7 +188,7 @@ def reward_comparison(judge_steps: list[dict], format_steps: list[dict], judge: 
     text = " ".join(run_summary(n, rows) for n, rows in ((other, format_steps), (judge, judge_steps)))
     rows = [r for r in format_steps if r.get("group_means")]
     learning = learning_record(format_steps, other)
-    if rows and learning.get("ci_low") is not None and learning["ci_low"] > 0:
+    if rows and learning.get("beyond_noise") and learning["ci_low"] > 0:
         text += (f" The {other} reward reads only the policy's own text, so its group differences point at something "
                  "the policy can change, and it did; the judge's differences move only as far as the judge "
                  "discriminates.")

@@ -72,16 +72,31 @@ def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, seed: int = 0, lev
     return float(lo), float(hi)
 
 
+# The fewest values on each side (groups, problems) before a bootstrap interval is read as a verdict: a percentile
+# bootstrap of 2-4 values spans little more than their min and max, so "beyond noise" would rest on a handful of points.
+MIN_VERDICT_N = 5
+
+
+
+def verdict(lo, hi, n: int) -> str:
+    """How a change with 95% interval [lo, hi] from n values (per side: groups, problems, probe items) reads:
+    "up" / "down" only when the interval excludes 0 and n >= MIN_VERDICT_N; "few" below that; else "none"."""
+    if n < MIN_VERDICT_N:
+        return "few"
+    return "up" if lo > 0 else "down" if hi < 0 else "none"
+
+
 def learning_gain(first: Iterable[float], last: Iterable[float], n_boot: int = 2000, seed: int = 0,
                   level: float = 0.95) -> dict:
     """Did a reward rise? Mean of `last` minus mean of `first` (e.g. the group-mean rewards of a run's first and last
     steps) with a percentile bootstrap interval that resamples each side independently. The gain is "beyond noise"
-    when the interval excludes 0 (`ci_low > 0`). NaN for an empty side; the interval is the point when a side has one
+    (`beyond_noise`) when the interval excludes 0 and each side has at least MIN_VERDICT_N values. NaN for an empty side; the interval is the point when a side has one
     value (no spread to resample: say so rather than read it as certain)."""
     a, b = np.asarray(list(first), dtype=float), np.asarray(list(last), dtype=float)
     out = {"first": float(a.mean()) if a.size else float("nan"), "last": float(b.mean()) if b.size else float("nan"),
            "n_first": int(a.size), "n_last": int(b.size)}
     out["gain"] = out["last"] - out["first"]
+    out["beyond_noise"] = False
     if a.size < 2 or b.size < 2 or n_boot <= 0:
         out["ci_low"] = out["ci_high"] = out["gain"]
         return out
@@ -89,6 +104,7 @@ def learning_gain(first: Iterable[float], last: Iterable[float], n_boot: int = 2
     diffs = b[rng.integers(0, b.size, (n_boot, b.size))].mean(1) - a[rng.integers(0, a.size, (n_boot, a.size))].mean(1)
     lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
     out["ci_low"], out["ci_high"] = float(lo), float(hi)
+    out["beyond_noise"] = bool(min(a.size, b.size) >= MIN_VERDICT_N and (lo > 0 or hi < 0))
     return out
 
 

@@ -61,17 +61,20 @@ def test_state_view_renders_the_cache_state_and_the_summariser_prompt(shipped_pr
             "finish_reason": "length", "summary_out": "I checked n=1 only.", "prompt_tokens": 1, "completion_tokens": 4,
             "summary_tokens": 5, "summary_status": "ok", "summary_finish": "length"}
     view = rc_rl_view.state_view([{"problem_id": p.id, "turns": [turn]}], shipped_problems,
-                                 AutoTokenizer.from_pretrained(tiny_model_path), thinking=False)
+                                 AutoTokenizer.from_pretrained(tiny_model_path), thinking=False,
+                                 summary_length="two sentences")
     assert "I checked n=1 only." in view["state_prompt"] and p.problem in view["state_prompt"]
+    assert "Write two sentences in the first person" in view["summariser_prompt"]
     assert "I tried n=1." in view["summariser_prompt"] and view["summary"] == "I checked n=1 only."
     assert "I checked n=1 only." in view["caption"] and "cut at its token budget" in view["caption"]
     assert "nothing checks what it says" in view["caption"] and "status ok" not in view["caption"]
     unusable = dict(turn, summary_out="", summary_status="unclosed")
     view = rc_rl_view.state_view([{"problem_id": p.id, "turns": [unusable]}], shipped_problems,
-                                 AutoTokenizer.from_pretrained(tiny_model_path), thinking=False)
+                                 AutoTokenizer.from_pretrained(tiny_model_path), thinking=False,
+                                 summary_length="two sentences")
     assert "No summary of the last step was usable" in view["caption"] and "unclosed" in view["caption"]
     with pytest.raises(ValueError, match="rerun the stage"):
-        rc_rl_view.state_view([], shipped_problems, None, thinking=False)
+        rc_rl_view.state_view([], shipped_problems, None, thinking=False, summary_length="two sentences")
 
 
 def test_worked_state_reads_the_last_steps_trajectories(shipped_problems, tiny_model_path, tmp_path):
@@ -82,6 +85,7 @@ def test_worked_state_reads_the_last_steps_trajectories(shipped_problems, tiny_m
     write_json(tmp_path / "trajectories_last_step.json", [{"problem_id": p.id, "turns": [turn]}])
     view = rc_rl_view.worked_state(load_config(None, {"thinking": False}), tmp_path, shipped_problems, tiny_model_path)
     assert "SUMMARY-0" in view["state_prompt"] and view["problem_id"] == p.id
+    assert "Write at most two short paragraphs in the first person" in view["summariser_prompt"]  # the paper's default
 
 
 def test_score_by_turn_before_and_after_on_literal_rows():

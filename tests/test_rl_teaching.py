@@ -78,6 +78,16 @@ def test_findings_are_computed_from_the_runs_numbers():
     assert findings([], {}, RLConfig()) == "No step records to read."
 
 
+def test_steps_without_signal_name_the_entropy_only_update():
+    rows = [dict(STEPS[0], step=1, frac_zero_std=1.0), dict(STEPS[0], step=2, frac_zero_std=0.5)]
+    text = findings(rows, {}, RLConfig(lr=1e-4, entropy_coef=1e-4))
+    assert "In 1 of 2 steps (step 1) every group was all-equal" in text and "entropy bonus alone (coefficient 0.0001)" in text
+    assert "AdamW's first update" in text and "by about 0.0001 each" in text
+    later = findings([dict(r, frac_zero_std=1.0 - r["frac_zero_std"]) for r in rows], {}, RLConfig(entropy_coef=1e-4))
+    assert "(step 2)" in later and "AdamW's first update" not in later
+    assert "Steps without signal" not in findings(rows, {}, RLConfig(entropy_coef=0.0))
+
+
 def test_findings_of_the_judge_run_before_issue_24():
     """The judge run the issue measured (tests/fixtures/rubric_rl_judge_run.json): the gradient-norm spike is not
     blamed on truncation with r over three points; the spread is an average over the steps that logged it."""
@@ -98,13 +108,18 @@ def test_learning_record_and_sentence_from_group_means():
     from qedlib.grpo import learning_record
     from qedlib.rl_findings import learning_sentence
     rows = [{"step": s, "group_means": m} for s, m in
-            enumerate([[0.0, 0.125], [0.125, 0.0], [0.25, 0.125], [0.5, 0.375], [0.625, 0.75], [0.75, 0.875]], 1)]
+            enumerate([[0.0, 0.125, 0.0625], [0.125, 0.0, 0.0625], [0.25, 0.125, 0.2], [0.5, 0.375, 0.4],
+                       [0.625, 0.75, 0.75], [0.75, 0.875, 0.75]], 1)]
     rec = learning_record(rows, "opening")
-    assert (rec["k"], rec["n_first"], rec["n_last"]) == (2, 4, 4)
+    assert (rec["k"], rec["n_first"], rec["n_last"]) == (2, 6, 6)
     assert rec["first"] == pytest.approx(0.0625) and rec["last"] == pytest.approx(0.75) and rec["ci_low"] > 0
     text = learning_sentence(rec)
-    assert text.startswith("The opening reward went 0.062 (first 2 steps, 4 groups) -> 0.750 (last 2, 4 groups)")
-    assert text.endswith("it rose beyond noise.")
+    assert text.startswith("The opening reward went 0.062 (first 2 steps, 6 groups) -> 0.750 (last 2, 6 groups)")
+    assert text.endswith("it rose beyond noise.") and rec["beyond_noise"]
+    two = learning_record([dict(r, group_means=r["group_means"][:2]) for r in rows], "opening")
+    assert two["ci_low"] > 0 and not two["beyond_noise"]  # 4 groups a side: the interval is no verdict
+    assert learning_sentence(two).endswith("a verdict needs at least 5 groups on each side, so this shows no "
+                                           "learning either way (more steps or prompts per step give more groups).")
     flat = [dict(r, group_means=[0.3, 0.4]) for r in rows]
     assert learning_sentence(learning_record(flat, "judge")).endswith("no change beyond noise.")
     assert learning_record([{"step": 1}], "judge")["gain"] is None and learning_sentence(None) is None
@@ -146,14 +161,14 @@ def test_worked_group_table():
 
 
 def test_reward_comparison_names_both_runs():
-    fmt = [{"step": i, "loss": 0.0, "reward": r, "frac_zero_std": 0.0, "group_means": [r, r + 0.1]}
+    fmt = [{"step": i, "loss": 0.0, "reward": r, "frac_zero_std": 0.0, "group_means": [r, r + 0.1, r + 0.05]}
            for i, r in enumerate([0.1, 0.2, 0.5, 0.6, 0.8, 0.9], 1)]
     judge = [{"step": i, "reward": 0.3, "frac_zero_std": 0.5, "group_means": [0.3, 0.31]} for i in range(1, 4)]
     text = reward_comparison(judge, fmt, "judge", "opening")
-    assert text.startswith("The opening reward went 0.200 (first 2 steps, 4 groups) -> 0.900 (last 2, 4 groups)")
+    assert text.startswith("The opening reward went 0.200 (first 2 steps, 6 groups) -> 0.900 (last 2, 6 groups)")
     assert "The judge reward went 0.305 (first 1 step, 2 groups) -> 0.305" in text
-    assert "no change beyond noise" in text and "and it did" in text
-    flat = [dict(r, frac_zero_std=1.0, group_means=[0.5, 0.5]) for r in fmt]
+    assert "a verdict needs at least 5 groups on each side" in text and "and it did" in text
+    flat = [dict(r, frac_zero_std=1.0, group_means=[0.5, 0.5, 0.5]) for r in fmt]
     assert "Every format group was all-equal" in reward_comparison(judge, flat)
 
 

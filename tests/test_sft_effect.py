@@ -33,12 +33,13 @@ def test_behaviour_effect_calls_a_change_beyond_noise_only_when_its_interval_exc
     assert "not distinguishable from no change" in sft_view.behaviour_findings(mixed)
 
 
-def test_probe_findings_need_an_interval_that_excludes_zero_and_two_problems():
+def test_probe_findings_need_an_interval_that_excludes_zero_and_five_problems():
     p = {"probe_items": 6, "heldout_loss_before": 2.0, "heldout_loss_after": 1.5, "logprob_gain": 0.5,
          "ci_low": 0.3, "ci_high": 0.7, "kl": 0.4}
     assert "beyond noise: SFT moved the policy" in sft_view.probe_findings(p)
     assert "not distinguishable" in sft_view.probe_findings({**p, "ci_low": -0.1})
-    assert "no claim beyond noise" in sft_view.probe_findings({**p, "probe_items": 1})
+    assert "too few for a verdict" in sft_view.probe_findings({**p, "probe_items": 1})
+    assert "too few for a verdict" in sft_view.probe_findings({**p, "probe_items": 4})  # excludes 0, but 4 problems
     assert "no held-out probe" in sft_view.probe_findings(None)
 
 

@@ -111,3 +111,13 @@ def test_learning_gain_interval_excludes_zero_only_for_a_real_rise():
     assert noise["gain"] == 0 and noise["ci_low"] < 0 < noise["ci_high"]
     one = learning_gain([0.2], [0.4])  # one value a side: no interval to resample, the point is reported as such
     assert one["n_first"] == 1 and one["ci_low"] == one["ci_high"] == one["gain"]
+    assert rose["beyond_noise"] and not noise["beyond_noise"] and not one["beyond_noise"]
+    few = learning_gain([0.1, 0.2], [0.6, 0.7])  # an interval that excludes 0 from 2 groups a side is no verdict
+    assert few["ci_low"] > 0 and not few["beyond_noise"]
+
+
+@pytest.mark.parametrize("lo,hi,n,expected", [(0.1, 0.3, 5, "up"), (-0.3, -0.1, 5, "down"), (-0.1, 0.3, 5, "none"),
+                                              (0.1, 0.3, 4, "few"), (-0.1, 0.3, 2, "few")])
+def test_verdict_needs_an_interval_that_excludes_zero_and_enough_values(lo, hi, n, expected):
+    from qedlib.stats import MIN_VERDICT_N, verdict
+    assert MIN_VERDICT_N == 5 and verdict(lo, hi, n) == expected

@@ -523,8 +523,8 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict], n_boot: int = 1000
     """Score % of 7 of B minus A on the problems both were graded on, with a paired percentile bootstrap over
     problems (one resample of problems drawn for both, so what the problems share cancels). Two overlapping
     intervals can still hide a real paired difference, and two separate ones can come from a shared hard problem:
-    this is the interval to read. `beyond_noise` is True only when the interval excludes 0 and there are >= 5
-    problems; with fewer the interval is not trusted and `beyond_noise` is False."""
+    this is the interval to read. `beyond_noise` is True only when the interval excludes 0 and there are
+    >= stats.MIN_VERDICT_N (5) problems; with fewer the interval is not trusted and `beyond_noise` is False."""
     a, b = _problem_scores(rows_a, invalid), _problem_scores(rows_b, invalid)
     keys = sorted(set(a) & set(b))
     out = {"problems": len(keys)}
@@ -537,7 +537,7 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict], n_boot: int = 1000
     else:
         boots = d[np.random.default_rng(seed).integers(0, len(keys), (n_boot, len(keys)))].mean(1)
         lo, hi = (float(x) for x in np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2]))
-    out.update(ci_low=lo, ci_high=hi, beyond_noise=bool(len(keys) >= 5 and (lo > 0 or hi < 0)))
+    out.update(ci_low=lo, ci_high=hi, beyond_noise=bool(len(keys) >= stats.MIN_VERDICT_N and (lo > 0 or hi < 0)))
     return out
 
 

@@ -68,8 +68,9 @@ def stage_grader(settings, folder: Path) -> Grader:
 
 
 def demo_problems(problems, settings) -> list:
-    """The problems notebook 04 follows before and after training: one step's worth (`prompts_per_step`)."""
-    return problems[: settings.prompts_per_step]
+    """The problems notebook 04 follows before and after training: one step's worth (a step's `prompts_per_step`
+    cache states come from prompts_per_step / states_per_trajectory problems)."""
+    return problems[: max(1, settings.prompts_per_step // settings.states_per_trajectory)]
 
 
 def inspect_trajectories(cfg, model_ref: str, problems, grader=None, seed: int = 0) -> list[dict]:
@@ -315,15 +316,17 @@ def train(cfg, run_dir) -> dict:
     # Shuffle problems ourselves (seeded); TRL must not shuffle, so a problem's K slots stay together.
     random.Random(cfg.seed).shuffle(problems)
     dataset = problem_slots(tok, problems, settings.states_per_trajectory, cfg.thinking)
-    grader = stage_grader(settings, folder) if settings.reward == "judge" else None
+    # The judge grades every RC turn's proof (score by turn) whatever the reward; it is the reward only when
+    # rc_rl.reward is "judge".
+    grader = stage_grader(settings, folder)
     summariser = None
     if settings.rc.summariser == "frozen":
         summariser = make_generator(settings.rc.summariser_endpoint)
     rollout = RCRollout(settings, by_id, cfg.thinking, summariser, grader, cfg.seed)
     rollout.prompt_to_id = {row["prompt"]: row["problem_id"] for row in dataset}
-    reward_fn = GroupMeansReward(settings.reward, by_id, cfg.thinking, grader, settings.judge.invalid,
-                               settings.max_completion_length, settings.overlong_penalty, settings.num_generations,
-                               settings.max_invalid_rate, "rc_rl")
+    reward_fn = GroupMeansReward(settings.reward, by_id, cfg.thinking, grader if settings.reward == "judge" else None,
+                                 settings.judge.invalid, settings.max_completion_length, settings.overlong_penalty,
+                                 settings.num_generations, settings.max_invalid_rate, "rc_rl")
     # A cache-state prompt carries one summary (all of them when accumulating) on top of the turn-0 prompt.
     grow = settings.rc.summary.max_new_tokens * (settings.rc.turns if settings.rc.accumulate else 1) + 256
     context = vllm_context(tok, dataset["prompt"], settings, grow) if settings.use_vllm else None

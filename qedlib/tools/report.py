@@ -21,6 +21,7 @@ from ..layout import (DISTILL, EVAL, METRICS_FILE, RC_RL, RUBRIC_RL, RUN_FILE, S
                       hardware)
 from ..paper import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
 from ..run_state import write_text_if_changed
+from ..stats import MIN_VERDICT_N, verdict
 from ..tables import markdown_table
 
 
@@ -191,10 +192,15 @@ ACHIEVED_STAGES = (SFT, RUBRIC_RL, RC_RL)
 
 
 def _verdict(rec: dict) -> str:
+    """yes / no / "too few (n)" by stats.verdict, n the smallest count the record keeps (groups per side, problems,
+    probe items)."""
     lo, hi = rec.get("ci_low"), rec.get("ci_high")
     if not (_number(lo) and _number(hi)):
         return "-"
-    return "yes" if lo > 0 or hi < 0 else "no"
+    counts = [rec[k] for k in ("n_first", "n_last", "n", "probe_items") if _number(rec.get(k))]
+    n = int(min(counts)) if counts else MIN_VERDICT_N
+    v = verdict(lo, hi, n)
+    return f"too few ({n})" if v == "few" else "yes" if v in ("up", "down") else "no"
 
 
 def _ci(rec: dict, fmt: str = ".3g") -> str:

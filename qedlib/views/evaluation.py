@@ -33,6 +33,7 @@ SETTINGS = [
     ("RC turns", "eval.rc.turns"),
     ("RC reasoning budget per turn", "eval.rc.reasoning_budget"),
     ("RC summary max tokens", "eval.rc.summary.max_new_tokens"),
+    ("RC summary asked for", "eval.rc.summary_length"),
     ("RC summariser at test time", "eval.rc.summariser"),
     ("judge model", "eval.judge.endpoint.model"),
     ("judge prompt (shipped set)", "eval.judge.prompt"),

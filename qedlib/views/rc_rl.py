@@ -18,10 +18,12 @@ from ..layout import RC_RL
 from ..plots import curves, stacked_time
 from ..reasoning_cache import attempt_text, reasoning_messages, summary_messages
 from ..rl_findings import findings as grpo_run_findings
+from ..stats import MIN_VERDICT_N
 
 # Key settings shown beside the paper's (qedlib.display.settings_table reads the paper's values from qedlib.paper).
 SETTINGS = [("reasoning turns", "rc_rl.rc.turns"), ("tokens per turn", "rc_rl.rc.reasoning_budget"),
-            ("summary tokens", "rc_rl.rc.summary.max_new_tokens"), ("summariser in training", "rc_rl.rc.summariser"),
+            ("summary tokens", "rc_rl.rc.summary.max_new_tokens"), ("summary asked for", "rc_rl.rc.summary_length"),
+            ("summariser in training", "rc_rl.rc.summariser"),
             ("frozen summariser model", "rc_rl.rc.summariser_endpoint.model"),
             ("states sampled per trajectory", "rc_rl.states_per_trajectory"),
             ("rollouts per state (group)", "rc_rl.num_generations"), ("problems per step", "rc_rl.prompts_per_step"),
@@ -46,7 +48,7 @@ METRICS = [("reward gain", "learning.gain"), ("gain, 95% interval low", "learnin
 
 
 # ---------------------------------------------------------------- "One cache state, in full" and "The summary"
-def state_view(trajectories: list[dict], problems, tokenizer, thinking: bool) -> dict:
+def state_view(trajectories: list[dict], problems, tokenizer, thinking: bool, summary_length: str) -> dict:
     """One worked RC example from the last step's trajectories: the full rendered prompt of the first cache
     state that carries a summary (else turn 0's), and the summariser's prompt and summary of the turn before it.
     The caption says how the summary ended (on its own, or cut at its budget) and that "usable" is a format check
@@ -68,7 +70,7 @@ def state_view(trajectories: list[dict], problems, tokenizer, thinking: bool) ->
                f"{src['summary_status'] or 'none'}), so every cache state is the first prompt again.")
     return {"problem_id": prob.id, "turn": src["turn"], "summary_status": src["summary_status"],
             "state_prompt": render_prompt(tokenizer, state, thinking), "caption": caption,
-            "summariser_prompt": summary_messages(prob.problem, src["summary_in"], attempt)[0]["content"],
+            "summariser_prompt": summary_messages(prob.problem, src["summary_in"], attempt, summary_length)[0]["content"],
             "summary": src["summary_out"]}
 
 
@@ -77,7 +79,8 @@ def worked_state(cfg, stage_folder, problems, model_path: str) -> dict:
     chat template of the model the policy started from."""
     from transformers import AutoTokenizer  # heavy: transformers loads only for the tokenizer's chat template
     trajectories = read_json(Path(stage_folder) / "trajectories_last_step.json")
-    return state_view(trajectories, problems, AutoTokenizer.from_pretrained(model_path), cfg.thinking)
+    return state_view(trajectories, problems, AutoTokenizer.from_pretrained(model_path), cfg.thinking,
+                      cfg.rc_rl.rc.summary_length)
 
 
 # ---------------------------------------------------------------- the curves and "What we see and why"
@@ -97,7 +100,7 @@ def _interval(lo: float, hi: float, fmt: str = "+.3f") -> str:
 def learning_finding(learning: dict) -> str:
     """Did the training reward rise? Test: `learning` (qedlib.stages.rc_rl.learning: group means of the first vs the
     last third of the steps, bootstrap over groups). "Rose beyond noise" only when ci_low > 0, "fell" only when
-    ci_high < 0, with >= 2 groups on each side; otherwise "no change beyond noise"; fewer groups: no interval; no
+    ci_high < 0, with >= stats.MIN_VERDICT_N groups on each side; otherwise "no change beyond noise"; fewer groups: no verdict; no
     gain measured (None): the stage's note."""
     if learning.get("gain") is None:
         return f"**Reward.** No gain measured: {learning.get('note', 'no step logged group rewards')}."
@@ -105,8 +108,9 @@ def learning_finding(learning: dict) -> str:
             f"{learning['n_first']} groups in steps {_steps(learning.get('steps_first'))}) -> {learning['last']:.3f} "
             f"({learning['n_last']} groups in steps {_steps(learning.get('steps_last'))}): gain "
             f"{learning['gain']:+.3f}")
-    if learning["n_first"] < 2 or learning["n_last"] < 2:
-        return head + ", too few groups for an interval (raise rc_rl.max_steps or prompts_per_step)."
+    if min(learning["n_first"], learning["n_last"]) < MIN_VERDICT_N:
+        return head + (f": too few groups for a verdict (at least {MIN_VERDICT_N} on each side; raise rc_rl.max_steps "
+                       "or prompts_per_step).")
     band = _interval(learning["ci_low"], learning["ci_high"])
     if learning["ci_low"] > 0:
         return head + f", {band} (bootstrap over groups): it rose beyond noise."
@@ -182,9 +186,11 @@ def turn_finding(by_turn: dict) -> str | None:
 
 
 def findings(steps: list[dict], metrics: dict, settings) -> str:
-    """Stage 3's findings for this run (qedlib.rl_findings.findings, without its weights bullet: the probe replaces
-    it) plus this stage's own: the reward's gain, the policy shift on the probe, the summaries, the score by turn."""
-    shared = grpo_run_findings(steps, {k: v for k, v in metrics.items() if k != "weights_changed_frac"}, settings)
+    """Stage 3's findings for this run (qedlib.rl_findings.findings: signal, length, gradient norm, clip ratio; its
+    learning and policy-shift bullets are replaced by this stage's, whose probe is reference proofs) plus this
+    stage's own: the reward's gain, the policy shift on the probe, the summaries, the score by turn."""
+    own = ("weights_changed_frac", "learning", "probe")
+    shared = grpo_run_findings(steps, {k: v for k, v in metrics.items() if k not in own}, settings)
     ours = [learning_finding(metrics["learning"]) if metrics.get("learning") else None,
             probe_finding(metrics["probe"]) if metrics.get("probe") else None,
             summary_finding(metrics, settings), turn_finding(metrics.get("score_by_turn") or {})]

@@ -11,6 +11,7 @@ from typing import Optional
 from ..display import experiments_markdown
 from ..generation import THINK_CLOSE
 from ..layout import SFT
+from ..stats import MIN_VERDICT_N, verdict
 
 
 def render_loss_segments(segments: list[dict]) -> str:
@@ -167,14 +168,15 @@ def _pct_change(e: dict) -> str:
 
 
 def _beyond(e: dict) -> str:
-    if e["ci_low"] > 0 or e["ci_high"] < 0:
-        return "beyond noise"
-    return "not distinguishable from no change"
+    v = verdict(e["ci_low"], e["ci_high"], e["n"])
+    return {"up": "beyond noise", "down": "beyond noise", "none": "not distinguishable from no change"}.get(
+        v, f"from {e['n']} problems, too few for a verdict (at least {MIN_VERDICT_N})")
 
 
 def behaviour_findings(effect: dict) -> str:
     """The behaviour SFT teaches, before vs after on the held-out problems' generations. Test: a change is called
-    "beyond noise" only when its 95% bootstrap interval over problems excludes 0. Notebook 02, "Before and after"."""
+    "beyond noise" only when its 95% bootstrap interval over problems excludes 0 and there are >= stats.MIN_VERDICT_N
+    problems. Notebook 02, "Before and after"."""
     c, s, t = effect["closes_think"], effect["stops"], effect["tokens"]
     return (f"On {c['n']} held-out problems, base -> SFT: closes `</think>` {_pct_change(c)}, {_beyond(c)}; stops "
             f"before the token budget {_pct_change(s)}, {_beyond(s)}; generated tokens {t['before']:.1f} -> "
@@ -184,19 +186,19 @@ def behaviour_findings(effect: dict) -> str:
 def probe_findings(probe: Optional[dict]) -> str:
     """Evidence that SFT changed the policy on problems it never trained on (qedlib.probe.policy_shift on the
     held-out rows): held-out loss before/after and the log-probability gain with its interval. Tests: "beyond noise"
-    only when the 95% interval over problems excludes 0; no interval claimed from one problem. Notebook 02."""
+    only when the 95% interval over problems excludes 0 and there are >= stats.MIN_VERDICT_N problems. Notebook 02."""
     if probe is None:
         return "No held-out rows (`sft.eval_fraction` 0): no held-out probe of what SFT changed."
     n, g = probe["probe_items"], probe["logprob_gain"]
     out = (f"On the targets of the {n} held-out problems (never trained on), the loss per token went "
            f"{probe['heldout_loss_before']:.3f} (base) -> {probe['heldout_loss_after']:.3f} (SFT): the log-probability "
            f"of the teacher's answers rose by {g:+.3f} nats per token")
-    if n < 2:
-        return out + " (one problem: no interval, so no claim beyond noise)."
-    verdict = ("beyond noise: SFT moved the policy towards the teacher's answers on unseen problems" if probe["ci_low"] > 0
-               else "beyond noise, downwards: SFT made the teacher's answers less likely on unseen problems"
-               if probe["ci_high"] < 0 else "not distinguishable from no change")
-    return (out + f", 95% CI [{probe['ci_low']:+.3f}, {probe['ci_high']:+.3f}] over problems, {verdict}. "
+    if n < MIN_VERDICT_N:
+        return out + f" ({n} problem{'s' * (n > 1)}: too few for a verdict beyond noise, at least {MIN_VERDICT_N})."
+    moved = {"up": "beyond noise: SFT moved the policy towards the teacher's answers on unseen problems",
+             "down": "beyond noise, downwards: SFT made the teacher's answers less likely on unseen problems",
+             "none": "not distinguishable from no change"}[verdict(probe["ci_low"], probe["ci_high"], n)]
+    return (out + f", 95% CI [{probe['ci_low']:+.3f}, {probe['ci_high']:+.3f}] over problems, {moved}. "
             f"KL(SFT || base) on those tokens: {probe['kl']:.3f} nats per token.")
 
 
