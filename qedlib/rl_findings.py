@@ -72,7 +72,15 @@ def learning_sentence(learning: dict | None) -> str | None:
         return head + ": it rose beyond noise."
     if hi < 0:
         return head + ": it fell beyond noise."
-    return head + ": the interval includes 0, so the run shows no change beyond noise."
+    return head + ": the interval includes 0, so the run shows no change beyond noise" + headroom(learning) + "."
+
+
+def headroom(learning: dict) -> str:
+    """", which started at X of at most 1: little room to rise" when the first steps' mean reward (0-1) is at or
+    above 0.75, else "": a reward at its ceiling cannot rise whatever the policy learns."""
+    first = learning.get("first")
+    return (f"; it started at {first:.2f} of at most 1, so there was little room to rise"
+            if first is not None and first >= 0.75 else "")
 
 
 def findings(steps: list[dict], metrics: dict, rl) -> str:

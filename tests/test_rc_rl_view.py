@@ -29,8 +29,8 @@ STEPS = [  # literal step rows in the shape qedlib.grpo.step_metrics writes
 def test_settings_show_the_papers_rc_rl_values():
     """The paper column notebook 04 showed when its settings cell carried the values itself."""
     table = settings_table(load_config(ROOT / "params/cpu.yaml"), rc_rl_view.SETTINGS)
-    assert list(table["paper"]) == ["3", "49,152", "2,048", "frozen", "-", "2", "16", "64", "-", "49,152", "0.8", "1e-06",
-                                    "4", "0.0001", "judge"]
+    assert list(table["paper"]) == ["3", "49,152", "2,048", "at most two short paragraphs", "frozen", "-", "2", "16",
+                                    "64", "-", "49,152", "1e-06", "4", "0.0001", "judge"]
     assert table.index[0] == "reasoning turns" and table.index[-1] == "reward"
 
 

@@ -83,7 +83,7 @@ def test_steps_without_signal_name_the_entropy_only_update():
     text = findings(rows, {}, RLConfig(lr=1e-4, entropy_coef=1e-4))
     assert "In 1 of 2 steps (step 1) every group was all-equal" in text and "entropy bonus alone (coefficient 0.0001)" in text
     assert "AdamW's first update" in text and "by about 0.0001 each" in text
-    later = findings([dict(r, frac_zero_std=1.0 - r["frac_zero_std"]) for r in rows], {}, RLConfig(entropy_coef=1e-4))
+    later = findings([dict(rows[0], frac_zero_std=0.5), dict(rows[1], frac_zero_std=1.0)], {}, RLConfig(entropy_coef=1e-4))
     assert "(step 2)" in later and "AdamW's first update" not in later
     assert "Steps without signal" not in findings(rows, {}, RLConfig(entropy_coef=0.0))
 
@@ -120,8 +120,11 @@ def test_learning_record_and_sentence_from_group_means():
     assert two["ci_low"] > 0 and not two["beyond_noise"]  # 4 groups a side: the interval is no verdict
     assert learning_sentence(two).endswith("a verdict needs at least 5 groups on each side, so this shows no "
                                            "learning either way (more steps or prompts per step give more groups).")
-    flat = [dict(r, group_means=[0.3, 0.4]) for r in rows]
+    flat = [dict(r, group_means=[0.3, 0.4, 0.35]) for r in rows]
     assert learning_sentence(learning_record(flat, "judge")).endswith("no change beyond noise.")
+    high = [dict(r, group_means=[0.75, 1.0, 0.75]) for r in rows]  # at the ceiling: says why it cannot rise
+    assert learning_sentence(learning_record(high, "opening")).endswith(
+        "no change beyond noise; it started at 0.83 of at most 1, so there was little room to rise.")
     assert learning_record([{"step": 1}], "judge")["gain"] is None and learning_sentence(None) is None
     assert learning_record(rows[:1], "judge")["gain"] is None  # one step: nothing to compare
 

@@ -27,10 +27,12 @@ def test_behaviour_effect_calls_a_change_beyond_noise_only_when_its_interval_exc
     assert all_close["tokens"]["gain"] == -56.0
     text = sft_view.behaviour_findings(all_close)
     assert "closes `</think>` 0% -> 100% (+100 points, 95% CI [+100, +100]), beyond noise" in text
-    mixed = sft.behaviour_effect(_rows([False, True, False, True], [True, False, False, True]))
+    mixed = sft.behaviour_effect(_rows([False, True, False, True, True, False], [True, False, False, True, False, True]))
     assert mixed["closes_think"]["gain"] == 0.0 and mixed["closes_think"]["ci_low"] < 0 < mixed["closes_think"]["ci_high"]
     assert "closes `</think>` 50% -> 50% (+0 points" in sft_view.behaviour_findings(mixed)
     assert "not distinguishable from no change" in sft_view.behaviour_findings(mixed)
+    few = sft.behaviour_effect(_rows([False] * 4, [True] * 4))  # an interval that excludes 0, from 4 problems
+    assert "from 4 problems, too few for a verdict (at least 5)" in sft_view.behaviour_findings(few)
 
 
 def test_probe_findings_need_an_interval_that_excludes_zero_and_five_problems():

@@ -38,7 +38,6 @@ SETTINGS = [
     ("judge model", "eval.judge.endpoint.model"),
     ("judge prompt (shipped set)", "eval.judge.prompt"),
     ("judge mode", "eval.judge.mode"),
-    ("pass@k success: score >=", "eval.success_threshold"),
 ]
 
 

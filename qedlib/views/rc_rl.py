@@ -17,7 +17,7 @@ from ..generation import render_prompt
 from ..layout import RC_RL
 from ..plots import curves, stacked_time
 from ..reasoning_cache import attempt_text, reasoning_messages, summary_messages
-from ..rl_findings import findings as grpo_run_findings
+from ..rl_findings import findings as grpo_run_findings, headroom
 from ..stats import MIN_VERDICT_N
 
 # Key settings shown beside the paper's (qedlib.display.settings_table reads the paper's values from qedlib.paper).
@@ -28,7 +28,7 @@ SETTINGS = [("reasoning turns", "rc_rl.rc.turns"), ("tokens per turn", "rc_rl.rc
             ("states sampled per trajectory", "rc_rl.states_per_trajectory"),
             ("rollouts per state (group)", "rc_rl.num_generations"), ("problems per step", "rc_rl.prompts_per_step"),
             ("optimizer steps", "rc_rl.max_steps"), ("completion tokens", "rc_rl.max_completion_length"),
-            ("temperature", "rc_rl.temperature"), ("learning rate", "rc_rl.lr"), ("PPO clip epsilon", "rc_rl.epsilon"),
+            ("learning rate", "rc_rl.lr"), ("PPO clip epsilon", "rc_rl.epsilon"),
             ("entropy bonus", "rc_rl.entropy_coef"), ("reward", "rc_rl.reward")]
 
 # The training result as one small table (qedlib.display.metrics_table), section "Train".
@@ -116,7 +116,8 @@ def learning_finding(learning: dict) -> str:
         return head + f", {band} (bootstrap over groups): it rose beyond noise."
     if learning["ci_high"] < 0:
         return head + f", {band} (bootstrap over groups): it fell beyond noise."
-    return head + f", {band} (bootstrap over groups) includes 0: no change beyond noise in these steps."
+    return (head + f", {band} (bootstrap over groups) includes 0: no change beyond noise in these steps"
+            f"{headroom(learning)}.")
 
 
 def _steps(steps) -> str:

@@ -70,7 +70,7 @@ def judge_view(cfg, problems, steps: list[dict]) -> tuple[str, str, str]:
     return prob.id, prob.rubric, build_prompt(cfg.rubric_rl.judge.prompt, cfg.rubric_rl.judge.mode, prob, proof).text
 
 
-SIDE_STEPS = 3  # workbook default for the side run's steps (notebook parameter side_steps)
+SIDE_STEPS = 2  # workbook default for the side run's steps (notebook parameter side_steps)
 
 
 def side_reward(cfg) -> str:
