@@ -114,8 +114,11 @@ def findings(steps: list[dict], metrics: dict, rl) -> str:
     flat = [r["step"] for r in steps if r.get("frac_zero_std") == 1]
     if flat and getattr(rl, "entropy_coef", 0):
         first = flat[0] == min(r["step"] for r in steps)
+        level = finite_mean([r.get("reward") for r in steps if r["step"] in flat])
         out.append(f"**Steps without signal.** In {len(flat)} of {len(steps)} steps (step{'s' * (len(flat) > 1)} "
-                   f"{', '.join(map(str, flat))}) every group was all-equal, so every advantage was 0 and the update "
+                   f"{', '.join(map(str, flat))}"
+                   + ("" if level is None else f", mean reward {level:.3f}")
+                   + ") every group was all-equal, so every advantage was 0 and the update "
                    f"came from the entropy bonus alone (coefficient {rl.entropy_coef:g})."
                    + (" The first step was one of them: AdamW's first update is about lr times the sign of each "
                       "weight's gradient whatever its size (m / sqrt(v) = g / |g| at step 1), so that small gradient "

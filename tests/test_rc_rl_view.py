@@ -129,11 +129,13 @@ def test_learning_finding_claims_a_rise_only_when_the_interval_excludes_zero(lo,
 
 
 def test_probe_and_turn_findings_say_noise_when_the_interval_holds_zero():
-    probe = {"probe_items": 4, "logprob_start": -2.0, "logprob_trained": -1.9, "logprob_gain": 0.1, "ci_low": -0.01,
+    probe = {"probe_items": 8, "logprob_start": -2.0, "logprob_trained": -1.9, "logprob_gain": 0.1, "ci_low": -0.01,
              "ci_high": 0.2, "kl": 0.05}
     assert "within noise" in rc_rl_view.probe_finding(probe) and "KL(trained || start) is 0.0500" in \
         rc_rl_view.probe_finding(probe)
     assert "beyond noise" in rc_rl_view.probe_finding(dict(probe, ci_low=0.05))
+    assert "4 items are too few for a verdict (at least 5)" in rc_rl_view.probe_finding(dict(probe, probe_items=4,
+                                                                                              ci_low=0.05))
     turn = {"0": {"score_mean": 2.0, "ci_low": 1.5, "ci_high": 2.5, "n_scored": 12},
             "change": {"from_turn": 0, "to_turn": 1, "mean": -0.5, "ci_low": -0.9, "ci_high": -0.1, "pairs": 12}}
     assert "the later turn scores lower beyond noise" in rc_rl_view.turn_finding(turn)

@@ -81,10 +81,10 @@ def test_findings_are_computed_from_the_runs_numbers():
 def test_steps_without_signal_name_the_entropy_only_update():
     rows = [dict(STEPS[0], step=1, frac_zero_std=1.0), dict(STEPS[0], step=2, frac_zero_std=0.5)]
     text = findings(rows, {}, RLConfig(lr=1e-4, entropy_coef=1e-4))
-    assert "In 1 of 2 steps (step 1) every group was all-equal" in text and "entropy bonus alone (coefficient 0.0001)" in text
+    assert "In 1 of 2 steps (step 1, mean reward 0.100) every group was all-equal" in text and "entropy bonus alone (coefficient 0.0001)" in text
     assert "AdamW's first update" in text and "by about 0.0001 each" in text
     later = findings([dict(rows[0], frac_zero_std=0.5), dict(rows[1], frac_zero_std=1.0)], {}, RLConfig(entropy_coef=1e-4))
-    assert "(step 2)" in later and "AdamW's first update" not in later
+    assert "(step 2, mean reward 0.100)" in later and "AdamW's first update" not in later
     assert "Steps without signal" not in findings(rows, {}, RLConfig(entropy_coef=0.0))
 
 

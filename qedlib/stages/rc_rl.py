@@ -290,7 +290,7 @@ def score_by_turn(turn_rows: list[dict], n_boot: int = 1000, seed: int = 0) -> d
     return out
 
 
-def probe_set(problems, tokenizer, thinking: bool, n: int = 4, chars: int = 600) -> tuple[list[str], list[str]]:
+def probe_set(problems, tokenizer, thinking: bool, n: int = 8, chars: int = 600) -> tuple[list[str], list[str]]:
     """A fixed probe set for `qedlib.probe.policy_shift`: the first `n` problems (by id) with a reference solution,
     each as its turn-0 RC prompt (chat template applied) and a completion that closes the thinking and writes the
     reference proof (its first `chars` characters). The same texts whatever the run did."""

@@ -18,7 +18,7 @@ from ..layout import RC_RL
 from ..plots import curves, stacked_time
 from ..reasoning_cache import attempt_text, reasoning_messages, summary_messages
 from ..rl_findings import findings as grpo_run_findings, headroom
-from ..stats import MIN_VERDICT_N
+from ..stats import MIN_VERDICT_N, verdict as stats_verdict
 
 # Key settings shown beside the paper's (qedlib.display.settings_table reads the paper's values from qedlib.paper).
 SETTINGS = [("reasoning turns", "rc_rl.rc.turns"), ("tokens per turn", "rc_rl.rc.reasoning_budget"),
@@ -128,12 +128,14 @@ def _steps(steps) -> str:
 
 def probe_finding(probe: dict) -> str:
     """How far the saved policy moved from the start on the fixed probe set (qedlib.probe.policy_shift). Test: the
-    log-probability change counts as beyond noise only when its bootstrap interval over probe items excludes 0; the
-    KL is reported as measured (it is >= 0 by construction, so its size is the information)."""
-    change = probe["logprob_gain"]
+    log-probability change counts as beyond noise only when its bootstrap interval over probe items excludes 0 and
+    there are >= stats.MIN_VERDICT_N items; the KL is reported as measured (it is >= 0 by construction, so its size is
+    the information)."""
+    change, n = probe["logprob_gain"], probe["probe_items"]
     band = _interval(probe["ci_low"], probe["ci_high"], "+.4f")
-    verdict = ("beyond noise" if probe["ci_low"] > 0 or probe["ci_high"] < 0 else "within noise (the interval "
-               "includes 0)")
+    verdict = {"up": "beyond noise", "down": "beyond noise", "none": "within noise (the interval includes 0)",
+               "few": f"{n} items are too few for a verdict (at least {MIN_VERDICT_N})"}[
+        stats_verdict(probe["ci_low"], probe["ci_high"], n)]
     return (f"**Policy shift.** On {probe['probe_items']} fixed probe items (a reference proof after the turn-0 "
             f"prompt), the trained policy's per-token log-probability went {probe['logprob_start']:.3f} -> "
             f"{probe['logprob_trained']:.3f} ({change:+.4f}, {band}: {verdict}); the mean per-token "
