@@ -56,6 +56,30 @@ def metrics_table(metrics: dict, keys: Iterable[tuple[str, str]], title: Optiona
     return df.rename(columns={"value": title}) if title else df
 
 
+def excerpt(text: str, n: int = 48) -> str:
+    """The first `n` characters of `text` for a table cell, ended with "..." when cut, never inside a `$...$` span
+    (a cut span would show raw TeX: MathJax needs both dollars). Keeps pandas' own 50-character cut from applying."""
+    if len(text) <= n:
+        return text
+    cut = text[:n]
+    if cut.count("$") % 2:
+        cut = cut[:cut.rfind("$")]
+    return cut.rstrip() + "..."
+
+
+def rubric_markdown(text: str) -> str:
+    """A rubric as Markdown: each heading line ("Checkpoints (7 points total):", "Zero-credit items:", ...) in bold
+    with a blank line around it, so the items after it start a list of their own instead of merging into the list
+    before it."""
+    out = []
+    for line in text.strip().splitlines():
+        if line.strip() and not line.lstrip().startswith(("-", "*")):
+            out += ["", f"**{line.strip()}**", ""]
+        else:
+            out.append(line)
+    return "\n".join(out).strip()
+
+
 def say(text: str) -> None:
     """Show one paragraph of interpretation as Markdown (plain text outside a notebook)."""
     try:

@@ -230,3 +230,18 @@ def test_notebook_cells_are_short_calls_without_logic(name):
             f"{name} code cell {i} holds logic:\n{cell.source}"
         loops = re.findall(r"^\s*for .*:\n(.*)", cell.source, re.M)
         assert all(body.strip().endswith(".show()") for body in loops), f"{name} code cell {i}: a loop that is not showing figures"
+
+
+def test_table_excerpts_never_cut_a_formula():
+    from qedlib.display import excerpt
+    assert excerpt("Prove that $1 + 2 + \\cdots + n = \\frac{n(n+1)}{2}$ for every n.", 30) == "Prove that..."
+    assert excerpt("Prove that $n^3 - n$ is divisible by $6$ for every integer n.", 48) == \
+        "Prove that $n^3 - n$ is divisible by $6$ for eve..."
+    assert excerpt("short", 48) == "short"
+
+
+def test_rubric_headings_start_their_own_lists():
+    from qedlib.display import rubric_markdown
+    text = "Checkpoints (7 points total):\n- [3 pts] A.\n- [4 pts] B.\nZero-credit items:\n- Examples.\nDeductions:\n- [-1] C."
+    assert rubric_markdown(text) == ("**Checkpoints (7 points total):**\n\n- [3 pts] A.\n- [4 pts] B.\n\n"
+                                     "**Zero-credit items:**\n\n- Examples.\n\n**Deductions:**\n\n- [-1] C.")

@@ -182,7 +182,8 @@ def test_judge_view_shows_the_rubric_and_the_prompt_the_judge_read(shipped_probl
     steps = [{"step": 1, "group": {"problem_id": p.id, "completions": ["t"], "proofs": [""], "rewards": [0.0]}},
              {"step": 2, "group": {"problem_id": p.id, "completions": ["t"], "proofs": ["MY PROOF"], "rewards": [0.1]}}]
     pid, rubric, prompt = judge_view(cfg, shipped_problems, steps)
-    assert pid == p.id and rubric == p.rubric and "MY PROOF" in prompt and p.rubric in prompt
+    from qedlib.display import rubric_markdown
+    assert pid == p.id and rubric == rubric_markdown(p.rubric) and "MY PROOF" in prompt and p.rubric in prompt
     with pytest.raises(ValueError, match="rerun the stage"):
         judge_view(cfg, shipped_problems, [{"step": 1}])
 
@@ -260,8 +261,10 @@ def test_try_it_starts_from_the_runs_sft_model_and_loads(tmp_path):
         overrides = dict(parse_override(s) for s in re.findall(r"--set (\S+)", rest))
         assert overrides["rubric_rl.model"] == str(sft.resolve()) and "--stages 03_rubric_rl" in rest
         load_config(ROOT / params, overrides)
-    for x in EXPERIMENTS:  # a time is shown only where one was measured
-        assert (f"(about {x['minutes'] or 0:.0f} min on 2 cores)" in text) == bool(x["minutes"])
+    for x in EXPERIMENTS:  # a time says whether it was measured or estimated
+        how = "measured" if x.get("measured") else "estimated from 03-paper-lr"
+        assert f"**{x['name']}** (about {x['minutes']:.0f} min on 2 cores, {how})" in text
+    assert sum(bool(x.get("measured")) for x in EXPERIMENTS) >= 1
 
 
 def try_it_overrides(notebook: str) -> list[tuple[str, dict]]:

@@ -186,7 +186,8 @@ ACHIEVED_NOTE = ("What each training stage exists for, measured with its 95% boo
                  "its first vs its last steps (`learning`); the probe is the mean per-token log-probability of a fixed "
                  "set of completions under the trained model minus under the model the stage started from, with "
                  "KL(trained || start) (`probe`). SFT: the behaviour it teaches, before (base) vs after (`effect`), and "
-                 "its held-out targets' log-probability (`probe`). Beyond noise: the interval excludes 0.")
+                 "its held-out targets' log-probability (`probe`). Beyond noise: the interval excludes 0 and each side "
+                 f"has at least {MIN_VERDICT_N} values (groups, problems or probe items); \"too few (n)\" below that.")
 ACHIEVED_COLUMNS = ["stage", "measure", "before / first", "after / last", "change", "95% CI", "beyond noise", "KL"]
 ACHIEVED_STAGES = (SFT, RUBRIC_RL, RC_RL)
 

@@ -14,6 +14,7 @@ from typing import Optional
 import yaml
 
 from .. import side_run
+from ..display import excerpt, rubric_markdown
 from ..grading import build_prompt
 from ..grpo import problem_prompts
 from ..layout import named_model
@@ -42,9 +43,10 @@ SETTINGS = [
 
 
 def problems_table(problems, n: int = 8):
-    """The first problems as a table: id, category and the opening of the statement (section "Problems")."""
+    """The first problems as a table: id, category and the opening of the statement (display.excerpt: never cut inside
+    a formula) (section "Problems")."""
     import pandas as pd  # heavy: a table for the notebook, loaded only when one is drawn
-    return pd.DataFrame([{"id": p.id, "category": p.category, "problem": p.problem[:90]} for p in problems]).head(n)
+    return pd.DataFrame([{"id": p.id, "category": p.category, "problem": excerpt(p.problem)} for p in problems]).head(n)
 
 
 def first_prompt(model_path: str, problems, thinking: bool) -> str:
@@ -55,7 +57,7 @@ def first_prompt(model_path: str, problems, thinking: bool) -> str:
 
 
 def judge_view(cfg, problems, steps: list[dict]) -> tuple[str, str, str]:
-    """(problem id, its rubric, the judge prompt) for the first recorded rollout that had a proof to grade, or
+    """(problem id, its rubric as Markdown (display.rubric_markdown), the judge prompt) for the first recorded rollout that had a proof to grade, or
     for the first rollout's text when none had one (no judge call was then made: the reward was 0); section
     "What the judge read"."""
     groups = [r["group"] for r in steps if r.get("group")]
@@ -67,7 +69,7 @@ def judge_view(cfg, problems, steps: list[dict]) -> tuple[str, str, str]:
     if g["problem_id"] not in by_id:
         raise KeyError(f"problem {g['problem_id']!r} of the step records is not in rubric_rl.problems")
     prob = by_id[g["problem_id"]]
-    return prob.id, prob.rubric, build_prompt(cfg.rubric_rl.judge.prompt, cfg.rubric_rl.judge.mode, prob, proof).text
+    return prob.id, rubric_markdown(prob.rubric), build_prompt(cfg.rubric_rl.judge.prompt, cfg.rubric_rl.judge.mode, prob, proof).text
 
 
 SIDE_STEPS = 2  # workbook default for the side run's steps (notebook parameter side_steps)
@@ -140,18 +142,20 @@ def learning_figure(steps: list[dict], learning: dict):
 
 
 # "Try it" (the notebook's last section): each starts from this run's SFT model (`rubric_rl.model` = its folder) and
-# runs stage 03 alone in a fresh run folder; `minutes` measured on 2 shared cores with params/cpu.yaml.
+# runs stage 03 alone in a fresh run folder. `minutes` on 2 idle cores with params/cpu.yaml: 03-paper-lr measured
+# (2026-12-05: 354 s, gain +0.02 [-0.10, +0.15], probe KL 0.003 vs 1.16 in make run's stage), the others estimated
+# from it (the same rollouts per step; 03-lag generates every other step).
 EXPERIMENTS = [
-    {"name": "03-paper-lr", "overrides": {"rubric_rl.lr": 1.0e-6}, "minutes": None,
+    {"name": "03-paper-lr", "overrides": {"rubric_rl.lr": 1.0e-6}, "minutes": 6, "measured": True,
      "look_for": "the paper's lr: the learning interval of the opening reward includes 0 and the probe's KL is "
                  "orders of magnitude below this run's; Adam moves each weight by about lr per step, and 1e-6 x "
                  "the steps here is far below the size of the weights."},
     {"name": "03-small-groups", "overrides": {"rubric_rl.num_generations": 4, "rubric_rl.prompts_per_step": 4},
-     "minutes": None,
+     "minutes": 6, "measured": False,
      "look_for": "the same 16 rollouts per step in groups of 4: the share of all-equal groups (advantage 0) rises "
                  "and the gain's interval widens."},
     {"name": "03-lag", "overrides": {"rubric_rl.steps_per_generation": 2, "rubric_rl.epsilon": 0.2},
-     "minutes": None,
+     "minutes": 5, "measured": False,
      "look_for": "each batch reused for two steps at PPO's usual epsilon 0.2: the clip ratio leaves 0 (at epsilon 4 "
                  "only a ratio above 5 with a positive advantage would count)."},
 ]
@@ -165,7 +169,8 @@ def try_it(cfg, run_dir, params_file: str = "params/cpu.yaml") -> str:
     for i, x in enumerate(EXPERIMENTS, 1):
         sets = " ".join(f"--set {k}={yaml.safe_dump(v).splitlines()[0]}" for k, v in
                         {"rubric_rl.model": sft, **x["overrides"]}.items())
-        took = f" (about {x['minutes']:.0f} min on 2 cores)" if x["minutes"] else ""
+        how = "measured" if x.get("measured") else "estimated from 03-paper-lr"
+        took = f" (about {x['minutes']:.0f} min on 2 cores, {how})" if x["minutes"] else ""
         out.append(f"{i}. **{x['name']}**{took}: `python -m qedlib run {params_file} --run-name try-{x['name']} "
                    f"--stages 03_rubric_rl {sets}`  \n   Look for: {x['look_for']}")
     return "\n".join(out)
