@@ -67,17 +67,29 @@ def excerpt(text: str, n: int = 48) -> str:
     return cut.rstrip() + "..."
 
 
+def rubric_parts(text: str) -> list[tuple[Optional[str], list[str]]]:
+    """A rubric's sections: (heading line or None before the first heading, the "- " / "* " items under it). A
+    heading is any other non-empty line ("Checkpoints (7 points total):", "Zero-credit items:", "Deductions:")."""
+    parts: list[tuple[Optional[str], list[str]]] = [(None, [])]
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if line.startswith(("- ", "* ")):
+            parts[-1][1].append(line[2:])
+        elif line:
+            parts.append((line, []))
+    return [p for p in parts if p[0] is not None or p[1]]
+
+
 def rubric_markdown(text: str) -> str:
-    """A rubric as Markdown: each heading line ("Checkpoints (7 points total):", "Zero-credit items:", ...) in bold
-    with a blank line around it, so the items after it start a list of their own instead of merging into the list
-    before it."""
+    """A rubric as Markdown: each heading in bold with a blank line around it, so the items after it start a list of
+    their own instead of merging into the list before it (where a line after a list item continues that item)."""
     out = []
-    for line in text.strip().splitlines():
-        if line.strip() and not line.lstrip().startswith(("-", "*")):
-            out += ["", f"**{line.strip()}**", ""]
-        else:
-            out.append(line)
-    return "\n".join(out).strip()
+    for head, items in rubric_parts(text):
+        if head:
+            out.append(f"**{head}**")
+        if items:
+            out.append("\n".join(f"- {i}" for i in items))
+    return "\n\n".join(out)
 
 
 def say(text: str) -> None:

@@ -55,6 +55,15 @@ def test_eval_can_skip_the_last_summary(shipped_problems):
     assert len(summ.seen) == 1
 
 
+def test_the_summariser_is_asked_for_the_configured_length(shipped_problems):
+    """rc.summary_length (params: rc_rl.rc / eval.rc) reaches the summariser's prompt; the default is the paper's."""
+    for rc, words in ((RCSettings(turns=1), "Write at most two short paragraphs in the first person"),
+                      (RCSettings(turns=1, summary_length="two sentences"), "Write two sentences in the first person")):
+        summ = ScriptedGenerator(["S1"])
+        rc_rollout(shipped_problems[:1], ScriptedGenerator(["a</think>b"]), summ, rc, Sampling())
+        assert words in summ.seen[0][0]
+
+
 def test_batched_and_seeded_with_a_real_model(tiny_generator, shipped_problems):
     probs = shipped_problems[:3]
     rc = RCSettings(turns=2, reasoning_budget=6, summary=Sampling(temperature=0.7, top_p=0.8, max_new_tokens=4))

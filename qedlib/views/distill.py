@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 
-from ..display import experiments_markdown
+from ..display import experiments_markdown, rubric_parts
 from ..grading import build_prompt
 from ..layout import DISTILL
 from ..stages.distill import grade_key
@@ -79,20 +79,12 @@ def rubric_html(text: str) -> str:
     """A rubric as HTML: each heading line ("Checkpoints (7 points total):", "Zero-credit items:", "Deductions:") a
     bold heading and the "- " lines under it a bullet list, so a heading never runs into the list above it (as it
     does when the text is read as markdown, where a line after a list item continues that item)."""
-    e, out, items = html.escape, [], []
-
-    def close():
+    e, out = html.escape, []
+    for head, items in rubric_parts(text):
+        if head:
+            out.append(f"<p style='margin:0.4em 0 0.1em'><b>{e(head)}</b></p>")
         if items:
             out.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>")
-            items.clear()
-    for line in (text or "").splitlines():
-        line = line.strip()
-        if line.startswith(("- ", "* ")):
-            items.append(line[2:])
-        elif line:
-            close()
-            out.append(f"<p style='margin:0.4em 0 0.1em'><b>{e(line)}</b></p>")
-    close()
     return "".join(out) or "<pre><i>(empty)</i></pre>"
 
 
