@@ -262,6 +262,7 @@ class RCRLConfig(RLConfig):
     """Stage 4: GRPO on reasoning-cache states."""
     rc: RCSettings = field(default_factory=RCSettings)
     states_per_trajectory: int = 2  # cache states sampled per trajectory (paper 2 of 4)
+    check_problems: int = 4  # reward check after training: the starting vs the trained policy on the cache states of this many problems (workbook default, not from the paper; 0 skips it)
 
 
 @dataclass

@@ -547,17 +547,19 @@ def learning_record(rows: list[dict], reward: str, k: int | None = None, n_boot:
 # ---------------------------------------------------------------- 7. the training loop
 def train_on_problems(rl, model_path: str, problems, out_dir, thinking: bool, seed: int = 0, grader=None,
                       resume: bool = False, num_processes: int | None = None, extra_rewards: list | None = None,
-                      reward_weights: list | None = None, training_device: str = "auto"):
+                      reward_weights: list | None = None, training_device: str = "auto", save: bool = True):
     """Single-turn GRPO on problems: the rubric-RL loop. Returns (step rows, trainer).
 
     `extra_rewards` are more TRL reward functions (summed with `reward_weights`), e.g. a custom
-    verifiable reward in a learning test.
+    verifiable reward in a learning test. `save=False` writes no checkpoint (a side run keeps only its step rows).
     """
     tok = AutoTokenizer.from_pretrained(model_path)
     dataset = problem_prompts(tok, problems, thinking)
     context = vllm_context(tok, dataset["prompt"], rl) if rl.use_vllm else None
     args = grpo_args(rl, out_dir, seed, num_processes, training_device, context)
     args.reward_weights = reward_weights
+    if not save:
+        args.save_strategy = "no"  # else the Trainer saves weights and optimizer state at the last step
     reward_fn = RewardFunction(rl.reward, {p.id: p for p in problems}, thinking, grader, rl.judge.invalid,
                                rl.max_completion_length, rl.overlong_penalty, rl.num_generations, rl.max_invalid_rate,
                                "rc_rl" if hasattr(rl, "rc") else "rubric_rl")

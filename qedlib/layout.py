@@ -31,6 +31,7 @@ MODEL_DIRS = {name: f"{folder}/{MODEL}" for name, folder in TRAINED.items()}  # 
 CONFIG_FILE = "config.yaml"  # the resolved config: in the run folder and in each stage folder
 RUN_FILE = "run.json"  # params file, overrides, commit, hardware and wall times of the run
 TIMINGS_FILE = "timings.json"  # wall time in seconds per finished stage
+PEAK_MEMORY_FILE = "peak_memory.json"  # peak resident memory (GiB) of each stage's kernel and the processes under it
 METRICS_FILE = "metrics.json"  # a stage's machine-readable results (tests and the report read it)
 
 

@@ -23,7 +23,7 @@ from .config import Config, ConfigError, load_config
 from .problem_sets import load_source
 from .files import read_json, folder_size
 from .layout import (CONFIG_FILE, DISTILL, EVAL, MODEL_DIRS, OUTPUTS, TRAINED_STAGES, RC_RL, REPO, RUBRIC_RL, RUN_FILE,
-                     SFT, STAGES, TIMINGS_FILE, TRAINED, git_commit, hardware, stage_dir)
+                     SFT, STAGES, TIMINGS_FILE, PEAK_MEMORY_FILE, TRAINED, git_commit, hardware, stage_dir)
 from .tools.plan import endpoints
 from .run_state import (BOOKKEEPING, HOW_IT_RUNS, KERNEL_LOG, LOCK_ENV, STAGE_KEYS, acquire_lock, check_not_locked, check_record,
                         work_left_to_redo, read_record, release_lock, remove_record, stage_hash, write_json_if_changed, write_record,
@@ -166,6 +166,7 @@ def _run_stages(cfg: Config, params_file: str, run_dir: Path, wanted: list[str],
     say_config_changes(run_dir / CONFIG_FILE, cfg, wanted)  # before anything runs: what will not be resumed
     write_text_if_changed(run_dir / CONFIG_FILE, config_text(cfg))
     timings = read_json(run_dir / TIMINGS_FILE) if (run_dir / TIMINGS_FILE).exists() else {}
+    peaks = read_json(run_dir / PEAK_MEMORY_FILE) if (run_dir / PEAK_MEMORY_FILE).exists() else {}
     info = {"params_file": str(params_file), "overrides": overrides, "commit": git_commit(), "hardware": hardware()}
     ran = False
     for stage in wanted:
@@ -176,11 +177,17 @@ def _run_stages(cfg: Config, params_file: str, run_dir: Path, wanted: list[str],
         if not ran:  # the report (in the eval stage) reads it; written only when a stage runs
             write_json_if_changed(run_dir / RUN_FILE, {**info, "timings_s": timings})
         ran = True
-        timings[stage] = _execute_stage(cfg, params_file, run_dir, stage, overrides, token, why, timings.get(stage))
+        with PeakMemory(STAGE_KERNELS) as memory:
+            timings[stage] = _execute_stage(cfg, params_file, run_dir, stage, overrides, token, why, timings.get(stage))
+        STAGE_KERNELS.clear()  # the stage's kernel has ended
         write_json_if_changed(run_dir / TIMINGS_FILE, timings)
+        if memory.peak_gib is not None:
+            peaks[stage] = memory.peak_gib
+            write_json_if_changed(run_dir / PEAK_MEMORY_FILE, peaks)
         write_json_if_changed(run_dir / RUN_FILE, {**info, "timings_s": timings})
         write_record(cfg, run_dir, stage, "stage")  # the stage's last act: a rerun with these settings skips it
-        print(f"[qedlib] {stage} done in {timings[stage]:.0f} s", flush=True)
+        peak = f", peak memory {peaks[stage]:.1f} GiB" if stage in peaks else ""
+        print(f"[qedlib] {stage} done in {timings[stage]:.0f} s{peak}", flush=True)
         if work_left_to_redo(run_dir, stage):  # its record will not count: the next run redoes exactly what failed
             print(f"[qedlib] {stage} left failed calls to redo ({work_left_to_redo(run_dir, stage)}): rerun the same command "
                   "when the endpoint is back", flush=True)
@@ -391,6 +398,83 @@ def local_kernel_manager(kernel_log: Path | None = None):
 
 
 STAGE_KERNELS: set[int] = set()  # pids of the kernels this runner started: Ctrl-C ends them first
+
+
+class PeakMemory:
+    """A stage's peak resident memory, in GiB: while the stage runs, a thread reads Linux's /proc every `interval`
+    seconds and keeps the largest of (the kernel's own high-water mark, VmHWM) and (the resident memory of the
+    kernel and of every process under it at that moment: `accelerate launch` ranks, a local judge server). A
+    process tree can peak between two reads, so this is a lower bound, to within one interval. Without /proc (not
+    Linux) `peak_gib` stays None and nothing is recorded."""
+
+    def __init__(self, roots: set[int], interval: float = 1.0):
+        self.roots, self.interval = roots, interval
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="qedlib-peak-memory", daemon=True)
+
+    @property
+    def peak_gib(self) -> float | None:
+        return round(self.peak_kib / 2**20, 2) if self.peak_kib else None
+
+    def __enter__(self):
+        if Path("/proc/self/status").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return False
+
+    def _watch(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval):
+                self.sample()  # the last moment before the kernel is gone
+                return
+
+    def sample(self) -> None:
+        roots = list(self.roots)
+        if not roots:
+            return
+        children = _children_by_parent()
+        total, todo, seen = 0, list(roots), set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            total += _status_kib(pid, "VmRSS")
+            todo += children.get(pid, [])
+        hwm = max((_status_kib(pid, "VmHWM") for pid in roots), default=0)
+        self.peak_kib = max(self.peak_kib, total, hwm)
+
+
+def _status_kib(pid: int, field: str) -> int:
+    """A memory field of /proc/PID/status in KiB (0 when the process is gone or has no such field)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    """pid -> its child pids, from every /proc/PID/stat (the parent is the 4th field, after the ")" of the name)."""
+    out: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out.setdefault(ppid, []).append(int(d.name))
+    return out
 
 
 def _on_ctrl_c(signum, frame):

@@ -2,11 +2,13 @@
 interval, the score by turn with intervals and the paired turn change, the fixed probe set, and the RC loop's record
 of a closed turn's thinking and of how each summary ended."""
 import asyncio
+import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
-from qedlib.config import RCSettings, Sampling
+from qedlib.config import RCRLConfig, RCSettings, Sampling
 from qedlib.reasoning_cache import rc_rollout, summary_cut_rate
 from qedlib.stages import rc_rl
 from test_reasoning_cache import ScriptedGenerator
@@ -73,3 +75,31 @@ def test_a_closed_turns_thinking_is_not_its_proof_and_each_summary_records_how_i
     assert traj[0].reasoning == "" and traj[0].final == "the proof"  # closed at once: no thinking, the proof apart
     assert traj[1].reasoning == "still thinking"
     assert [s.summary_finish for s in traj] == ["stop", "stop"] and summary_cut_rate(["stop", "length", ""]) == 0.5
+
+
+def test_check_problems_are_the_last_training_takes_and_count_those_it_trained_on(shipped_problems):
+    settings = RCRLConfig(prompts_per_step=4, states_per_trajectory=2, max_steps=6, check_problems=4)
+    problems = shipped_problems[:24]
+    chosen, trained_on = rc_rl.check_problems(problems, settings, seed=0)
+    order = list(problems)
+    random.Random(0).shuffle(order)  # the order train() takes them in
+    assert [p.id for p in chosen] == [p.id for p in order[-4:]] and trained_on == 0  # 6 steps x 2 problems = 12 seen
+    assert rc_rl.check_problems(problems, replace(settings, max_steps=11), 0)[1] == 2  # 22 seen: 2 of the last 4
+    assert rc_rl.check_problems(problems, replace(settings, max_steps=100), 0)[1] == 4
+    assert rc_rl.check_problems(problems, replace(settings, check_problems=0), 0) == ([], 0)
+
+
+def test_reward_check_of_a_model_against_itself_is_zero_on_every_state(tiny_model_path, shipped_problems, tmp_path):
+    """The same model as start and trained, the same seeds: every state's two means agree, so the gain is exactly 0
+    and no verdict claims a change; the states are each problem's cache states."""
+    from qedlib.config import load_config
+    from pathlib import Path
+    cfg = load_config(Path(__file__).resolve().parent.parent / "params" / "smoke.yaml")
+    grader = rc_rl.stage_grader(cfg.rc_rl, tmp_path)  # smoke.yaml's reward is the (tiny) judge
+    check = rc_rl.reward_check(cfg, tiny_model_path, tiny_model_path, shipped_problems[:2], 1, grader, seed=3)
+    turns = cfg.rc_rl.rc.turns  # a turn's prompt per turn, and one more after a usable last summary
+    assert 2 * turns <= check["states"] == len(check["per_state"]) <= 2 * (turns + 1)
+    assert all(r["start"] == r["trained"] for r in check["per_state"])
+    assert check["gain"] == 0 and check["ci_low"] == check["ci_high"] == 0 and not check["beyond_noise"]
+    assert check["reward"] == cfg.rc_rl.reward and check["samples_per_state"] == cfg.rc_rl.num_generations
+    assert rc_rl.reward_check(cfg, tiny_model_path, tiny_model_path, [])["states"] == 0

@@ -170,3 +170,31 @@ def test_start_model_reads_a_relative_folder_from_the_repository_root(tmp_path, 
         assert rc_rl.start_model(cfg, tmp_path) == str(target)
     finally:
         shutil.rmtree(target.parent)
+
+
+CHECK = {"reward": "opening", "problems": 4, "trained_on": 0, "states": 12, "samples_per_state": 4, "start": 0.25,
+         "trained": 0.979, "gain": 0.729, "ci_low": 0.625, "ci_high": 0.833, "n": 12,
+         "per_state": [{"problem_id": "qed-014", "state": 0, "start": 0.25, "trained": 1.0}]}
+
+
+@pytest.mark.parametrize("lo,hi,n,verdict", [(0.625, 0.833, 12, "it rose beyond noise"),
+                                             (-0.8, -0.1, 12, "it fell beyond noise"),
+                                             (-0.05, 0.8, 12, "includes 0: no change beyond noise"),
+                                             (0.625, 0.833, 4, "too few states for a verdict")])
+def test_reward_check_finding_states_its_test(lo, hi, n, verdict):
+    """The make run's numbers (0.25 -> 0.979 on 12 states of 4 problems none of which it trained on) and each branch."""
+    text = rc_rl_view.reward_check_finding(dict(CHECK, ci_low=lo, ci_high=hi, states=n))
+    assert verdict in text and "0.250 (starting policy) -> 0.979 (trained): gain +0.729" in text
+    assert "none of which the run trained on" in text
+    assert "2 of which the run trained on" in rc_rl_view.reward_check_finding(dict(CHECK, trained_on=2))
+    assert "Not measured" in rc_rl_view.reward_check_finding({"states": 0, "note": "rc_rl.check_problems is 0"})
+    fig = rc_rl_view.reward_check_figure(CHECK)
+    assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text and len(fig.data) == 2
+
+
+def test_report_shows_the_reward_check_row(tmp_path):
+    from qedlib.tools import report
+    write_json(tmp_path / "04_reasoning_cache_rl" / "metrics.json", {"steps": 6, "reward_check": CHECK})
+    md = report.achieved_section(tmp_path)
+    row = next(l for l in md.splitlines() if "fixed cache states" in l and l.startswith("| 04"))
+    assert "0.25" in row and "0.979" in row and "+0.729" in row and "| yes |" in row

@@ -43,3 +43,31 @@ def test_unknown_stage_is_rejected():
     assert _select_stages(["sft", "05_eval"]) == ["02_sft", "05_eval"]
     with pytest.raises(ConfigError, match="--stages 'nope'"):
         _select_stages(["nope"])
+
+
+def test_peak_memory_counts_the_process_tree(tmp_path):
+    """PeakMemory follows a root process and the processes under it: a child that holds 300 MiB for a moment raises
+    the peak above 300 MiB, though the root itself stays small."""
+    import subprocess
+    import sys
+    import time
+
+    from qedlib.runner import PeakMemory
+    hold = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.5)"
+    root = subprocess.Popen([sys.executable, "-c",
+                             f"import subprocess, sys; subprocess.run([sys.executable, '-c', {hold!r}])"])
+    try:
+        with PeakMemory({root.pid}, interval=0.1) as memory:
+            root.wait(timeout=30)
+            time.sleep(0.2)
+    finally:
+        root.kill()
+    assert memory.peak_gib is not None and memory.peak_gib > 300 / 1024, memory.peak_gib
+    assert memory.peak_gib < 2  # two small interpreters and 300 MiB, not the whole machine
+
+
+def test_peak_memory_of_no_process_is_none():
+    from qedlib.runner import PeakMemory
+    with PeakMemory(set(), interval=0.05) as memory:
+        pass
+    assert memory.peak_gib is None

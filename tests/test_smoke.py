@@ -33,6 +33,8 @@ def test_every_stage_left_an_executed_notebook_without_secrets(run_dir):
         text = nb.read_text()
         assert "Traceback" not in text or '"ename"' not in text
     assert json.loads((run_dir / "run.json").read_text())["timings_s"].keys() == set(STAGES)
+    peaks = json.loads((run_dir / "peak_memory.json").read_text())  # the runner's PeakMemory, per stage (GiB)
+    assert peaks.keys() == set(STAGES) and all(0.1 < v < 24 for v in peaks.values()), peaks
 
 
 def test_distill_metrics(run_dir):
@@ -95,6 +97,7 @@ def test_report_lists_every_stage_with_wall_time_including_eval(run_dir):
         row = next((l for l in stages.splitlines() if l.startswith(f"| {stage} |")), None)
         assert row is not None, stage
         assert float(row.split("|")[2]) > 0, row  # wall time from timings.json
+        assert float(row.split("|")[3]) > 0.1, row  # peak memory (GiB) from peak_memory.json
     assert "mean_score_pct" in md or "Scores (mean" in md
 
 
@@ -135,3 +138,18 @@ def test_executed_notebooks_are_trusted_and_have_their_html_page(run_dir):
         assert notary.check_signature(nbformat.read(nb_path, 4)), stage
         assert (run_dir / stage / f"{stage}.html").exists(), stage
     assert "## What each stage achieved" in (run_dir / "report.md").read_text()
+
+
+def test_rc_rl_records_the_reward_on_fixed_cache_states(run_dir):
+    """metrics.json's `reward_check`: the starting vs the trained policy on the same cache states (a prompt per turn
+    of each checked problem, one more after a usable last summary), the gain the mean of the valid pairs, inside its
+    interval."""
+    cfg = load_config(SMOKE).rc_rl
+    check = metrics(run_dir, "04_reasoning_cache_rl")["reward_check"]
+    assert check["reward"] == cfg.reward and check["problems"] == min(cfg.check_problems, 4)
+    n, turns = check["problems"], cfg.rc.turns  # a prompt per turn, one more after a usable last summary
+    assert n * turns <= len(check["per_state"]) <= n * (turns + 1) and check["states"] <= len(check["per_state"])
+    assert check["trained_on"] == check["problems"]  # smoke trains on all 4 of its problems
+    diffs = [r["trained"] - r["start"] for r in check["per_state"] if r["trained"] is not None and r["start"] is not None]
+    assert check["gain"] == pytest.approx(sum(diffs) / len(diffs))
+    assert check["ci_low"] <= check["gain"] <= check["ci_high"]

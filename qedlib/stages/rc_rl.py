@@ -11,7 +11,7 @@ shuffle across them, so one step's batch holds whole trajectories.
 
 The entry is `run_stage(cfg, run_dir)`; its steps, in the notebook's order: load_problems, start_model, stage_grader,
 demo_problems, inspect_trajectories, train (sample_states, RCRollout, GroupMeansReward, problem_slots, score_by_turn,
-learning, probe_set), tokens_per_trajectory, stage_metrics.
+learning, probe_set), check_problems, reward_check, tokens_per_trajectory, stage_metrics.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from ..probe import policy_shift
 from ..problem_sets import load_source
 from ..reasoning_cache import (cache_state_prompts, rc_rollout, reasoning_messages, summary_cut_rate,
                                summary_unclosed_rate)
-from ..stats import bootstrap_ci, learning_gain
+from ..stats import bootstrap_ci, learning_gain, verdict
 from ..training import (finish_checkpoints, finish_training, last_checkpoint, saved_result, start_training,
                         train_elsewhere, trains_elsewhere, changed_frac_since)
 
@@ -386,6 +386,86 @@ def run_stage(cfg, run_dir, params_file=None, overrides=None) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- after training: the reward on fixed cache states
+def check_problems(problems, settings, seed: int) -> tuple[list, int]:
+    """The problems of the reward check (`rc_rl.check_problems` of them) and how many of them the run trained on.
+    They are the last ones in the order training takes problems (the seeded shuffle of `train`; TRL does not shuffle
+    here), so a run shorter than one pass over its problems has not trained on them."""
+    order = list(problems)
+    random.Random(seed).shuffle(order)
+    n = min(settings.check_problems, len(order))
+    per_step = max(1, settings.prompts_per_step // settings.states_per_trajectory)
+    seen = min(len(order), settings.max_steps * per_step)
+    return order[len(order) - n:], max(0, n - (len(order) - seen))
+
+
+def reward_check(cfg, start_ref: str, trained_ref: str, problems, trained_on: int = 0, grader=None,
+                 seed: int = 0) -> dict:
+    """Did the stage's reward rise, on the same cache states? Notebook 04's "The reward on fixed cache states".
+
+    The first-vs-last-steps comparison (`learning`) sets steps that drew other problems and other trajectories
+    against each other; here the starting policy's RC trajectories on `problems` fix the cache states (each turn's
+    prompt, and one more after a usable last summary: what training samples from), then the starting and the trained
+    policy each sample `num_generations` completions from every state at the training budget
+    (`max_completion_length`), with the same seeds, scored by
+    the stage's own reward function (`rc_rl.reward`; `grader` for the judge). The gain is the mean over states of
+    (trained - start), with a 95% bootstrap interval over states; beyond noise by `stats.verdict` (>= MIN_VERDICT_N
+    states). Returns the record metrics.json keeps as `reward_check`, with each state's two means."""
+    settings = cfg.rc_rl
+    if not problems:
+        return {"reward": settings.reward, "problems": 0, "states": 0, "note": "rc_rl.check_problems is 0: no check"}
+    sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    policy = make_generator(replace(cfg.generation, model=resolve_model(start_ref)))
+    summariser = policy
+    try:
+        if settings.rc.summariser == "frozen":
+            summariser = make_generator(settings.rc.summariser_endpoint)
+        trajs = rc_rollout(problems, policy, summariser, settings.rc, sampling, cfg.thinking, seed=seed,
+                           final_summary=True)
+        states = [(p, i, msgs) for p, t in zip(problems, trajs) for i, msgs in enumerate(cache_state_prompts(p, t))]
+        start = _state_rewards(policy, states, settings, cfg.thinking, grader, seed)
+    finally:
+        for engine in {id(g): g for g in (policy, summariser)}.values():
+            close_generator(engine)
+    trained_gen = make_generator(replace(cfg.generation, model=resolve_model(trained_ref)))
+    try:
+        trained = _state_rewards(trained_gen, states, settings, cfg.thinking, grader, seed)
+    finally:
+        close_generator(trained_gen)
+    pairs = [(a, b) for a, b in zip(start, trained) if a is not None and b is not None]
+    diffs = [b - a for a, b in pairs]
+    lo, hi = bootstrap_ci(diffs, 2000, seed) if len(diffs) >= 2 else (float("nan"), float("nan"))
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    v = verdict(lo, hi, len(diffs))
+    return {"reward": settings.reward, "problems": len(problems), "trained_on": trained_on, "states": len(diffs),
+            "samples_per_state": settings.num_generations, "start": mean([a for a, _ in pairs]),
+            "trained": mean([b for _, b in pairs]), "gain": mean(diffs), "ci_low": float(lo), "ci_high": float(hi),
+            "n": len(diffs), "beyond_noise": v in ("up", "down"), "verdict": v,
+            "per_state": [{"problem_id": p.id, "state": i, "start": a, "trained": b}
+                          for (p, i, _), a, b in zip(states, start, trained)]}
+
+
+def _state_rewards(generator, states, settings, thinking: bool, grader, seed: int) -> list[float | None]:
+    """Mean reward of `num_generations` completions from each cache state (None when none got a valid reward)."""
+    from transformers import set_seed  # heavy: transformers loads only when a model samples
+    G = settings.num_generations
+    texts = [render_prompt(generator.tokenizer, msgs, thinking) for _, _, msgs in states]
+    set_seed(seed)
+    outs = generator.generate_text(texts, Sampling(temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+                                                   max_new_tokens=settings.max_completion_length, n=G), thinking)
+    problems = {p.id: p for p, _, _ in states}
+    reward = RewardFunction(settings.reward, problems, thinking, grader, settings.judge.invalid,
+                            settings.max_completion_length, settings.overlong_penalty, G, section="rc_rl")
+    flat = [(p.id, c) for (p, _, _), group in zip(states, outs) for c in group]
+    rewards = run_sync(reward([t for t in texts for _ in range(G)], [c.text for _, c in flat],
+                              [c.token_ids for _, c in flat], [pid for pid, _ in flat]))
+    means = []
+    for i in range(len(states)):
+        vals = [r for r in rewards[i * G:(i + 1) * G] if r is not None]
+        means.append(sum(vals) / len(vals) if vals else None)
+    return means
+
+
 # ---------------------------------------------------------------- after training: metrics.json
 def tokens_per_trajectory(rows: list[dict]) -> float:
     """Mean tokens per RC trajectory (every turn's reasoning and summary) over the problems of `inspect_trajectories`
@@ -394,8 +474,10 @@ def tokens_per_trajectory(rows: list[dict]) -> float:
     return float(pd.DataFrame(rows).groupby("problem_id").tokens.sum().mean())
 
 
-def stage_metrics(result: dict, turn_table, tokens: float) -> dict:
-    """metrics.json of the stage: the training result (with `learning` and `probe`), the score by turn after training
-    (rows of the view's `turn_table`) and the tokens per trajectory."""
-    return {**result, "score_by_turn_after": turn_table[turn_table.model == "after"].to_dict(orient="records"),
+def stage_metrics(result: dict, turn_table, tokens: float, check: dict | None = None) -> dict:
+    """metrics.json of the stage: the training result (with `learning` and `probe`), the reward on fixed cache states
+    (`reward_check`), the score by turn after training (rows of the view's `turn_table`) and the tokens per
+    trajectory."""
+    return {**result, **({"reward_check": check} if check is not None else {}),
+            "score_by_turn_after": turn_table[turn_table.model == "after"].to_dict(orient="records"),
             "tokens_per_trajectory": float(tokens)}

@@ -71,30 +71,35 @@ def run_stage(cfg, run_dir, params_file: Optional[str] = None, overrides: Option
     return result
 
 
-def train(cfg, run_dir) -> dict:
+def train(cfg, run_dir, keep_model: bool = True) -> dict:
     """Train the stage in this process (one rank under accelerate) with qedlib.grpo.train_on_problems; every rank
-    saves through the trainer, rank 0 writes the step rows and the result."""
+    saves through the trainer, rank 0 writes the step rows and the result. `keep_model=False` (a side run in the
+    kernel, which keeps only its step rows and learning record) saves no checkpoint and no model, so there is no
+    probe either."""
     settings = cfg.rubric_rl
     folder = stage_dir(run_dir, STAGE)
     problems, counts = load_problems(cfg)
     model_path = start_model(cfg, run_dir)
     t0 = time.perf_counter()
     rows, trainer = train_on_problems(settings, model_path, problems, folder / "checkpoints", cfg.thinking, cfg.seed,
-                                      stage_grader(settings, folder), settings.resume, training_device=cfg.device)
+                                      stage_grader(settings, folder), settings.resume, training_device=cfg.device,
+                                      save=keep_model)
     metrics = {**summarise_steps(rows), "problems": counts, "seconds": round(time.perf_counter() - t0, 1),
                "model_dir": str(folder / MODEL), "init_model": model_path, "loss_type": settings.loss_type,
                "loss_divisor": trainer.loss_divisor, "world_size": trainer.accelerator.num_processes}
     acc = trainer.accelerator
     write_json(folder / "ranks" / f"rank{acc.process_index}.json",
                {"rank": acc.process_index, "world_size": acc.num_processes, "steps": trainer.state.global_step})
-    save_policy(trainer, folder / MODEL, settings.lora.merge)
-    finish_checkpoints(folder / "checkpoints", settings.keep_checkpoints, folder / MODEL, acc.is_main_process)
+    if keep_model:
+        save_policy(trainer, folder / MODEL, settings.lora.merge)
+        finish_checkpoints(folder / "checkpoints", settings.keep_checkpoints, folder / MODEL, acc.is_main_process)
     if acc.is_main_process:
         metrics["learning"] = learning_record(rows, settings.reward)
-        metrics["probe"] = probe_shift(rows, problems, trainer.processing_class, cfg.thinking, model_path,
-                                       folder / MODEL)
-        # not evidence of learning: Adam moves every weight that gets any gradient by about lr, whatever the reward
-        metrics["weights_changed_frac"] = changed_frac_since(folder / MODEL, model_path)
+        if keep_model:
+            metrics["probe"] = probe_shift(rows, problems, trainer.processing_class, cfg.thinking, model_path,
+                                           folder / MODEL)
+            # not evidence of learning: Adam moves every weight with any gradient by about lr, whatever the reward
+            metrics["weights_changed_frac"] = changed_frac_since(folder / MODEL, model_path)
         write_jsonl(folder / "steps.jsonl", rows)
         write_json(folder / "train_result.json", metrics)
     release_trainer(trainer)  # the notebook's next engine (vLLM, a judge) gets the memory back

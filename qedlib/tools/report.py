@@ -17,7 +17,7 @@ from .. import stats
 from ..files import read_json_or_none
 from ..plots import Note, pass_at_k_figure, score_figure, tokens_figure
 from ..stages import evaluation
-from ..layout import (DISTILL, EVAL, METRICS_FILE, RC_RL, RUBRIC_RL, RUN_FILE, SFT, STAGES, TIMINGS_FILE, git_commit,
+from ..layout import (DISTILL, EVAL, METRICS_FILE, RC_RL, RUBRIC_RL, RUN_FILE, SFT, STAGES, TIMINGS_FILE, PEAK_MEMORY_FILE, git_commit,
                       hardware)
 from ..paper import PAPER_RESULTS, PAPER_ROW_OF_CHECKPOINT
 from ..run_state import write_text_if_changed
@@ -42,12 +42,13 @@ def stage_metrics(run_dir) -> list[dict]:
     """One record per stage that wrote metrics.json: its wall time and flattened metrics."""
     run_dir = Path(run_dir)
     timings = read_json_or_none(run_dir / TIMINGS_FILE) or (read_json_or_none(run_dir / RUN_FILE) or {}).get("timings_s", {})
+    peaks = read_json_or_none(run_dir / PEAK_MEMORY_FILE) or {}
     out = []
     for stage in STAGES:
         m = read_json_or_none(run_dir / stage / METRICS_FILE)
         if m is None:
             continue
-        out.append({"stage": stage, "wall_s": timings.get(stage), "metrics": _flatten(m)})
+        out.append({"stage": stage, "wall_s": timings.get(stage), "peak_gib": peaks.get(stage), "metrics": _flatten(m)})
     return out
 
 
@@ -127,13 +128,16 @@ STAGE_COLUMNS = [
 
 
 def stage_table(records: list[dict]) -> tuple[list[str], list[list]]:
-    """Headers and rows of the report's stage table: stage, wall time (s), then the STAGE_COLUMNS some stage has."""
+    """Headers and rows of the report's stage table: stage, wall time (s), peak memory (GiB, when the runner measured
+    it), then the STAGE_COLUMNS some stage has."""
     def cell(record, key, factor, stages):
         v = record["metrics"].get(key)
         return v * factor if _number(v) and (stages is None or record["stage"] in stages) else None
     cols = [c for c in STAGE_COLUMNS if any(cell(r, *c[1:]) is not None for r in records)]
-    rows = [[r["stage"], r["wall_s"]] + [cell(r, *c[1:]) for c in cols] for r in records]
-    return ["stage", "wall time (s)"] + [c[0] for c in cols], rows
+    memory = any(r.get("peak_gib") is not None for r in records)
+    rows = [[r["stage"], r["wall_s"]] + ([r.get("peak_gib")] if memory else []) + [cell(r, *c[1:]) for c in cols]
+            for r in records]
+    return ["stage", "wall time (s)"] + (["peak memory (GiB)"] if memory else []) + [c[0] for c in cols], rows
 
 
 def _number(v) -> bool:
@@ -183,7 +187,8 @@ def judges_section(run_dir) -> Optional[str]:
 
 ACHIEVED_NOTE = ("What each training stage exists for, measured with its 95% bootstrap interval (the numbers its "
                  "notebook shows, read from `<stage>/metrics.json`). An RL stage's reward is the mean group reward of "
-                 "its first vs its last steps (`learning`); the probe is the mean per-token log-probability of a fixed "
+                 "its first vs its last steps (`learning`); RC-RL also measures it on fixed cache states, the starting "
+                 "vs the trained policy (`reward_check`, interval over states); the probe is the mean per-token log-probability of a fixed "
                  "set of completions under the trained model minus under the model the stage started from, with "
                  "KL(trained || start) (`probe`). SFT: the behaviour it teaches, before (base) vs after (`effect`), and "
                  "its held-out targets' log-probability (`probe`). Beyond noise: the interval excludes 0 and each side "
@@ -229,6 +234,11 @@ def _achieved_rows(stage: str, m: dict) -> list[list]:
                          change(rec.get("gain")), _ci(rec), _verdict(rec), "-"])
         else:
             rows.append([stage, "reward, first vs last steps (learning)", "not recorded", "", "", "", "", ""])
+        check = m.get("reward_check")
+        if stage == RC_RL and isinstance(check, dict) and _number(check.get("gain")):
+            rows.append([stage, f"reward: {check.get('reward', '?')}, {check.get('states')} fixed cache states",
+                         fmt(check.get("start")), fmt(check.get("trained")), change(check.get("gain")), _ci(check),
+                         _verdict(check), "-"])
     probe = m.get("probe")
     if isinstance(probe, dict) and _number(probe.get("logprob_gain")):
         what = "held-out targets" if stage == SFT else "fixed probe completions"

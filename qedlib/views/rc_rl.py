@@ -41,8 +41,10 @@ TRAIN_METRICS = [("steps", "steps"), ("reward, first steps (group mean)", "learn
                  ("summaries unusable (unclosed or empty)", "summary_unclosed_rate"), ("seconds", "seconds")]
 
 # The stage's final metrics (metrics.json) as one small table, section "Metrics".
-METRICS = [("reward gain", "learning.gain"), ("gain, 95% interval low", "learning.ci_low"),
-           ("gain, 95% interval high", "learning.ci_high"), ("probe KL per token", "probe.kl"),
+METRICS = [("reward gain (first vs last steps)", "learning.gain"), ("gain, 95% interval low", "learning.ci_low"),
+           ("gain, 95% interval high", "learning.ci_high"), ("reward gain on fixed cache states", "reward_check.gain"),
+           ("fixed states gain, 95% low", "reward_check.ci_low"), ("fixed states gain, 95% high", "reward_check.ci_high"),
+           ("probe KL per token", "probe.kl"),
            ("truncation rate", "truncation_rate"), ("summaries cut at their budget", "summary_cut_rate"),
            ("tokens per trajectory", "tokens_per_trajectory")]
 
@@ -118,6 +120,45 @@ def learning_finding(learning: dict) -> str:
         return head + f", {band} (bootstrap over groups): it fell beyond noise."
     return (head + f", {band} (bootstrap over groups) includes 0: no change beyond noise in these steps"
             f"{headroom(learning)}.")
+
+
+def reward_check_finding(check: dict) -> str:
+    """The reward on fixed cache states, starting vs trained policy (qedlib.stages.rc_rl.reward_check). Test: the
+    verdict of `stats.verdict` on the interval over states: "rose beyond noise" only when ci_low > 0 with >=
+    stats.MIN_VERDICT_N states, "fell" only when ci_high < 0; otherwise no change beyond noise; fewer states: no
+    verdict. Says how many of the check's problems the run trained on (0: the states are new to the policy)."""
+    if not check.get("states"):
+        return f"**Reward on fixed cache states.** Not measured: {check.get('note', 'no state had a valid reward')}."
+    seen = check.get("trained_on", 0)
+    which = ("none of which the run trained on" if not seen else
+             f"{seen} of which the run trained on" if seen < check["problems"] else "all of which the run trained on")
+    head = (f"**Reward on fixed cache states.** On {check['states']} cache states of {check['problems']} problems "
+            f"({which}), {check['samples_per_state']} samples each, the {check['reward']} reward (0-1) went "
+            f"{check['start']:.3f} (starting policy) -> {check['trained']:.3f} (trained): gain {check['gain']:+.3f}")
+    v = stats_verdict(check["ci_low"], check["ci_high"], check["states"])
+    if v == "few":
+        return head + f": too few states for a verdict (at least {MIN_VERDICT_N}; raise rc_rl.check_problems)."
+    band = _interval(check["ci_low"], check["ci_high"])
+    if v == "up":
+        return head + f", {band} (bootstrap over states): it rose beyond noise."
+    if v == "down":
+        return head + f", {band} (bootstrap over states): it fell beyond noise."
+    return head + f", {band} (bootstrap over states) includes 0: no change beyond noise."
+
+
+def reward_check_figure(check: dict):
+    """Each fixed cache state's mean reward under the starting and the trained policy (reward_check's per_state)."""
+    import plotly.graph_objects as go  # heavy: loads only when a figure is drawn
+    rows = [r for r in check.get("per_state", []) if r["start"] is not None and r["trained"] is not None]
+    labels = [f"{r['problem_id']} · state {r['state']}" for r in rows]
+    fig = go.Figure()
+    for key, name in (("start", "starting policy"), ("trained", "trained policy")):
+        fig.add_trace(go.Scatter(x=labels, y=[r[key] for r in rows], mode="markers", name=name,
+                                 marker={"size": 10}))
+    fig.update_layout(title=f"{check.get('reward', '')} reward on fixed cache states, before vs after RC-RL",
+                      xaxis_title="cache state (problem · state index)", yaxis_title="mean reward (0-1)",
+                      yaxis_range=[-0.05, 1.05], height=360, template="plotly_white", xaxis_tickangle=-30)
+    return fig
 
 
 def _steps(steps) -> str:

@@ -90,7 +90,7 @@ def side_run_steps(cfg, model: str, max_steps: int, reward: str, params_file: Op
     if launched_by_accelerate(cfg.rubric_rl.launch):
         return side_run.launched(cfg, "rubric_rl", params_file, overrides, **changes)
     with side_run.temporary_run() as tmp:
-        rubric_rl.train(side_run.changed(cfg, "rubric_rl", **changes), tmp)
+        rubric_rl.train(side_run.changed(cfg, "rubric_rl", **changes), tmp, keep_model=False)  # only its step rows
         return side_run.step_rows(tmp)
 
 
