@@ -511,12 +511,12 @@ def finite_mean(xs: list) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def summarise_steps(rows: list[dict], tail: int = 3) -> dict:
-    """Headline numbers of a run: first/last reward (means over up to `tail` steps at each end, the two
-    windows never overlapping), finite losses, rates."""
+def summarise_steps(rows: list[dict], tail: int | None = None) -> dict:
+    """Headline numbers of a run: first/last reward (means over `tail` steps at each end, by default a third of the
+    steps, at least 1: the windows `learning_record` compares; the two never overlap), finite losses, rates."""
     rewards = [r["reward"] for r in rows if r["reward"] is not None and not math.isnan(r["reward"])]  # NaN: no valid reward
     losses = [r["loss"] for r in rows if r["loss"] is not None]
-    k = max(1, min(tail, len(rewards) // 2))
+    k = max(1, min(tail or len(rewards) // 3, len(rewards) // 2))
     head = rewards[:k]
     last = rewards[-k:]
     return {"steps": len(rows), "reward_first": sum(head) / len(head) if head else None,

@@ -47,6 +47,17 @@ def _is_model(path: Path) -> bool:
     return (path / "config.json").exists() or (path / "adapter_config.json").exists()
 
 
+def from_repo_root(ref: str) -> str:
+    """A relative path that does not exist from here but does from the repository root, as the repository-root path:
+    `python -m qedlib run` is started from the root (where the README's commands and "Try it" write
+    `outputs/cpu/...`), while a notebook's kernel runs in notebooks/. Anything else (absolute, existing from here,
+    hub:..., a model name) is returned unchanged."""
+    p = Path(ref).expanduser()
+    if ref and not p.is_absolute() and not p.exists() and (REPO / p).exists():
+        return str(REPO / p)
+    return ref
+
+
 def named_model(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = None) -> str:
     """Resolve a model reference that may name a stage of this run.
 
@@ -55,7 +66,8 @@ def named_model(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = 
     rubric_rl), falling back (with a message) to an earlier trained stage when it was not run, so that
     rerunning a stage in a finished run starts where the pipeline says, not from a later stage's
     model; never silently to the base model: with no earlier model it is an error (say `model: base`);
-    anything else is a model reference (embedded name, folder or hub id).
+    anything else is a model reference (embedded name, folder or hub id; a relative folder is also read from the
+    repository root: `from_repo_root`).
     """
     if ref == "base":
         return cfg.base_model
@@ -80,7 +92,7 @@ def named_model(cfg: Config, run_dir: str | Path, ref: str, stage: str | None = 
         raise FileNotFoundError(f"{stage}.model is 'previous' but no earlier stage ({', '.join(before) or 'none'}) "
                                 f"has a model in {run_dir}: run {TRAINED[before[-1]] if before else 'it'} first, "
                                 f"or set {stage}.model: base to start from base_model ({cfg.base_model})")
-    return ref
+    return from_repo_root(ref)
 
 
 def git_commit() -> str:

@@ -6,6 +6,7 @@ A building block under both RL views (qedlib.views.rubric_rl, qedlib.views.rc_rl
 from __future__ import annotations
 
 import math
+from statistics import median
 
 from .grpo import finite_mean, group_advantages, learning_record
 from .stats import MIN_VERDICT_N, verdict
@@ -135,8 +136,8 @@ def findings(steps: list[dict], metrics: dict, rl) -> str:
     norms = [r for r in steps if r.get("grad_norm") is not None]
     if norms:
         top = max(norms, key=lambda r: r["grad_norm"])
-        vals = sorted(r["grad_norm"] for r in norms)
-        text = (f"**Gradient norm.** Largest {top['grad_norm']:.3g} at step {top['step']} (median {vals[len(vals) // 2]:.3g}"
+        vals = [r["grad_norm"] for r in norms]
+        text = (f"**Gradient norm.** Largest {top['grad_norm']:.3g} at step {top['step']} (median {median(vals):.3g}"
                 f" over {len(vals)} steps; clipped to {rl.max_grad_norm:g} before the update)")
         others = [r["reward_std"] for r in norms if r is not top and _finite(r.get("reward_std"))]
         if _finite(top.get("reward_std")) and others:

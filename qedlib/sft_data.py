@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import Config
 from .generation import THINK_CLOSE
-from .layout import DISTILL
+from .layout import DISTILL, from_repo_root
 from .models import CHATML_TRAINING_TEMPLATE
 from .problem_sets import DataError, read_records
 from .proof_chat import SFT_COLUMNS, sft_messages
@@ -87,8 +87,8 @@ def _read_rows(source: str, cfg_sft, run_dir: str | Path) -> tuple[list[dict], s
             raise SFTDataError(f"sft.dataset = 'distill': {path}: the dataset is empty (01_distill kept no sample; "
                                "its funnel.json says why): rerun 01_distill (python -m qedlib run PARAMS --stages "
                                "01_distill) with a working judge or looser selection (distill.min_grade)")
-    try:
-        return read_records(source, cfg_sft.dataset_config, cfg_sft.dataset_split)
+    try:  # a relative path from the repository root also works from a notebook's kernel (notebooks/)
+        return read_records(from_repo_root(source), cfg_sft.dataset_config, cfg_sft.dataset_split)
     except DataError as e:
         raise SFTDataError(f"sft.dataset: {e}") from None
 

@@ -198,3 +198,9 @@ def test_report_shows_the_reward_check_row(tmp_path):
     md = report.achieved_section(tmp_path)
     row = next(l for l in md.splitlines() if "fixed cache states" in l and l.startswith("| 04"))
     assert "0.25" in row and "0.979" in row and "+0.729" in row and "| yes |" in row
+
+
+def test_rc_findings_carry_the_reward_check_when_measured():
+    text = rc_rl_view.findings(STEPS, {"reward_check": CHECK}, RCRLConfig())
+    assert "**Reward on fixed cache states.**" in text and "it rose beyond noise" in text
+    assert "fixed cache states" not in rc_rl_view.findings(STEPS, {}, RCRLConfig())

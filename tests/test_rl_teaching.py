@@ -96,7 +96,7 @@ def test_findings_of_the_judge_run_before_issue_24():
     assert "std of 0.059 on average over 6 steps (from 0.007 to 0.176); rewards are 0-1" in text
     assert "0% of groups gave all 4 rollouts the same reward" in text
     assert "98% of completions hit the 96-token cap and 6% never closed `</think>`" in text
-    assert "Largest 55 at step 6 (median 2.44 over 6 steps; clipped to 0.3 before the update)" in text
+    assert "Largest 55 at step 6 (median 1.82 over 6 steps; clipped to 0.3 before the update)" in text
     assert "at that step the reward std within groups was 0.176 (at most 0.135 at the other steps)" in text
     assert "Across 6 steps the gradient norm rises with the reward std (r = +0.99, 95% interval [+0.93, +1.00])" \
         in text
@@ -232,8 +232,8 @@ def test_side_run_trains_the_stage_on_the_other_reward_in_a_temporary_folder(mon
     from qedlib.views.rubric_rl import side_run_result
     seen = {}
 
-    def train(cfg, run_dir):
-        seen.update(cfg=cfg.rubric_rl, run_dir=run_dir)
+    def train(cfg, run_dir, keep_model=True):
+        seen.update(cfg=cfg.rubric_rl, run_dir=run_dir, keep_model=keep_model)
         write_jsonl(run_dir / "03_rubric_rl" / "steps.jsonl",
                     [{"step": s, "reward": 0.5, "frac_zero_std": 0.0, "group_means": [0.5, 0.5]} for s in (1, 2, 3)])
         return {}
@@ -242,6 +242,7 @@ def test_side_run_trains_the_stage_on_the_other_reward_in_a_temporary_folder(mon
     steps, figure, text = side_run_result(cfg, "/models/start", STEPS, 5)
     assert (seen["cfg"].reward, seen["cfg"].model, seen["cfg"].max_steps, seen["cfg"].resume) == \
         ("judge", "/models/start", 3, False)
+    assert seen["keep_model"] is False  # only its step rows are read: no checkpoint, no model, no probe
     assert steps[0]["reward"] == 0.5 and not seen["run_dir"].exists()
     assert [t.name for t in figure.data] == ["opening", "judge (side run)"]
     assert "The judge reward went 0.500 (first 1 step, 2 groups) -> 0.500 (last 1, 2 groups): gain +0.000" in text
@@ -305,5 +306,7 @@ def test_first_and_last_reward_windows_never_overlap():
     rows = lambda rs: [{"reward": r, "loss": 0.0, "truncation_rate": 0.0, "invalid_rate": 0.0} for r in rs]
     s = summarise_steps(rows([0.1, 0.2, 0.6]))  # 3 steps: first vs last, not the same mean twice
     assert (s["reward_first"], s["reward_last"]) == (0.1, 0.6)
-    s = summarise_steps(rows([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
-    assert s["reward_first"] == pytest.approx(0.2) and s["reward_last"] == pytest.approx(0.5)
+    s = summarise_steps(rows([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))  # a third of the steps each: learning's windows
+    assert s["reward_first"] == pytest.approx(0.15) and s["reward_last"] == pytest.approx(0.55)
+    s = summarise_steps(rows([0.5, 1.0, 0.625, 0.75]))  # make run's RC-RL: steps 1 and 4, as its learning record
+    assert (s["reward_first"], s["reward_last"]) == (0.5, 0.75)

@@ -36,3 +36,18 @@ def test_stage_grader_only_for_the_judge_reward(tmp_path):
     assert grader is not None and grader.judge == cfg.rubric_rl.judge
     fmt = load_config(None, {"rubric_rl.reward": "format"})
     assert rubric_rl.stage_grader(fmt.rubric_rl, tmp_path) is None
+
+
+def test_a_side_run_keeps_its_step_rows_and_saves_no_checkpoint_or_model(tmp_path):
+    """`train(..., keep_model=False)`, what notebook 03's side run calls: two real GRPO steps on the tiny model write
+    the step rows and the learning record, and no checkpoint, model or probe (nothing reads them; the checkpoint
+    alone is 1.5 GB of weights and optimizer state on the laptop)."""
+    keys = {"model": "base", "problems": {"path": "shipped", "split": "train", "limit": 2}, "num_generations": 2,
+            "prompts_per_step": 2, "max_steps": 2, "max_completion_length": 8, "save_steps": 1, "reward": "opening"}
+    cfg = load_config(None, {"base_model": "tiny-qwen3", "device": "cpu", "thinking": False,
+                             **{f"rubric_rl.{k}": v for k, v in keys.items()}})
+    result = rubric_rl.train(cfg, tmp_path, keep_model=False)
+    stage = stage_dir(tmp_path, rubric_rl.STAGE)
+    assert len((stage / "steps.jsonl").read_text().splitlines()) == 2 and "learning" in result
+    assert not (stage / "model").exists() and not list(stage.glob("checkpoints/checkpoint-*"))
+    assert "probe" not in result and "weights_changed_frac" not in result

@@ -27,7 +27,7 @@ from ..generation import (THINK_CLOSE, TransformersGenerator, VLLMGenerator, clo
 from ..grading import Grader, check_gradable
 from ..grpo import (RewardFunction, filter_by_difficulty, grpo_args, learning_record, make_trainer, save_policy, sharded, step_metrics,
                     summarise_steps, vllm_context)
-from ..layout import MODEL, RC_RL, REPO, named_model, stage_dir
+from ..layout import MODEL, RC_RL, named_model, stage_dir
 from ..models import resolve_model
 from ..probe import policy_shift
 from ..problem_sets import load_source
@@ -55,10 +55,7 @@ def start_model(cfg, run_dir) -> str:
     relative folder that does not exist from here is read from the repository root, where `python -m qedlib run` is
     started (the notebook's kernel runs in notebooks/): `--set rc_rl.model=outputs/cpu/03_rubric_rl/model` starts a
     Try-it run from another run's stage 03."""
-    ref = cfg.rc_rl.model
-    if not Path(ref).expanduser().is_absolute() and not Path(ref).exists() and (REPO / ref).is_dir():
-        ref = str(REPO / ref)
-    return resolve_model(named_model(cfg, run_dir, ref, "rc_rl"))
+    return resolve_model(named_model(cfg, run_dir, cfg.rc_rl.model, "rc_rl"))
 
 
 def stage_grader(settings, folder: Path) -> Grader:

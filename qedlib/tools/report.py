@@ -146,7 +146,8 @@ def _number(v) -> bool:
 
 STAGES_NOTE = ("Key numbers per stage ('-': the stage does not have it); each stage's full metrics are in "
                "`<stage>/metrics.json` of the run folder. An RL stage's first / last steps reward is the mean over "
-               "up to 3 steps at each end of training (1 each when it ran 2-5 steps).")
+               "the first and the last third of its steps (at least 1 each): the windows of \"What each stage "
+               "achieved\".")
 
 
 PAPER_NOTE = ("Each published number (RECIPE; the released models on the hub) next to this run's mean % of 7 with its "

@@ -179,24 +179,34 @@ METRICS = [("problems loaded", "problems"), ("removed by decontamination", "deco
            ("cost (USD)", "cost"), ("seconds", "seconds")]
 
 
-# "Try it" experiments (notebook 01's last section): params overrides on params/cpu.yaml, each minutes on a laptop.
+# "Try it" experiments (notebook 01's last section), each rerunning 01_distill alone into its own folder. `minutes` on
+# 2 idle cores: strict-grade measured (2026-12-05: 123 s; 3 of 48 samples below 2.5, 23 of 24 problems kept), the
+# others estimated from it (decontam-eval does the same work; more-samples generates and grades twice the samples;
+# drop-truncated generates up to twice the tokens).
 EXPERIMENTS = [
-    {"name": "decontam-eval", "overrides": {"distill.problems.split": None},
+    {"name": "decontam-eval", "overrides": {"distill.problems.split": None}, "minutes": 2,
      "look_for": "load train and eval problems together: decontamination against `shipped:eval` now removes the "
                  "12 held-out problems (the funnel's 'problems after decontamination' row drops by 12)."},
-    {"name": "strict-grade", "overrides": {"distill.min_grade": 2.5},
-     "look_for": "a stricter filter, set inside the 135M judge's narrow band of grades: the funnel gains a "
-                 "'below_min_grade' row and whole problems leave the SFT set, chosen by the judge's taste."},
-    {"name": "more-samples", "overrides": {"distill.sampling.n": 4},
+    {"name": "strict-grade", "overrides": {"distill.min_grade": 2.5}, "minutes": 2, "measured": True,
+     "look_for": "a stricter filter, set inside the 135M judge's narrow band of grades. Measured: the funnel gains "
+                 "a 'below_min_grade' row (3 of 48 samples) and one of the 24 problems leaves the SFT set (23 kept), "
+                 "chosen by the judge's taste."},
+    {"name": "more-samples", "overrides": {"distill.sampling.n": 4}, "minutes": 4,
      "look_for": "four samples per problem: 'best of 4' should raise the mean kept grade over the mean of all "
                  "grades; with a judge that barely separates proofs the gap stays small."},
     {"name": "drop-truncated", "overrides": {"distill.drop_truncated": True, "distill.sampling.max_new_tokens": 256},
+     "minutes": 3,
      "look_for": "the paper's rule (a cut proof is never kept) with a larger budget: how many samples survive, "
                  "and how long the teacher's answers are when allowed to finish."},
 ]
 
 
 def try_it(params_file: str = "params/cpu.yaml") -> str:
-    """Markdown for the notebook's "Try it" section, built from EXPERIMENTS (one source, tested).
-    Notebook 01, "Try it"."""
-    return experiments_markdown(EXPERIMENTS, params_file, DISTILL)
+    """Markdown for the notebook's "Try it" section, built from EXPERIMENTS (one source, tested), with each
+    experiment's time on 2 cores (measured or estimated). Notebook 01, "Try it"."""
+    text = experiments_markdown(EXPERIMENTS, params_file, DISTILL)
+    for x in EXPERIMENTS:
+        how = "measured" if x.get("measured") else "estimated from strict-grade"
+        text = text.replace(f"   Look for: {x['look_for']}",
+                            f"   About {x['minutes']:g} min on 2 cores ({how}). Look for: {x['look_for']}")
+    return text
