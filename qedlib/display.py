@@ -111,13 +111,18 @@ def quiet_library_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
-def experiments_markdown(experiments: list[dict], params_file: str, stages: str) -> str:
-    """Notebook "Try it" experiments ({name, overrides, look_for}) as markdown: a fresh-run command, what to see."""
+def experiments_markdown(experiments: list[dict], params_file: str, stages: str, estimated_from: str = "") -> str:
+    """Notebook "Try it" experiments ({name, overrides, look_for}, optionally `minutes` on 2 cores and `measured`) as
+    markdown: a fresh-run command, its time (measured, or `estimated_from` a measured one), what to see."""
     out = []
     for i, x in enumerate(experiments, 1):  # values as YAML scalars, what --set parses (3.0e-05, not 3e-05)
         sets = " ".join(f"--set {k}={yaml.safe_dump(v).splitlines()[0]}" for k, v in x["overrides"].items())
+        took = ""
+        if x.get("minutes"):
+            how = "measured" if x.get("measured") else f"estimated from {estimated_from or 'a measured one'}"
+            took = f"About {x['minutes']:g} min on 2 cores ({how}). "
         out.append(f"{i}. **{x['name']}**: `python -m qedlib run {params_file} --run-name try-{x['name']} "
-                   f"--stages {stages} {sets}`  \n   Look for: {x['look_for']}")
+                   f"--stages {stages} {sets}`  \n   {took}Look for: {x['look_for']}")
     return "\n".join(out)
 
 

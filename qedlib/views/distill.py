@@ -204,9 +204,4 @@ EXPERIMENTS = [
 def try_it(params_file: str = "params/cpu.yaml") -> str:
     """Markdown for the notebook's "Try it" section, built from EXPERIMENTS (one source, tested), with each
     experiment's time on 2 cores (measured or estimated). Notebook 01, "Try it"."""
-    text = experiments_markdown(EXPERIMENTS, params_file, DISTILL)
-    for x in EXPERIMENTS:
-        how = "measured" if x.get("measured") else "estimated from strict-grade"
-        text = text.replace(f"   Look for: {x['look_for']}",
-                            f"   About {x['minutes']:g} min on 2 cores ({how}). Look for: {x['look_for']}")
-    return text
+    return experiments_markdown(EXPERIMENTS, params_file, DISTILL, estimated_from="strict-grade")

@@ -278,10 +278,5 @@ EXPERIMENTS = [
 
 def try_it(params_file: str = "params/cpu.yaml") -> str:
     """Markdown for the notebook's "Try it" section, built from EXPERIMENTS (one source, tested): each starts from
-    this run's distilled set and states its measured minutes on 2 cores. Notebook 02, "Try it"."""
-    text = experiments_markdown(EXPERIMENTS, params_file, SFT)
-    for x in EXPERIMENTS:
-        how = "measured" if x.get("measured") else "estimated from low-lr's time per step"
-        text = text.replace(f"   Look for: {x['look_for']}",
-                            f"   About {x['minutes']:g} min on 2 cores ({how}). Look for: {x['look_for']}")
-    return text
+    this run's distilled set and states its minutes on 2 cores (measured or estimated). Notebook 02, "Try it"."""
+    return experiments_markdown(EXPERIMENTS, params_file, SFT, estimated_from="low-lr's time per step")
