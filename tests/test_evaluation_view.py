@@ -93,7 +93,8 @@ def test_worked_example_shows_the_judge_prompt_as_sent(tmp_path, tiny_generator)
     assert eval_view.pick_example(rows + [row]) is row
     text = eval_view.worked_example(run, rows + [row], benches)
     sent = build_prompt("rubric", "score_prob", p, "Since 0 + 0 = 2 * 0, it is even.").text
-    assert sent in text and p.problem in text and "probabilities: 0: " in text and f"{row['score']:.2f} / 7" in text
+    assert "> " + p.problem.splitlines()[0] in text  # the problem as a quote: MathJax typesets it (not a fence)
+    assert sent in text and "probabilities: 0: " in text and f"{row['score']:.2f} / 7" in text
     truncated = {**rows[0], "no_proof": "truncated", "graded_by": "no-proof", "score": 0.0}
     assert "No judge call" in eval_view.worked_example(run, [truncated], benches)
 

@@ -68,6 +68,10 @@ def test_worked_example_shows_the_exact_judge_prompt_and_the_whole_proof():
                  (LONG_PROOF + " QED.").strip(), "assessment of p1#1", "2.88 / 7"):
         assert part in html.replace("&#x27;", "'"), part
     assert html.index("before &lt;/think&gt;") < html.index("after &lt;/think&gt;")
+    # the problem is typeset (MathJax skips <pre>); the model's proof and the judge prompt stay raw, as written
+    problem_at = html.index("Prove that the sum of two odd integers is even.")
+    assert html.rfind("<p", 0, problem_at) > html.rfind("<pre", 0, problem_at)
+    assert html.rfind("<pre", 0, html.index("Try n = 2k + 1.")) > html.index("<h4>Teacher reasoning")
 
 
 def test_worked_example_without_any_proof_says_so():

@@ -68,6 +68,11 @@ def test_state_view_renders_the_cache_state_and_the_summariser_prompt(shipped_pr
     assert "I tried n=1." in view["summariser_prompt"] and view["summary"] == "I checked n=1 only."
     assert "I checked n=1 only." in view["caption"] and "cut at its token budget" in view["caption"]
     assert "nothing checks what it says" in view["caption"] and "status ok" not in view["caption"]
+    two_lines = dict(turn, summary_out="I checked n=1.\nThen I stopped.")  # every line inside the quote
+    caption = rc_rl_view.state_view([{"problem_id": p.id, "turns": [two_lines]}], shipped_problems,
+                                    AutoTokenizer.from_pretrained(tiny_model_path), thinking=False,
+                                    summary_length="two sentences")["caption"]
+    assert caption.endswith("> I checked n=1.\n> Then I stopped.")
     unusable = dict(turn, summary_out="", summary_status="unclosed")
     view = rc_rl_view.state_view([{"problem_id": p.id, "turns": [unusable]}], shipped_problems,
                                  AutoTokenizer.from_pretrained(tiny_model_path), thinking=False,

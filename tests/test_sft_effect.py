@@ -102,3 +102,14 @@ def test_probe_and_behaviour_findings_on_this_runs_numbers():
     assert probe["probe_items"] == 6 and effect["closes_think"]["n"] == 12
     beyond = probe["ci_low"] > 0 or probe["ci_high"] < 0
     assert ("beyond noise" in sft_view.probe_findings(probe)) == beyond
+
+
+def test_samples_table_reads_on_one_line_and_never_cuts_a_formula():
+    from qedlib.views import sft as sft_view
+    rows = [{"problem": "qed-002", "base": "\nThe problem of proving that $n^2 + n$ is even needs a case split here",
+             "sft": "\n</think>\n\nThe given equation is $n^2 + n = n(n+1)$, a product of two consecutive numbers",
+             "base_closed": False, "sft_closed": True, "base_tokens": 96, "sft_tokens": 96}]
+    table = sft_view.samples_table(rows, chars=40)
+    assert table.loc[0, "sft"] == "</think> The given equation is..."  # cut before the formula, not inside it
+    assert "\n" not in table.loc[0, "base"] and table.loc[0, "base"].count("$") % 2 == 0
+    assert list(table.columns) == ["problem", "base", "sft", "base_closed", "sft_closed", "base_tokens", "sft_tokens"]

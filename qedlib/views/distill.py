@@ -89,18 +89,21 @@ def rubric_html(text: str) -> str:
 
 
 def render_worked_example(ex: dict | None) -> str:
-    """HTML of `worked_example`: every part in full, the reasoning and the proof split at `</think>`.
+    """HTML of `worked_example`: every part in full, the reasoning and the proof split at `</think>`; the problem and
+    the rubric as typeset text, the model's outputs and the judge prompt exactly as written.
     Notebook 01, "One sample, read in full"."""
     e = html.escape
     if ex is None:
         return "<i>no sample with a proof was graded: nothing to show</i>"
     row, g = ex["row"], ex["grade"]
     pre = lambda t: f"<pre style='white-space:pre-wrap'>{e(t) if t else '<i>(empty)</i>'}</pre>"  # noqa: E731
+    # the problem is our text: typeset its $...$ (MathJax skips <pre>); model outputs and the prompt stay raw
+    math_text = lambda t: f"<p style='white-space:pre-wrap'>{e(t)}</p>"  # noqa: E731
     how = (f"expected score over 0-7 from the judge's next-token probabilities after {e(ex['prompt_prefix'])}"
            if ex["mode"] == "score_prob" else "the number in the judge's score tag")
     probs = ", ".join(f"{k}: {v:.2f}" for k, v in (g.get("probs") or {}).items())
     return (f"<b>{e(row['key'])}</b> · status <b>{e(row['status'])}</b> · {row['completion_tokens']} teacher tokens, "
-            f"finish {e(row['finish_reason'])}<h4>Problem</h4>{pre(row['problem'])}<h4>Rubric</h4>{rubric_html(ex['rubric'])}"
+            f"finish {e(row['finish_reason'])}<h4>Problem</h4>{math_text(row['problem'])}<h4>Rubric</h4>{rubric_html(ex['rubric'])}"
             f"<h4>Teacher reasoning (before &lt;/think&gt;)</h4>{pre(row['reasoning'])}"
             f"<h4>Teacher proof (after &lt;/think&gt;)</h4>{pre(row['proof'])}"
             f"<h4>The judge prompt, exactly as sent (user message)</h4>{pre(ex['judge_prompt'])}"

@@ -109,15 +109,16 @@ def pick_example(rows: list[dict]) -> dict:
 
 
 def worked_example(run: "Evaluation", rows: list[dict], benchmarks: list[Benchmark]) -> str:
-    """Section "One graded row, read in full" (Markdown): the problem, the model's proof, the judge prompt as sent,
-    the judge's answer and grade."""
+    """Section "One graded row, read in full" (Markdown): the problem (as a quote, its formulas typeset), the model's
+    proof, the judge prompt as sent and the judge's answer (those three exactly as written, in text fences)."""
     row = pick_example(rows)
     bench = next(b for b in benchmarks if b.name == row["benchmark"])
     problem = next(p for p in bench.problems if p.id == row["problem_id"])
     fence = lambda text: f"````text\n{text}\n````"
     head = (f"**Row** `{row['key']}` (checkpoint {row['checkpoint']}, benchmark {row['benchmark']}, "
             f"scaffold {row['scaffold']}, sample {row['sample']}): {row['tokens']} generated tokens.")
-    parts = [head, "**The problem**", fence(problem.problem),
+    quote = "\n".join("> " + line for line in problem.problem.splitlines())  # the benchmark's text: typeset
+    parts = [head, "**The problem**", quote,
              "**The model's proof** (the text after the last `</think>`)", fence(row["model_solution"] or "(nothing)")]
     score = "no score (invalid)" if row["score"] is None else f"**{row['score']:.2f} / 7**"
     if row.get("no_proof"):

@@ -67,13 +67,18 @@ def state_view(trajectories: list[dict], problems, tokenizer, thinking: bool, su
         src.get("summary_finish", ""), "ended (how was not recorded)")
     caption = (f"Turn {src['turn']} of `{prob.id}`: the summariser's text below {ended}; it became the cache state "
                "above. It counts as usable because it is non-empty (and closed any thinking): nothing checks what it "
-               f"says, so read it against the attempt.\n\n> {src['summary_out']}" if src["summary_out"] else
+               f"says, so read it against the attempt.\n\n{_quote(src['summary_out'])}" if src["summary_out"] else
                f"No summary of the last step was usable (turn {src['turn']} of `{prob.id}`: status "
                f"{src['summary_status'] or 'none'}), so every cache state is the first prompt again.")
     return {"problem_id": prob.id, "turn": src["turn"], "summary_status": src["summary_status"],
             "state_prompt": render_prompt(tokenizer, state, thinking), "caption": caption,
             "summariser_prompt": summary_messages(prob.problem, src["summary_in"], attempt, summary_length)[0]["content"],
             "summary": src["summary_out"]}
+
+
+def _quote(text: str) -> str:
+    """Markdown block quote of every line of `text` (a quote marker on the first line alone ends at its newline)."""
+    return "\n".join("> " + line for line in text.splitlines())
 
 
 def worked_state(cfg, stage_folder, problems, model_path: str) -> dict:

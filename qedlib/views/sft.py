@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 from typing import Optional
 
-from ..display import experiments_markdown
+from ..display import excerpt, experiments_markdown
 from ..generation import THINK_CLOSE
 from ..layout import SFT
 from ..stats import MIN_VERDICT_N, verdict
@@ -248,6 +248,17 @@ METRICS = [("optimizer steps", "steps"), ("epochs run", "epochs_run"), ("train e
            ("stops before the budget, before", "effect.stops.before"), ("stops, after", "effect.stops.after"),
            ("think-block tokens, before", "think_tokens_before"), ("think-block tokens, after", "think_tokens_after"),
            ("empty think block, after", "empty_think_after")]
+
+def samples_table(samples: list[dict], chars: int = 60):
+    """Section "Before and after": each held-out problem's base and SFT generations as table cells (whitespace
+    collapsed, so `</think>` and the text read on one line; `display.excerpt`: never cut inside a `$...$` formula),
+    with whether each closed `</think>` and its tokens."""
+    import pandas as pd  # heavy: pandas loads only when the notebook draws the table
+    cell = lambda t: excerpt(" ".join((t or "").split()), chars)  # noqa: E731
+    return pd.DataFrame([{"problem": r["problem"], "base": cell(r["base"]), "sft": cell(r["sft"]),
+                          "base_closed": r["base_closed"], "sft_closed": r["sft_closed"],
+                          "base_tokens": r["base_tokens"], "sft_tokens": r["sft_tokens"]} for r in samples])
+
 
 # "Try it" experiments (notebook 02's last section): params overrides on params/cpu.yaml. Each trains on this run's own
 # distilled set (sft.dataset, the folder `make run` wrote) and runs 02_sft alone into its own folder. `minutes` on 2
