@@ -511,12 +511,19 @@ def finite_mean(xs: list) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def window(n_steps: int, k: int | None = None) -> int:
+    """Steps at each end that a run's first and last rewards are taken over: `k`, by default a third of the steps,
+    at least 1 and at most half (the two windows never overlap). One rule for `summarise_steps` and
+    `learning_record`, so the report's stage table and "What each stage achieved" agree."""
+    return max(1, min(k or n_steps // 3, n_steps // 2))
+
+
 def summarise_steps(rows: list[dict], tail: int | None = None) -> dict:
     """Headline numbers of a run: first/last reward (means over `tail` steps at each end, by default a third of the
     steps, at least 1: the windows `learning_record` compares; the two never overlap), finite losses, rates."""
     rewards = [r["reward"] for r in rows if r["reward"] is not None and not math.isnan(r["reward"])]  # NaN: no valid reward
     losses = [r["loss"] for r in rows if r["loss"] is not None]
-    k = max(1, min(tail or len(rewards) // 3, len(rewards) // 2))
+    k = window(len(rewards), tail)
     head = rewards[:k]
     last = rewards[-k:]
     return {"steps": len(rows), "reward_first": sum(head) / len(head) if head else None,
@@ -538,7 +545,7 @@ def learning_record(rows: list[dict], reward: str, k: int | None = None, n_boot:
     if len(steps) < 2:  # no first and last window to compare
         return {"reward": reward, "k": 0, "first": None, "last": None, "gain": None, "ci_low": None, "ci_high": None,
                 "n_first": 0, "n_last": 0}
-    k = max(1, min(k or len(steps) // 3, len(steps) // 2))
+    k = window(len(steps), k)
     pick = lambda part: [m for r in part for m in r["group_means"] if m is not None]
     first, last = pick(steps[:k]), pick(steps[-k:])
     return {"reward": reward, "k": k, **learning_gain(first, last, n_boot, seed)}

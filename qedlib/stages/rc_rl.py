@@ -10,13 +10,14 @@ Dataset layout: each problem appears K times in a row (one row per sampled state
 shuffle across them, so one step's batch holds whole trajectories.
 
 The entry is `run_stage(cfg, run_dir)`; its steps, in the notebook's order: load_problems, start_model, stage_grader,
-demo_problems, inspect_trajectories, train (sample_states, RCRollout, GroupMeansReward, problem_slots, score_by_turn,
+demo_problems, rc_engines, inspect_trajectories, train (sample_states, RCRollout, GroupMeansReward, problem_slots, score_by_turn,
 learning, probe_set), check_problems, reward_check, tokens_per_trajectory, stage_metrics.
 """
 from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ..files import write_json, write_jsonl
 from ..generation import (THINK_CLOSE, TransformersGenerator, VLLMGenerator, close_generator, make_generator, release_trainer,
                           render_prompt, run_sync)
 from ..grading import Grader, check_gradable
-from ..grpo import (RewardFunction, filter_by_difficulty, grpo_args, learning_record, make_trainer, save_policy, sharded, step_metrics,
+from ..grpo import (RewardFunction, filter_by_difficulty, finite_mean, grpo_args, learning_record, make_trainer, save_policy, sharded, step_metrics,
                     summarise_steps, vllm_context)
 from ..layout import MODEL, RC_RL, named_model, stage_dir
 from ..models import resolve_model
@@ -70,23 +71,32 @@ def demo_problems(problems, settings) -> list:
     return problems[: max(1, settings.prompts_per_step // settings.states_per_trajectory)]
 
 
+@contextmanager
+def rc_engines(cfg, model_ref: str):
+    """(policy, summariser) generators for RC outside training: `model_ref` as the policy and, with
+    `rc.summariser: frozen`, the frozen summariser (else the policy summarises itself). Both are closed on leaving
+    the block, even on an error: on one GPU the training that follows needs the memory a vLLM engine holds (0.45 of
+    the GPU in gpu-1)."""
+    policy = make_generator(replace(cfg.generation, model=resolve_model(model_ref)))
+    summariser = policy
+    try:
+        if cfg.rc_rl.rc.summariser == "frozen":
+            summariser = make_generator(cfg.rc_rl.rc.summariser_endpoint)
+        yield policy, summariser
+    finally:
+        for engine in {id(g): g for g in (policy, summariser)}.values():
+            close_generator(engine)
+
+
 def inspect_trajectories(cfg, model_ref: str, problems, grader=None, seed: int = 0) -> list[dict]:
     """Run RC with a model on a few problems and grade every turn: one row per (problem, turn). Notebook 04's
     "One RC trajectory, turn by turn" and "Score by turn, before and after RC-RL".
 
-    Its engines (policy, frozen summariser) are closed before it returns, even on an error: on one GPU the
-    training that follows needs the memory a vLLM engine holds (0.45 of the GPU in gpu-1)."""
+    Its engines (`rc_engines`) are closed before it returns, even on an error."""
     settings = cfg.rc_rl
-    policy = make_generator(replace(cfg.generation, model=resolve_model(model_ref)))
-    summariser = policy
-    try:
-        if settings.rc.summariser == "frozen":
-            summariser = make_generator(settings.rc.summariser_endpoint)
+    with rc_engines(cfg, model_ref) as (policy, summariser):
         sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p)
         trajs = rc_rollout(problems, policy, summariser, settings.rc, sampling, cfg.thinking, seed=seed)
-    finally:
-        for engine in {id(g): g for g in (policy, summariser)}.values():
-            close_generator(engine)
     flat = [(p, s) for p, t in zip(problems, trajs) for s in t]
     grades = grader.grade([p for p, _ in flat], [s.final for _, s in flat], [s.think_closed for _, s in flat]) \
         if grader is not None else [None] * len(flat)
@@ -412,18 +422,11 @@ def reward_check(cfg, start_ref: str, trained_ref: str, problems, trained_on: in
     if not problems:
         return {"reward": settings.reward, "problems": 0, "states": 0, "note": "rc_rl.check_problems is 0: no check"}
     sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-    policy = make_generator(replace(cfg.generation, model=resolve_model(start_ref)))
-    summariser = policy
-    try:
-        if settings.rc.summariser == "frozen":
-            summariser = make_generator(settings.rc.summariser_endpoint)
+    with rc_engines(cfg, start_ref) as (policy, summariser):
         trajs = rc_rollout(problems, policy, summariser, settings.rc, sampling, cfg.thinking, seed=seed,
                            final_summary=True)
         states = [(p, i, msgs) for p, t in zip(problems, trajs) for i, msgs in enumerate(cache_state_prompts(p, t))]
         start = _state_rewards(policy, states, settings, cfg.thinking, grader, seed)
-    finally:
-        for engine in {id(g): g for g in (policy, summariser)}.values():
-            close_generator(engine)
     trained_gen = make_generator(replace(cfg.generation, model=resolve_model(trained_ref)))
     try:
         trained = _state_rewards(trained_gen, states, settings, cfg.thinking, grader, seed)
@@ -456,11 +459,7 @@ def _state_rewards(generator, states, settings, thinking: bool, grader, seed: in
     flat = [(p.id, c) for (p, _, _), group in zip(states, outs) for c in group]
     rewards = run_sync(reward([t for t in texts for _ in range(G)], [c.text for _, c in flat],
                               [c.token_ids for _, c in flat], [pid for pid, _ in flat]))
-    means = []
-    for i in range(len(states)):
-        vals = [r for r in rewards[i * G:(i + 1) * G] if r is not None]
-        means.append(sum(vals) / len(vals) if vals else None)
-    return means
+    return [finite_mean(rewards[i * G:(i + 1) * G]) for i in range(len(states))]
 
 
 # ---------------------------------------------------------------- after training: metrics.json

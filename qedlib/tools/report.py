@@ -236,7 +236,7 @@ def _achieved_rows(stage: str, m: dict) -> list[list]:
         else:
             rows.append([stage, "reward, first vs last steps (learning)", "not recorded", "", "", "", "", ""])
         check = m.get("reward_check")
-        if stage == RC_RL and isinstance(check, dict) and _number(check.get("gain")):
+        if isinstance(check, dict) and _number(check.get("gain")):  # RC-RL's fixed cache states
             rows.append([stage, f"reward: {check.get('reward', '?')}, {check.get('states')} fixed cache states",
                          fmt(check.get("start")), fmt(check.get("trained")), change(check.get("gain")), _ci(check),
                          _verdict(check), "-"])
